@@ -1,0 +1,3 @@
+from asl_tune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""`asl-tune`: parses arguments and calls one function per command. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+from asl_tune.config import TrialConfig, check_value
+from asl_tune.errors import AslTuneError
+
+# CPU-friendly defaults for a single `train`: the seed's optimiser, at 64 px for a few epochs.
+TRAIN_DEFAULTS = {"image_size": 64, "epochs": 3}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _trial_config(args: argparse.Namespace) -> TrialConfig:
+    """A TrialConfig from the options given; every out-of-range value is named in one message."""
+    values = {k: getattr(args, k) for k in TrialConfig.field_names() if getattr(args, k, None) is not None}
+    problems = [f"{_option(k)}: {why}, got {v}" for k, v in values.items() if (why := check_value(k, v))]
+    if problems:
+        raise AslTuneError("; ".join(problems))
+    return TrialConfig(**values)
+
+
+def _add_trial_options(p: argparse.ArgumentParser) -> None:
+    d = TrialConfig()
+    p.add_argument("--head-width", dest="head_width", type=int, default=d.head_width, help=f"width of the head's first layer (default {d.head_width}; the seed also tried 128)")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"SGD learning rate (default {d.lr}, the seed's)")
+    p.add_argument("--momentum", type=float, default=d.momentum, help=f"SGD momentum (default {d.momentum}, the seed's)")
+    p.add_argument("--epochs", type=int, default=TRAIN_DEFAULTS["epochs"], help="training epochs (default %(default)s; the seed ran 10-17 on a GPU)")
+    p.add_argument("--data-fraction", dest="data_fraction", type=float, default=d.data_fraction, help="share of the training split to use, in (0, 1]; val and test stay whole (default 1)")
+    p.add_argument("--image-size", dest="image_size", type=int, default=TRAIN_DEFAULTS["image_size"], help="input side in px (default %(default)s for CPUs; the seed used 200)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=d.batch_size, help=f"training batch size (default {d.batch_size})")
+    p.add_argument("--split", choices=["blocked", "random"], default=d.split, help="blocked (default): contiguous frame blocks per class, honest; random: the seed's, flattered by near-duplicate frames")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds split, subsample, shuffling and weights (default 0)")
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, help="dataset folder: the Kaggle ASL Alphabet layout or any folder per class (default: the embedded synthetic dataset, rendered on first use)")
+    p.add_argument("--external", type=Path, help="extra evaluation set, reported as external_accuracy: the Kaggle test folder or a folder per class")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command-line interface."""
+    parser = _Parser(prog="asl-tune", description="Hyperparameter search for DexNet on the ASL alphabet: Ray Tune schedules, Optuna searches, Parquet keeps the results.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train and evaluate one configuration, without Ray", description="Train and evaluate one DexNet configuration on one machine, without Ray.")
+    _add_data_options(p)
+    _add_trial_options(p)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--out", type=Path, help="write trials/epochs/confusion/per_class Parquet files here, as a sweep does")
+    p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object on the last stdout line")
+    p.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="inspect or generate datasets").add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    p = data.add_parser("check", help="decode a dataset (through the cache) and report classes, counts, splits and skipped files")
+    p.add_argument("folder", type=Path, help="dataset folder (Kaggle layout or folder per class)")
+    p.add_argument("--image-size", dest="image_size", type=int, default=64, help="decode size in px (default 64); the cache for this size is reused by trials")
+    p.add_argument("--split", choices=["blocked", "random"], default="blocked", help="split to report sizes for (default blocked)")
+    p.set_defaults(func=cmd_data_check)
+    p = data.add_parser("synth", help="render the embedded synthetic fingerspelling dataset in the Kaggle layout")
+    p.add_argument("out", type=Path, help="folder to create")
+    p.add_argument("--per-class", dest="per_class", type=int, default=150, help="images per class (default 150)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=cmd_data_synth)
+    return parser
+
+
+def _dataset_dir(args: argparse.Namespace) -> Path:
+    if args.data is not None:
+        return args.data
+    from asl_tune.synth import ensure_default_dataset
+
+    return ensure_default_dataset()
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """asl-tune train: one trial, printed and optionally written as Parquet."""
+    from asl_tune.data import load_dataset, load_external
+    from asl_tune.results import save_trial
+    from asl_tune.train import train_trial
+
+    config = _trial_config(args)
+    if args.threads is not None and args.threads < 1:
+        raise AslTuneError(f"--threads: must be >= 1, got {args.threads}")
+    dataset = load_dataset(_dataset_dir(args), config.image_size)
+    external = load_external(args.external, dataset.classes, config.image_size) if args.external else None
+    result = train_trial(config, dataset, external, threads=args.threads)
+    if args.out:
+        path = save_trial(args.out, result)
+        print(f"results written to {path}", file=sys.stderr)
+    print_result(result.final, as_json=args.json)
+
+
+def print_result(final: dict, as_json: bool) -> None:
+    """The final metrics: a short table, or one JSON object on the last line."""
+    if as_json:
+        print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in final.items()}))
+        return
+    for key in ("status", "val_accuracy", "test_accuracy", "external_accuracy", "train_img_per_s", "infer_img_per_s", "latency_ms_p50", "latency_ms_p95", "keeps_up_30fps", "n_parameters", "device"):
+        if key in final:
+            v = final[key]
+            print(f"{key:<18} {v:.4f}" if isinstance(v, float) else f"{key:<18} {v}")
+    pairs = {k: v for k, v in final.items() if k.startswith("pair_") and isinstance(v, float) and v > 0}
+    if pairs:
+        print("confusions        " + ", ".join(f"{k[5:].replace('_as_', '->')} {v:.1%}" for k, v in sorted(pairs.items(), key=lambda kv: -kv[1])))
+
+
+def cmd_data_check(args: argparse.Namespace) -> None:
+    """asl-tune data check: decode through the cache and describe."""
+    from asl_tune.data import describe, load_dataset
+
+    if (why := check_value("image_size", args.image_size)) is not None:
+        raise AslTuneError(f"--image-size: {why}, got {args.image_size}")
+    print(describe(load_dataset(args.folder, args.image_size, what="folder"), split=args.split))
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    """asl-tune data synth: render the synthetic dataset."""
+    from asl_tune.synth import render_dataset
+
+    print(f"rendered {render_dataset(args.out, per_class=args.per_class, seed=args.seed)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run one command; user errors become one line on stderr and exit status 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        args.func(args)
+    except AslTuneError as e:
+        print(f"asl-tune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("asl-tune: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,382 @@
+"""Files -> decoded arrays and splits.
+
+A dataset folder is read once: every image is decoded, converted to RGB, resized to
+`image_size` and stored in one uint8 array in a cache keyed by the folder's fingerprint
+and the size. Later runs memory-map that array, so no trial decodes a JPEG.
+This module does not import torch, so `asl-tune data check` starts fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from asl_tune.errors import AslTuneError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+KAGGLE_TRAIN = "asl_alphabet_train"
+KAGGLE_TEST = "asl_alphabet_test"
+SPLIT_FRACTIONS = (0.7, 0.2, 0.1)  # train / val / test, as in the seed
+CACHE_VERSION = 1  # bump when the decoded format changes
+DECODE_CHUNK = 64  # images per task handed to a decode worker
+
+
+@dataclass
+class DecodedDataset:
+    """A dataset decoded to one array: images[i] is a (S, S, 3) uint8 RGB image of class labels[i]."""
+
+    root: str  # the folder the images were read from
+    classes: list[str]  # class names; label k means classes[k]
+    images: np.ndarray  # (N, S, S, 3) uint8, possibly memory-mapped
+    labels: np.ndarray  # (N,) int64 class indices
+    frames: np.ndarray  # (N,) int64 frame number parsed from the file name (order within a class)
+    paths: list[str]  # file paths relative to root, one per image
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason) not decoded
+    fingerprint: str = ""  # content fingerprint of the folder the cache was keyed by
+
+    @property
+    def image_size(self) -> int:
+        """Side of every stored image, in pixels."""
+        return int(self.images.shape[1])
+
+    def class_counts(self) -> dict[str, int]:
+        """Number of decoded images per class, in class order."""
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        return {c: int(n) for c, n in zip(self.classes, counts)}
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Indices into a DecodedDataset for each split, sorted."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+# ---------------------------------------------------------------- finding files
+
+
+def _is_image(p: Path) -> bool:
+    # Hidden files (.DS_Store, ._M1.jpg from macOS) and Thumbs.db are never images.
+    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _subdirs(p: Path) -> list[Path]:
+    return sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith((".", "__")))
+
+
+def _has_images(p: Path) -> bool:
+    return any(_is_image(f) for f in p.iterdir())
+
+
+def find_class_root(root: Path, what: str = "--data") -> Path:
+    """The folder whose sub-folders are the classes: accepts the Kaggle outer folder, either nesting level, or any folder-per-class tree."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise AslTuneError(f"{what}: folder does not exist: {root}")
+    if not root.is_dir():
+        raise AslTuneError(f"{what}: not a folder: {root}")
+    here = root
+    for _ in range(3):  # outer folder -> asl_alphabet_train -> asl_alphabet_train
+        if (here / KAGGLE_TRAIN).is_dir():
+            here = here / KAGGLE_TRAIN
+            continue
+        subs = _subdirs(here)
+        if subs and any(_has_images(d) for d in subs):
+            return here
+        if len(subs) == 1:
+            here = subs[0]
+            continue
+        break
+    raise AslTuneError(f"{what}: no class folders (sub-folders holding images) found in {root}")
+
+
+_FRAME = re.compile(r"(\d+)(?!.*\d)")
+
+
+def frame_number(name: str) -> int:
+    """The frame number in a file name: the last run of digits in its stem (M895.jpg -> 895), or -1."""
+    m = _FRAME.search(Path(name).stem)
+    return int(m.group(1)) if m else -1
+
+
+def _list_class_tree(class_root: Path) -> tuple[list[str], list[tuple[Path, int, int]]]:
+    """(classes, [(path, label, frame)]) for a folder-per-class tree, in ImageFolder's class order."""
+    classes = [d.name for d in _subdirs(class_root)]
+    entries = []
+    for label, name in enumerate(classes):
+        files = sorted((f for f in (class_root / name).iterdir() if _is_image(f)), key=lambda f: (frame_number(f.name), f.name))
+        entries += [(f, label, frame_number(f.name)) for f in files]
+    return classes, entries
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """Decode any PIL-readable image to a (size, size, 3) uint8 RGB array: shorter side resized, centre crop (the seed's Resize+CenterCrop)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        # JPEG draft mode decodes straight to a power-of-two reduced size >= the target: much less work.
+        img.draft("RGB", (size, size))
+        img = img.convert("RGB")  # grayscale, CMYK, palette and RGBA all become RGB
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        return np.asarray(img, dtype=np.uint8)
+
+
+def _decode_chunk(args: tuple[str, int, int, list[str]]) -> list[tuple[int, str]]:
+    """Worker: decode paths into rows [start, start+len) of the memory-mapped array; return (row, reason) failures."""
+    array_path, size, start, paths = args
+    out = np.load(array_path, mmap_mode="r+")
+    failures = []
+    for i, p in enumerate(paths):
+        try:
+            out[start + i] = decode_image(Path(p), size)
+        except Exception as e:  # a truncated or unreadable file is skipped, never a crash
+            failures.append((start + i, f"{type(e).__name__}: {e}".splitlines()[0]))
+    out.flush()
+    return failures
+
+
+class Progress:
+    """A one-line progress report on stderr: rewritten in place on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, what: str, total: int, enabled: bool = True):
+        self.what, self.total, self.enabled = what, total, enabled
+        self.done, self.start, self.last = 0, time.monotonic(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n: int) -> None:
+        """Count n more items done."""
+        self.done += n
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < (0.2 if self.tty else 5.0) and self.done < self.total):
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        line = f"{self.what}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%, {rate:.0f}/s)"
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+        if self.tty and self.done >= self.total:
+            print(file=sys.stderr)
+
+
+def _decode_all(paths: list[Path], size: int, array_path: Path, workers: int, progress: bool) -> dict[int, str]:
+    """Decode every path into a new (N, size, size, 3) .npy at array_path, in parallel; return {row: reason} for failures."""
+    arr = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+    del arr
+    tasks = [(str(array_path), size, s, [str(p) for p in paths[s : s + DECODE_CHUNK]]) for s in range(0, len(paths), DECODE_CHUNK)]
+    bar = Progress(f"decoding {len(paths)} images at {size} px", len(paths), progress)
+    failures: dict[int, str] = {}
+    if workers <= 1 or len(tasks) <= 1:
+        for t in tasks:
+            failures.update(_decode_chunk(t))
+            bar.update(len(t[3]))
+    else:
+        # spawn, not fork: the caller may hold torch's OpenMP threads, which do not survive a fork.
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for t, fails in zip(tasks, pool.imap(_decode_chunk, tasks)):
+                failures.update(fails)
+                bar.update(len(t[3]))
+    return failures
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def cache_root() -> Path:
+    """Where decoded arrays and the default dataset live: $ASL_TUNE_CACHE, else $XDG_CACHE_HOME/asl-tune, else ~/.cache/asl-tune."""
+    if os.environ.get("ASL_TUNE_CACHE"):
+        return Path(os.environ["ASL_TUNE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "asl-tune"
+
+
+def fingerprint(root: Path, entries: list[tuple[Path, int, int]], classes: list[str]) -> str:
+    """A key that changes when any file is added, removed, renamed, resized or rewritten (path, size, mtime)."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{'|'.join(classes)}".encode())
+    for p, label, _ in entries:
+        st = p.stat()
+        h.update(f"{p.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _build(root: Path, classes: list[str], entries: list[tuple[Path, int, int]], size: int, key: str, workers: int, progress: bool) -> Path:
+    """Decode into a temporary folder and rename it into place, so a killed build never looks finished."""
+    final = cache_root() / "decoded" / f"{key}-{size}px"
+    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        failures = _decode_all([p for p, _, _ in entries], size, tmp / "all.npy", workers, progress)
+        keep = [i for i in range(len(entries)) if i not in failures]
+        if failures:  # rare: copy the good rows into a compact array
+            allrows = np.load(tmp / "all.npy", mmap_mode="r")
+            out = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(keep), size, size, 3))
+            for s in range(0, len(keep), 1024):
+                out[s : s + 1024] = allrows[keep[s : s + 1024]]
+            out.flush()
+            del out, allrows
+            (tmp / "all.npy").unlink()
+        else:
+            (tmp / "all.npy").rename(tmp / "images.npy")
+        meta = {
+            "root": str(root),
+            "classes": classes,
+            "labels": [entries[i][1] for i in keep],
+            "frames": [entries[i][2] for i in keep],
+            "paths": [str(entries[i][0].relative_to(root)) for i in keep],
+            "skipped": [[str(entries[i][0].relative_to(root)), why] for i, why in sorted(failures.items())],
+            "fingerprint": key,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            tmp.rename(final)
+        except OSError:  # another process finished the same cache first: theirs is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _load_cached(folder: Path) -> DecodedDataset:
+    meta = json.loads((folder / "meta.json").read_text())
+    return DecodedDataset(
+        root=meta["root"],
+        classes=list(meta["classes"]),
+        images=np.load(folder / "images.npy", mmap_mode="r"),
+        labels=np.asarray(meta["labels"], dtype=np.int64),
+        frames=np.asarray(meta["frames"], dtype=np.int64),
+        paths=list(meta["paths"]),
+        skipped=[tuple(s) for s in meta["skipped"]],
+        fingerprint=meta["fingerprint"],
+    )
+
+
+def _cached_decode(root: Path, classes: list[str], entries: list[tuple[Path, int, int]], size: int, progress: bool, workers: int | None) -> DecodedDataset:
+    key = fingerprint(root, entries, classes)
+    folder = cache_root() / "decoded" / f"{key}-{size}px"
+    if not (folder / "meta.json").exists():
+        workers = workers or min(os.cpu_count() or 1, 8)
+        folder = _build(root, classes, entries, size, key, workers, progress)
+    return _load_cached(folder)
+
+
+def load_dataset(root: Path, image_size: int, progress: bool = True, workers: int | None = None, what: str = "--data") -> DecodedDataset:
+    """Decode a folder-per-class dataset (or the Kaggle layout) at image_size, through the cache."""
+    class_root = find_class_root(root, what)
+    classes, entries = _list_class_tree(class_root)
+    ds = _cached_decode(class_root, classes, entries, image_size, progress, workers)
+    empty = [c for c, n in ds.class_counts().items() if n == 0]
+    if empty:
+        raise AslTuneError(f"{what}: class folder(s) with no readable image: {', '.join(empty)} in {class_root}")
+    return ds
+
+
+_KAGGLE_TEST_NAME = re.compile(r"^(.+)_test$")
+
+
+def load_external(root: Path, classes: list[str], image_size: int, progress: bool = True) -> DecodedDataset:
+    """Decode an extra evaluation set: the Kaggle test folder (<class>_test.jpg, flat) or any folder-per-class tree, labelled with the training classes."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise AslTuneError(f"--external: folder does not exist: {root}")
+    here = root
+    for _ in range(2):  # asl_alphabet_test/asl_alphabet_test
+        if (here / KAGGLE_TEST).is_dir():
+            here = here / KAGGLE_TEST
+    flat = sorted(f for f in here.iterdir() if _is_image(f)) if here.is_dir() else []
+    if flat and not _subdirs(here):
+        entries = []
+        for f in flat:
+            m = _KAGGLE_TEST_NAME.match(f.stem)
+            name = m.group(1) if m else None
+            if name not in classes:
+                raise AslTuneError(f"--external: {f.name}: flat files must be named <class>_test.<ext> with a training class, got {f.name!r}")
+            entries.append((f, classes.index(name), 0))
+        class_root = here
+    else:
+        class_root = find_class_root(root, "--external")
+        ext_classes, raw = _list_class_tree(class_root)
+        unknown = [c for c in ext_classes if c not in classes]
+        if unknown:
+            raise AslTuneError(f"--external: class folder(s) not among the training classes: {', '.join(unknown)} in {class_root}")
+        entries = [(p, classes.index(ext_classes[label]), fr) for p, label, fr in raw]
+    ds = _cached_decode(class_root, list(classes), entries, image_size, progress, workers=None)
+    if len(ds.labels) == 0:
+        raise AslTuneError(f"--external: no readable image in {class_root}")
+    return ds
+
+
+# ---------------------------------------------------------------- splits
+
+
+def _split_counts(n: int) -> tuple[int, int]:
+    n_train = round(n * SPLIT_FRACTIONS[0])
+    n_val = round(n * SPLIT_FRACTIONS[1])
+    return n_train, min(n_val, n - n_train)
+
+
+def make_splits(labels: np.ndarray, frames: np.ndarray, mode: str, seed: int) -> Splits:
+    """Stratified 70/20/10 splits. "blocked": each class's frames in order, cut into contiguous blocks; "random": a seeded shuffle per class."""
+    if mode not in ("blocked", "random"):
+        raise AslTuneError(f"split: must be blocked or random, got {mode!r}")
+    rng = np.random.default_rng(seed)
+    parts: tuple[list, list, list] = ([], [], [])
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if mode == "blocked":
+            # Near-copy neighbouring frames stay on one side of each cut; only the 2 boundaries leak.
+            idx = idx[np.argsort(frames[idx], kind="stable")]
+        else:
+            idx = rng.permutation(idx)
+        n_train, n_val = _split_counts(len(idx))
+        parts[0].append(idx[:n_train])
+        parts[1].append(idx[n_train : n_train + n_val])
+        parts[2].append(idx[n_train + n_val :])
+    train, val, test = (np.sort(np.concatenate(p)) if p else np.array([], dtype=np.int64) for p in parts)
+    return Splits(train=train, val=val, test=test)
+
+
+def subsample(train: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A seeded, stratified share of the training indices (at least one per class); val and test are never touched."""
+    if not 0 < fraction <= 1:
+        raise AslTuneError(f"data_fraction: must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return train
+    rng = np.random.default_rng([seed, 1])
+    keep = []
+    for c in np.unique(labels[train]):
+        idx = train[labels[train] == c]
+        k = max(1, round(fraction * len(idx)))
+        keep.append(rng.choice(idx, size=k, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def describe(ds: DecodedDataset, split: str = "blocked", seed: int = 0) -> str:
+    """A human report for `asl-tune data check`: classes and counts, split sizes, skipped files."""
+    s = make_splits(ds.labels, ds.frames, split, seed)
+    lines = [f"dataset: {ds.root}", f"classes: {len(ds.classes)}, images: {len(ds.labels)}, skipped: {len(ds.skipped)}"]
+    counts = ds.class_counts()
+    lines += [f"  {c:<8} {n}" for c, n in counts.items()]
+    lines.append(f"split ({split}, seed {seed}): train {len(s.train)}, val {len(s.val)}, test {len(s.test)}")
+    for path, why in ds.skipped:
+        lines.append(f"skipped {path}: {why}")
+    return "\n".join(lines)

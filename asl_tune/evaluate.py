@@ -1,0 +1,156 @@
+"""Judging a trained DexNet: accuracy, confusions, per-class rates, and how fast it runs."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from asl_tune.alphabet import WATCH_PAIRS
+
+# The seed's normalisation (per-channel mean and std of the Kaggle images).
+MEAN = (0.5119, 0.5042, 0.5128)
+STD = (0.2499, 0.2398, 0.2451)
+FRAME_BUDGET_MS = 1000 / 30  # one frame of 30 fps video
+TOP_PAIRS = 5  # most-confused pairs reported per trial
+EVAL_BATCH = 256
+
+
+class Batcher:
+    """Turns rows of a (N, S, S, 3) uint8 image array into normalised (B, 3, S, S) float batches on a device."""
+
+    def __init__(self, images: np.ndarray, device: torch.device, channels_last: bool):
+        import warnings
+
+        with warnings.catch_warnings():  # the array is read-only (memory map, Ray's object store); we never write it
+            warnings.simplefilter("ignore", UserWarning)
+            self.images = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+        self.device, self.channels_last = device, channels_last
+        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+        self.scale, self.shift = 1 / (255 * std), mean / std
+
+    def to_device(self) -> None:
+        """Keep the whole uint8 array on the device, so batches never cross the bus (GPU, when it fits)."""
+        self.images = self.images.to(self.device)
+
+    def batch(self, rows: torch.Tensor) -> torch.Tensor:
+        """Normalised batch for the given row indices."""
+        x = self.images[rows.to(self.images.device)].to(self.device, non_blocking=True)
+        # (B, S, S, 3) uint8 -> (B, 3, S, S) float, normalised
+        x = x.permute(0, 3, 1, 2).float().mul_(self.scale).sub_(self.shift)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, batcher: Batcher, rows: np.ndarray, labels: np.ndarray, autocast: bool = False) -> tuple[np.ndarray, float]:
+    """(predicted class per row, mean cross-entropy) in eval mode."""
+    model.eval()
+    preds, loss_sum = [], 0.0
+    rows_t = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    for s in range(0, len(rows_t), EVAL_BATCH):
+        x = batcher.batch(rows_t[s : s + EVAL_BATCH])
+        y = labels_t[rows_t[s : s + EVAL_BATCH]].to(batcher.device)
+        with torch.autocast(batcher.device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(x)
+        loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+        preds.append(logits.argmax(1).cpu().numpy())
+    n = max(len(rows_t), 1)
+    return (np.concatenate(preds) if preds else np.array([], dtype=np.int64)), loss_sum / n
+
+
+def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, K) int64 counts: row = true class, column = predicted class."""
+    return np.bincount(true * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_rates(cm: np.ndarray, classes: list[str]) -> list[dict]:
+    """Precision, recall, false-positive and false-negative rate per class (NaN where undefined)."""
+    total = cm.sum()
+    tp = np.diag(cm).astype(float)
+    support = cm.sum(1).astype(float)
+    predicted = cm.sum(0).astype(float)
+    negatives = total - support
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = tp / predicted
+        recall = tp / support
+        fpr = (predicted - tp) / negatives
+    return [
+        {
+            "class_name": c,
+            "support": int(support[k]),
+            "precision": float(precision[k]),
+            "recall": float(recall[k]),
+            "fpr": float(fpr[k]),
+            "fnr": float(1 - recall[k]),
+        }
+        for k, c in enumerate(classes)
+    ]
+
+
+def pair_rates(cm: np.ndarray, classes: list[str], top: int = TOP_PAIRS) -> dict[str, float]:
+    """Share of true X predicted as Y, as {"pair_X_as_Y": rate}: the seed's watch-list, then the `top` most confused pairs."""
+    support = cm.sum(1)
+    rates: dict[str, float] = {}
+
+    def rate(t: int, p: int) -> float:
+        return float(cm[t, p] / support[t]) if support[t] else float("nan")
+
+    for x, y in WATCH_PAIRS:
+        if x in classes and y in classes:
+            rates[f"pair_{x}_as_{y}"] = rate(classes.index(x), classes.index(y))
+    off = cm.astype(float).copy()
+    np.fill_diagonal(off, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shares = np.nan_to_num(off / support[:, None])
+    for flat in np.argsort(-shares, axis=None, kind="stable")[:top]:
+        t, p = divmod(int(flat), len(classes))
+        if off[t, p] > 0:
+            rates[f"pair_{classes[t]}_as_{classes[p]}"] = rate(t, p)
+    return rates
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_speed(model: nn.Module, batcher: Batcher, rows: np.ndarray, autocast: bool = False, budget_s: float = 1.0) -> dict[str, float]:
+    """Inference img/s at batch 64 and batch-1 latency p50/p95 (ms) on real images, uint8 -> logits, after warm-up."""
+    model.eval()
+    rows_t = torch.from_numpy(np.resize(np.asarray(rows, dtype=np.int64), 64))
+    dev = batcher.device
+
+    def run(r: torch.Tensor) -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            model(batcher.batch(r))
+
+    run(rows_t)  # warm-up: first-call allocation and kernel selection stay out of the figures
+    _sync(dev)
+    n, start = 0, time.perf_counter()
+    while n < 2 or (time.perf_counter() - start < budget_s and n < 200):
+        run(rows_t)
+        n += 1
+    _sync(dev)
+    infer_img_per_s = 64 * n / (time.perf_counter() - start)
+    for i in range(3):
+        run(rows_t[i : i + 1])
+    lat = []
+    start = time.perf_counter()
+    while len(lat) < 10 or (time.perf_counter() - start < budget_s and len(lat) < 300):
+        t0 = time.perf_counter()
+        run(rows_t[len(lat) % 64 : len(lat) % 64 + 1])
+        _sync(dev)
+        lat.append((time.perf_counter() - t0) * 1000)
+    p50, p95 = (float(v) for v in np.percentile(lat, [50, 95]))
+    return {
+        "infer_img_per_s": infer_img_per_s,
+        "latency_ms_p50": p50,
+        "latency_ms_p95": p95,
+        "keeps_up_30fps": bool(p95 <= FRAME_BUDGET_MS),
+    }

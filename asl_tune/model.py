@@ -1,0 +1,70 @@
+"""DexNet: the seed notebook's AlexNet-like CNN, with the head's width and input size as parameters."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from asl_tune.errors import AslTuneError
+
+
+def _conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def feature_side(image_size: int) -> int:
+    """Side of the conv stack's output map for a square input (8 at the seed's 200 px)."""
+    s = _conv_out(image_size, 11, 4, 2)
+    s = _conv_out(s, 3, 2)
+    s = _conv_out(s, 5, 1, 2)
+    s = _conv_out(s, 3, 2)
+    s = _conv_out(s, 3, 1, 2)
+    s = _conv_out(s, 3, 1, 2)
+    s = _conv_out(s, 3, 1, 2)
+    s = _conv_out(s, 3, 2)
+    return s
+
+
+class DexNet(nn.Module):
+    """The seed's conv stack unchanged; head Linear(flat->w) ReLU Dropout Linear(w->w/2) Dropout Linear(w/2->classes)."""
+
+    def __init__(self, head_width: int = 512, image_size: int = 200, num_classes: int = 29, dropout: float = 0.5):
+        super().__init__()
+        side = feature_side(image_size)
+        if side < 1:
+            raise AslTuneError(f"image_size: DexNet needs at least 32 px, got {image_size}")
+        if head_width < 2:
+            raise AslTuneError(f"head_width: must be >= 2, got {head_width}")
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 96, kernel_size=11, stride=4, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(96, 256, kernel_size=5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(256, 384, kernel_size=3, padding=2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 384, kernel_size=3, padding=2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, kernel_size=3, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+        )
+        # No ReLU after the second Linear: the seed has none, and its parameter counts are the contract.
+        self.head = nn.Sequential(
+            nn.Linear(256 * side * side, head_width),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout),
+            nn.Linear(head_width, head_width // 2),
+            nn.Dropout(p=dropout),
+            nn.Linear(head_width // 2, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, 3, H, W) float, normalised -> (B, 256, s, s) -> (B, classes) logits
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

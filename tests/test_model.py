@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from asl_tune.errors import AslTuneError
+from asl_tune.model import DexNet, count_parameters, feature_side
+
+
+@pytest.mark.parametrize("head_width, expected", [(512, 12_275_101), (128, 5_854_621)])
+def test_seed_parameter_counts_at_200px(head_width, expected):
+    assert count_parameters(DexNet(head_width=head_width, image_size=200)) == expected
+
+
+def test_seed_feature_map_is_8x8_at_200px():
+    assert feature_side(200) == 8
+
+
+@pytest.mark.parametrize("size", [32, 48, 64, 200])
+def test_forward_shape_at_any_supported_size(size):
+    model = DexNet(head_width=16, image_size=size).eval()
+    assert model(torch.zeros(2, 3, size, size)).shape == (2, 29)
+
+
+def test_head_has_no_relu_after_second_linear():
+    kinds = [type(m).__name__ for m in DexNet(head_width=8, image_size=64).head]
+    assert kinds == ["Linear", "ReLU", "Dropout", "Linear", "Dropout", "Linear"]
+
+
+def test_too_small_head_refused():
+    with pytest.raises(AslTuneError, match="head_width: must be >= 2, got 1"):
+        DexNet(head_width=1, image_size=64)
