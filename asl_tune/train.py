@@ -208,6 +208,16 @@ def train_trial(
             report(metrics, Path(checkpoint_dir) if checkpoint_dir is not None else None)
         log.info("epoch %d/%d: loss %.4f, val accuracy %.4f, %.0f img/s", epoch + 1, config.epochs, row["train_loss"], val_acc, row["train_img_per_s"])
 
+    if start_epoch >= config.epochs and history:
+        # Restored from the final checkpoint (the process died after saving it, before the
+        # report went out): evaluate again and send the last epoch's row with the final metrics.
+        speed = measure_speed(model, batcher, splits.val, autocast=on_gpu)
+        result_extra = _final_evaluation(model, batcher, dataset, splits.test, external, device, on_gpu)
+        final = result_extra["metrics"]
+        if report:
+            metrics = {**history[-1], **speed, **_summary(status, history, images_seen, train_compute_s, started, device, model), **final}
+            report({**metrics, "confusion": result_extra["confusion"], "per_class": result_extra["per_class"]}, checkpoint_dir)
+
     summary = _summary(status, history, images_seen, train_compute_s, started, device, model)
     out = TrialResult(status=status, config=config, epochs=history, classes=list(dataset.classes))
     out.final = {**speed, **summary, **final}

@@ -93,3 +93,13 @@ def test_invalid_config_refused_with_every_problem(dataset):
 def test_image_size_must_match_the_decoded_dataset(dataset):
     with pytest.raises(AslTuneError, match="decoded at 32 px but the config asks for 64"):
         train_trial(TrialConfig(image_size=64), dataset)
+
+
+def test_trial_restored_from_its_final_checkpoint_reports_final_metrics_again(dataset, tmp_path):
+    config = TrialConfig(epochs=2, **FAST)
+    first = train_trial(config, dataset, checkpoint_dir=tmp_path, threads=1)
+    again = []
+    second = train_trial(config, dataset, checkpoint_dir=tmp_path, resume_from=tmp_path, report=lambda m, c: again.append(m), threads=1)
+    assert [m["epoch"] for m in again] == [2] and "confusion" in again[0]
+    assert second.final["test_accuracy"] == first.final["test_accuracy"]
+    assert second.final["images_seen"] == first.final["images_seen"]
