@@ -68,6 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object on the last stdout line")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("sweep", help="search a space of configurations with Ray Tune and Optuna", description="Run a hyperparameter sweep: Optuna proposes settings from a search space, Ray Tune runs the trials (here or on a cluster) and stops weak ones early (ASHA), and every result lands in Parquet under RESULTS/NAME. With no options: the cpu-quick space on the embedded synthetic dataset, into results/cpu-quick.")
+    p.add_argument("--space", default=None, help="search-space YAML file, or the name of one in search_spaces/ (default cpu-quick)")
+    _add_data_options(p)
+    p.add_argument("--name", help="sweep name, the folder under --results (default: the space's name)")
+    p.add_argument("--results", type=Path, default=Path("results"), help="where sweep folders go (default results/); on a cluster, a filesystem every node shares")
+    p.add_argument("--num-samples", dest="num_samples", type=int, help="trials to run (default: the space's num_samples); with --extend, trials to add")
+    p.add_argument("--max-concurrent", dest="max_concurrent", type=int, help="most trials at once (default: as many as the resources allow)")
+    p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float, default=1.0, help="CPUs per trial; torch uses this many threads (default 1)")
+    p.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float, help="GPUs per trial, fractions allowed: 0.25 packs four trials on a GPU (default 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--address", help="join a running Ray cluster at host:port (or auto) instead of starting one on 127.0.0.1")
+    p.add_argument("--seed", type=int, default=0, help="seeds the searcher and every trial (default 0)")
+    p.add_argument("--extend", action="store_true", help="add --num-samples trials to the existing sweep NAME; the searcher learns from all earlier trials")
+    p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard on 127.0.0.1 (off by default; it has no authentication)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("resume", help="finish a sweep whose driver died", description="Continue an interrupted sweep: finished trials are kept, interrupted trials continue from their last checkpoint, the searcher keeps what it learned, and the sweep ends with exactly the trials it asked for.")
+    p.add_argument("name", help="the sweep's name (its folder under --results)")
+    p.add_argument("--results", type=Path, default=Path("results"), help="where sweep folders are (default results/)")
+    p.add_argument("--address", help="Ray cluster to run on (default: the one the sweep used, else a local instance)")
+    p.set_defaults(func=cmd_resume)
+
     data = sub.add_parser("data", help="inspect or generate datasets").add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     p = data.add_parser("check", help="decode a dataset (through the cache) and report classes, counts, splits and skipped files")
     p.add_argument("folder", type=Path, help="dataset folder (Kaggle layout or folder per class)")
@@ -120,6 +141,28 @@ def print_result(final: dict, as_json: bool) -> None:
     pairs = {k: v for k, v in final.items() if k.startswith("pair_") and isinstance(v, float) and v > 0}
     if pairs:
         print("confusions        " + ", ".join(f"{k[5:].replace('_as_', '->')} {v:.1%}" for k, v in sorted(pairs.items(), key=lambda kv: -kv[1])))
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """asl-tune sweep: validate, then run (or extend) a sweep."""
+    from asl_tune.space import resolve
+    from asl_tune.sweep import SweepRequest, run_sweep
+
+    if args.extend and args.name is None:
+        raise AslTuneError("--extend: needs --name, the sweep to add trials to")
+    request = SweepRequest(
+        space_path=resolve(args.space), data=args.data, external=args.external, name=args.name, results=args.results,
+        num_samples=args.num_samples, max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, address=args.address, seed=args.seed, extend=args.extend, dashboard=args.dashboard,
+    )
+    run_sweep(request)
+
+
+def cmd_resume(args: argparse.Namespace) -> None:
+    """asl-tune resume: finish an interrupted sweep."""
+    from asl_tune.sweep import resume_sweep
+
+    resume_sweep(args.name, args.results, args.address)
 
 
 def cmd_data_check(args: argparse.Namespace) -> None:

@@ -216,7 +216,8 @@ def train_trial(
         final = result_extra["metrics"]
         if report:
             metrics = {**history[-1], **speed, **_summary(status, history, images_seen, train_compute_s, started, device, model), **final}
-            report({**metrics, "confusion": result_extra["confusion"], "per_class": result_extra["per_class"]}, checkpoint_dir)
+            # No new checkpoint: the one restored from is already the final one.
+            report({**metrics, "confusion": result_extra["confusion"], "per_class": result_extra["per_class"]}, None)
 
     summary = _summary(status, history, images_seen, train_compute_s, started, device, model)
     out = TrialResult(status=status, config=config, epochs=history, classes=list(dataset.classes))

@@ -1,0 +1,102 @@
+"""Where a sweep's trials run: a private Ray instance on this machine's loopback, or a cluster at --address.
+
+A local instance binds to 127.0.0.1 and starts no dashboard unless asked, so nothing is exposed
+to the network. Ray's ports have no authentication: a cluster must stay inside a trusted network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from contextlib import contextmanager
+from typing import Iterator
+
+from asl_tune.errors import AslTuneError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0  # how long --address may stay silent before we give up
+DEFAULT_RAY_PORT = 6379
+
+# Settings Ray reads from the environment of the process that starts it.
+LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # otherwise Ray swaps 127.0.0.1 for the outward address
+    "TUNE_GLOBAL_CHECKPOINT_S": "1",  # save the experiment state every second: a killed driver loses little
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # our Parquet is the record; skip Ray's CSV/JSON/TensorBoard copies
+    "RAY_DEDUP_LOGS": "1",
+}
+# Bound how long joining a dead cluster may take (Ray's default retries for minutes).
+JOIN_ENV = {"RAY_NUM_REDIS_GET_RETRIES": "2", "RAY_py_gcs_connect_timeout_s": "5", "RAY_gcs_rpc_server_connect_timeout_s": "5"}
+
+
+def parse_address(address: str) -> tuple[str, int] | None:
+    """host and port of `--address host[:port]` (also ray://host:port); None for `auto`."""
+    if address == "auto":
+        return None
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", str(DEFAULT_RAY_PORT))
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise AslTuneError(f"--address: must be host:port (or auto), got {address!r}")
+    return host, int(port)
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail within timeout_s, with one line, when nothing listens at the cluster's address."""
+    target = parse_address(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=timeout_s):
+            pass
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise AslTuneError(
+            f"--address: no Ray cluster answers at {address} ({why} after at most {timeout_s:.0f} s); "
+            "start one with `ray start --head` or `ray up CLUSTER.yaml`"
+        ) from None
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = False) -> Iterator[None]:
+    """Ray, started or joined for the duration of the block; reuses an instance already running in this process."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    if address:
+        check_reachable(address)
+        for key, value in JOIN_ENV.items():
+            os.environ.setdefault(key, value)
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError) as e:
+            raise AslTuneError(f"--address: cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+    else:
+        context = ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+        if dashboard:
+            log.warning("Ray dashboard (no authentication, on 127.0.0.1 only): http://%s", context.dashboard_url)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def resources() -> dict[str, float]:
+    """The cluster's total CPUs and GPUs (Ray must be running)."""
+    import ray
+
+    total = ray.cluster_resources()
+    return {"cpu": float(total.get("CPU", 0)), "gpu": float(total.get("GPU", 0))}

@@ -1,0 +1,335 @@
+"""Sweeps: Optuna proposes settings, Ray Tune runs and early-stops the trials, Parquet keeps the results.
+
+A sweep lives in one folder, `<results>/<name>/`:
+
+    sweep.json      what was asked: space, data, resources, and one entry per run (first, extensions)
+    space.yaml      the search space, copied, so the sweep can be resumed or extended as it began
+    study.db        the Optuna study (SQLite): the searcher's memory, shared by every run
+    ray/run-<k>/    Ray Tune's experiment state and trial checkpoints for run k
+    *.parquet       the results (see results.py), written as they arrive
+
+Everything a user can get wrong is checked before the folder is created.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from asl_tune import cluster
+from asl_tune.data import DecodedDataset, load_dataset, load_external, make_splits
+from asl_tune.errors import AslTuneError
+from asl_tune.results import FINISHED, read_trials
+from asl_tune.space import SearchSpace, load_space
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+SPACE_FILE = "space.yaml"
+STUDY_FILE = "study.db"
+RAY_DIR = "ray"
+MAX_FAILURES = 2  # an errored trial is retried from its last checkpoint this many times
+
+
+@dataclass
+class SweepRequest:
+    """What `asl-tune sweep` was asked to do, validated by `check_request`."""
+
+    space_path: Path
+    data: Path | None = None  # None: the embedded synthetic dataset
+    external: Path | None = None
+    name: str | None = None  # default: the space's name
+    results: Path = Path("results")
+    num_samples: int | None = None  # default: the space's
+    max_concurrent: int | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    address: str | None = None
+    seed: int = 0
+    extend: bool = False
+    dashboard: bool = False
+
+
+@dataclass
+class SweepState:
+    """sweep.json: enough to resume or extend a sweep from its folder alone."""
+
+    name: str
+    data: str
+    external: str | None
+    cpus_per_trial: float
+    gpus_per_trial: float | None
+    max_concurrent: int | None
+    seed: int
+    address: str | None
+    runs: list[dict] = field(default_factory=list)  # {"dir", "num_samples", "started", "finished"}
+
+    @classmethod
+    def read(cls, folder: Path) -> "SweepState":
+        try:
+            return cls(**json.loads((folder / SWEEP_FILE).read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise AslTuneError(f"{folder / SWEEP_FILE}: unreadable sweep record ({e})") from None
+
+    def write(self, folder: Path) -> None:
+        tmp = folder / f".{SWEEP_FILE}.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, folder / SWEEP_FILE)
+
+
+def _positive(option: str, value, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise AslTuneError(f"{option}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def check_request(req: SweepRequest) -> tuple[SearchSpace, str, Path]:
+    """Validate everything that needs no data and no cluster; return (space, name, sweep folder)."""
+    _positive("--num-samples", req.num_samples)
+    if req.num_samples is not None and int(req.num_samples) != req.num_samples:
+        raise AslTuneError(f"--num-samples: must be a whole number, got {req.num_samples}")
+    _positive("--max-concurrent", req.max_concurrent)
+    _positive("--cpus-per-trial", req.cpus_per_trial)
+    _positive("--gpus-per-trial", req.gpus_per_trial, allow_zero=True)
+    if req.gpus_per_trial and req.gpus_per_trial > 1 and int(req.gpus_per_trial) != req.gpus_per_trial:
+        raise AslTuneError(f"--gpus-per-trial: above 1 must be a whole number of GPUs, got {req.gpus_per_trial}")
+    if req.seed < 0:
+        raise AslTuneError(f"--seed: must be >= 0, got {req.seed}")
+    if req.address:
+        cluster.parse_address(req.address)
+    if "://" in str(req.results):
+        raise AslTuneError(f"--results: must be a local or shared-filesystem folder (the Optuna study is SQLite), got {req.results}")
+    folder_space = Path(req.results) / (req.name or "") / SPACE_FILE
+    if req.extend and req.name and folder_space.is_file():
+        space = load_space(folder_space)  # extending keeps the sweep's own space
+    else:
+        space = load_space(req.space_path)
+    name = req.name or space.name
+    if not name or "/" in name or name.startswith("."):
+        raise AslTuneError(f"--name: must be a plain folder name, got {name!r}")
+    folder = Path(req.results) / name
+    exists = (folder / SWEEP_FILE).exists()
+    if exists and not req.extend:
+        raise AslTuneError(
+            f"--name: a sweep named {name!r} already exists in {folder}; add --extend to add trials to it, "
+            f"or run `asl-tune resume {name}` to finish an interrupted one"
+        )
+    if req.extend and not exists:
+        raise AslTuneError(f"--extend: there is no sweep named {name!r} in {req.results} to extend")
+    if req.extend:
+        state = SweepState.read(folder)
+        if state.runs and not state.runs[-1]["finished"]:
+            raise AslTuneError(f"--extend: the last run of {name!r} did not finish; run `asl-tune resume {name}` first")
+    _check_writable(Path(req.results))
+    _image_sizes(space)  # refuses a searched image_size that is not categorical
+    return space, name, folder
+
+
+def _check_writable(results: Path) -> None:
+    """Refuse a --results folder that cannot be created or written, before anything is made."""
+    probe_root = results
+    while not probe_root.exists():
+        probe_root = probe_root.parent
+    if not probe_root.is_dir() or not os.access(probe_root, os.W_OK | os.X_OK):
+        raise AslTuneError(f"--results: cannot write to {results} ({probe_root} is not a writable folder)")
+
+
+def _image_sizes(space: SearchSpace) -> list[int]:
+    """Every image size a trial may ask for: each is decoded once and shared."""
+    if "image_size" in space.params:
+        p = space.params["image_size"]
+        if p.type != "categorical":
+            raise AslTuneError(f"{space.source}: params.image_size: must be categorical (each size is decoded once for the whole sweep), got type {p.type}")
+        return sorted(set(p.choices))
+    return [int(space.fixed.get("image_size", 200))]
+
+
+def _load_data(data: Path | None, external: Path | None, sizes: list[int]) -> tuple[Path, dict[int, DecodedDataset], dict[int, DecodedDataset]]:
+    if data is None:
+        from asl_tune.synth import ensure_default_dataset
+
+        data = ensure_default_dataset()
+    datasets = {s: load_dataset(data, s) for s in sizes}
+    externals = {s: load_external(external, datasets[s].classes, s) for s in sizes} if external else {}
+    return Path(data).resolve(), datasets, externals
+
+
+def run_sweep(req: SweepRequest) -> Path:
+    """`asl-tune sweep`: start a new sweep, or extend one; return its folder."""
+    space, name, folder = check_request(req)
+    sizes = _image_sizes(space)
+    if req.extend:
+        state = SweepState.read(folder)
+        data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, sizes)
+    else:
+        data_dir, datasets, externals = _load_data(req.data, req.external, sizes)
+        state = SweepState(name, str(data_dir), str(Path(req.external).resolve()) if req.external else None, req.cpus_per_trial, req.gpus_per_trial, req.max_concurrent, req.seed, req.address)
+    num_samples = int(req.num_samples or space.num_samples)
+    with cluster.ray_session(req.address, dashboard=req.dashboard):
+        gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
+        created = not folder.exists()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not req.extend:
+                shutil.copyfile(req.space_path, folder / SPACE_FILE)
+            run_dir = f"{RAY_DIR}/run-{len(state.runs) + 1}"
+            state.runs.append({"dir": run_dir, "num_samples": num_samples, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished": False})
+            state.write(folder)
+        except OSError as e:
+            if created:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise AslTuneError(f"--results: cannot write to {folder}: {e.strerror or e}") from None
+        print(f"sweep {name!r}: {num_samples} trials of {space.source} on {data_dir}; results in {folder}", file=sys.stderr)
+        tuner = _new_tuner(space, folder, run_dir, num_samples, datasets, externals, state, gpus, first_run=len(state.runs) == 1)
+        return _fit(tuner, folder, state, name)
+
+
+def resume_sweep(name: str, results: Path = Path("results"), address: str | None = None) -> Path:
+    """`asl-tune resume`: finish a sweep whose driver died; finished trials are kept, interrupted ones continue."""
+    folder = Path(results) / name
+    if not (folder / SWEEP_FILE).exists():
+        raise AslTuneError(f"NAME: no sweep named {name!r} in {results} (no {folder / SWEEP_FILE})")
+    state = SweepState.read(folder)
+    if not state.runs or state.runs[-1]["finished"]:
+        raise AslTuneError(f"NAME: sweep {name!r} has nothing to resume: every run finished; add trials with `asl-tune sweep --name {name} --extend --num-samples K`")
+    space = load_space(folder / SPACE_FILE)
+    address = address or state.address
+    if address:
+        cluster.parse_address(address)
+    data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, _image_sizes(space))
+    run = state.runs[-1]
+    from ray import tune
+
+    with cluster.ray_session(address):
+        gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
+        run_path = (folder / run["dir"]).resolve()
+        trainable = _trainable(space, datasets, externals, state.cpus_per_trial, gpus)
+        if not tune.Tuner.can_restore(str(run_path)):
+            # The driver died before Tune saved any state: nothing ran, so start this run afresh.
+            shutil.rmtree(run_path, ignore_errors=True)
+            tuner = _new_tuner(space, folder, run["dir"], run["num_samples"], datasets, externals, state, gpus, first_run=len(state.runs) == 1)
+        else:
+            tuner = tune.Tuner.restore(str(run_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        print(f"resuming sweep {name!r} from {run_path}", file=sys.stderr)
+        return _fit(tuner, folder, state, name)
+
+
+def _check_resources(cpus_per_trial: float, gpus_per_trial: float | None) -> float:
+    """Refuse a trial that could never be placed; return the GPUs per trial to use."""
+    total = cluster.resources()
+    if cpus_per_trial > total["cpu"]:
+        raise AslTuneError(f"--cpus-per-trial: the cluster has {total['cpu']:g} CPUs, got {cpus_per_trial:g}")
+    if gpus_per_trial is None:
+        return 1.0 if total["gpu"] >= 1 else 0.0
+    if gpus_per_trial > total["gpu"]:
+        raise AslTuneError(f"--gpus-per-trial: the cluster has {total['gpu']:g} GPUs, got {gpus_per_trial:g}")
+    return gpus_per_trial
+
+
+def _trainable(space: SearchSpace, datasets: dict, externals: dict, cpus: float, gpus: float):
+    """The trial function with the decoded arrays put into Ray's object store once, and its resources."""
+    from ray import tune
+
+    from asl_tune.trial import run_trial
+
+    # with_parameters: one ray.put per sweep; trials on a node map the same read-only memory.
+    fn = tune.with_parameters(run_trial, space=space, datasets=datasets, externals=externals or None)
+    return tune.with_resources(fn, {"cpu": cpus, "gpu": gpus})
+
+
+def _searcher(space: SearchSpace, folder: Path, name: str, seed: int, max_concurrent: int | None, first_run: bool):
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    metrics = [m for m, _ in space.objectives]
+    modes = [m for _, m in space.objectives]
+    multi = len(metrics) > 1
+    sampler = optuna.samplers.RandomSampler(seed=seed) if space.sampler == "random" else optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    searcher = OptunaSearch(
+        space={k: p.to_optuna() for k, p in space.params.items()},
+        metric=metrics if multi else metrics[0],
+        mode=modes if multi else modes[0],
+        points_to_evaluate=[dict(p) for p in space.points] if first_run and space.points else None,
+        sampler=sampler,
+        study_name=name,
+        storage=optuna.storages.RDBStorage(f"sqlite:///{(folder / STUDY_FILE).resolve()}"),
+    )
+    return ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
+
+
+def _scheduler(space: SearchSpace, n_train: int):
+    """ASHA on training images seen, so a trial on 30% of the data is judged after as many images, not epochs."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    max_t = space.max_epochs() * space.max_fraction() * n_train
+    grace = min(space.grace_epochs * n_train, max_t)
+    if not space.early_stopping or grace >= max_t:
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="images_seen",
+        metric=space.metric,
+        mode=space.mode,
+        max_t=max_t,
+        grace_period=grace,
+        reduction_factor=space.reduction_factor,
+        stop_last_trials=False,  # a trial at max_t finishes its own last epoch and final evaluation
+    )
+
+
+def _new_tuner(space, folder: Path, run_dir: str, num_samples: int, datasets, externals, state: SweepState, gpus: float, first_run: bool):
+    from ray import tune
+
+    from asl_tune.record import ParquetRecorder
+
+    any_ds = next(iter(datasets.values()))
+    n_train = len(make_splits(any_ds.labels, any_ds.frames, space.fixed.get("split", "blocked"), state.seed).train)
+    ray_root = (folder / RAY_DIR).resolve()
+    return tune.Tuner(
+        _trainable(space, datasets, externals, state.cpus_per_trial, gpus),
+        tune_config=tune.TuneConfig(
+            search_alg=_searcher(space, folder, state.name, state.seed, state.max_concurrent, first_run),
+            scheduler=_scheduler(space, n_train),
+            num_samples=num_samples,
+        ),
+        run_config=tune.RunConfig(
+            name=Path(run_dir).name,
+            storage_path=str(ray_root),
+            callbacks=[ParquetRecorder(folder, space, num_samples)],
+            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=1,
+        ),
+    )
+
+
+def _fit(tuner, folder: Path, state: SweepState, name: str) -> Path:
+    """Run the tuner; mark the run finished when every trial ended; say where the results are."""
+    # Results are read from our Parquet, not Ray's per-trial JSON (switched off), so keep Ray from asking for it.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    grid = tuner.fit()
+    ended = grid.num_terminated + grid.num_errors
+    wanted = state.runs[-1]["num_samples"]
+    trials = read_trials(folder)
+    counts = trials["status"].value_counts().to_dict() if len(trials) else {}
+    if ended < wanted or counts.get("running", 0):
+        raise AslTuneError(f"sweep {name!r} was interrupted; run `asl-tune resume {name}` to finish it")
+    state.runs[-1]["finished"] = True
+    state.write(folder)
+    summary = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in sorted(counts.items()))
+    best = trials[trials["status"].isin(FINISHED)].sort_values("val_accuracy", ascending=False).head(1)
+    print(f"sweep {name!r} done: {len(trials)} trials ({summary})", file=sys.stderr)
+    if len(best):
+        print(f"best val_accuracy {best['val_accuracy'].iloc[0]:.4f} (trial {best['trial_id'].iloc[0]})", file=sys.stderr)
+    print(f"results: {folder}/trials.parquet, epochs.parquet, confusion.parquet; next: asl-tune analyze {name}", file=sys.stderr)
+    return folder

@@ -1,0 +1,87 @@
+"""One sweep trial inside a Ray worker: the shared trainer, fed from the object store, reporting to Tune.
+
+This is the only place the trainer meets Ray. Each epoch's metrics go to `tune.report` with the
+epoch's checkpoint; a trial Ray restarts (a retry after a crash, or `asl-tune resume`) picks up
+from the last checkpoint Ray kept.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+from asl_tune.data import DecodedDataset
+from asl_tune.space import SearchSpace
+
+# Fault drills (tests, chaos runs): "raise@<epoch>" makes every trial raise once it has reported that epoch;
+# "raise@<epoch>:<setting>=<value>" only the trials with that setting, e.g. "raise@1:head_width=16".
+FAULT_ENV = "ASL_TUNE_FAULT"
+
+
+def searcher_value(value, mode: str) -> float:
+    """A metric as the searcher and scheduler may see it: a diverged trial's NaN becomes the worst value.
+
+    (Optuna leaves a trial whose objective is NaN running forever; -inf for max, +inf for min, ranks it last.)
+    """
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return value
+    return -math.inf if mode == "max" else math.inf
+
+
+def run_trial(config: dict, space: SearchSpace, datasets: dict[int, DecodedDataset], externals: dict[int, DecodedDataset] | None = None) -> None:
+    """Ray Tune's function trainable: train space.config(config) on the shared decoded arrays."""
+    import ray
+    from ray import tune
+
+    from asl_tune.train import CHECKPOINT, train_trial
+
+    trial_config = space.config(config)
+    dataset = datasets[trial_config.image_size]
+    external = (externals or {}).get(trial_config.image_size)
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    where = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": platform.node()}
+    fail_at = _fault_epoch(trial_config)
+
+    work = Path(tempfile.mkdtemp(prefix="asl-tune-trial-"))
+    try:
+        restored = None
+        if (checkpoint := tune.get_checkpoint()) is not None:
+            restored = work / "restored"
+            checkpoint.to_directory(str(restored))
+
+        def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+            out = {**metrics, **where}
+            for metric, mode in {(space.metric, space.mode), *space.objectives}:
+                out[metric] = searcher_value(out.get(metric), mode)
+            snapshot = None
+            if checkpoint_dir is not None:
+                # Hand Tune only the newest checkpoint; it copies the folder into the trial's storage.
+                snapshot = work / f"report-{metrics['epoch']}"
+                snapshot.mkdir()
+                os.link(checkpoint_dir / CHECKPOINT, snapshot / CHECKPOINT)
+            tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(snapshot)) if snapshot else None)
+            if snapshot is not None:
+                shutil.rmtree(snapshot, ignore_errors=True)
+            if fail_at is not None and metrics["epoch"] >= fail_at:
+                raise RuntimeError(f"fault drill: {FAULT_ENV} asked this trial to fail after epoch {metrics['epoch']}")
+
+        train_trial(trial_config, dataset, external, report=report, checkpoint_dir=work / "current", resume_from=restored, threads=max(1, int(cpus)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _fault_epoch(trial_config) -> int | None:
+    """The epoch after which a fault drill makes this trial raise, or None (the normal case)."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec.startswith("raise@"):
+        return None
+    epoch, _, where = spec[len("raise@"):].partition(":")
+    if where:
+        key, _, value = where.partition("=")
+        if str(getattr(trial_config, key, None)) != value:
+            return None
+    return int(epoch)

@@ -1,0 +1,140 @@
+"""Real Ray Tune sweeps on tiny real JPEG data: end to end, faults inside trials, extend, two nodes, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from asl_tune.cli import main
+from asl_tune.sweep import SweepRequest, run_sweep
+from asl_tune.trial import FAULT_ENV
+from conftest import make_dataset
+from sweeps import assert_consistent, kill_group, read, run_to_end, start_cli, wait_for, write_space
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """5 classes x 30 frames of 32 px JPEGs: big enough to split and learn, small enough for seconds per epoch."""
+    return make_dataset(tmp_path_factory.mktemp("data"), per_class=30, size=32)
+
+
+@pytest.fixture(scope="module")
+def faulty_sweep(tmp_path_factory, data):
+    """One sweep with a healthy, a diverging and a crashing trial (fixed points), then extended by one trial."""
+    work = tmp_path_factory.mktemp("sweep")
+    space = write_space(
+        work / "faults.yaml", 3,
+        params={"lr": {"type": "float", "low": 0.001, "high": 1000.0, "log": True}, "head_width": {"type": "categorical", "choices": [16, 24, 32]}},
+        fixed={"epochs": 2}, early_stopping=False,
+        points=[{"lr": 0.02, "head_width": 32}, {"lr": 1000.0, "head_width": 32}, {"lr": 0.02, "head_width": 24}],
+    )
+    mp = pytest.MonkeyPatch()
+    mp.setenv(FAULT_ENV, "raise@1:head_width=24")  # the third point's trial raises after its first epoch
+    rc = main(["sweep", "--space", str(space), "--data", str(data), "--results", str(work / "results"), "--seed", "1"])
+    mp.undo()
+    assert rc == 0
+    folder = work / "results" / "faults"
+    before = {name: read(folder, name) for name in ("trials", "epochs", "confusion")}
+    rc_extend = main(["sweep", "--name", "faults", "--extend", "--num-samples", "1", "--data", str(data), "--results", str(work / "results")])
+    return folder, before, rc_extend
+
+
+def test_sweep_records_completed_diverged_and_errored_trials_and_goes_on(faulty_sweep):
+    folder, before, _ = faulty_sweep
+    trials = before["trials"]
+    assert len(trials) == 3
+    healthy = trials[(trials.params_lr.round(3) == 0.02) & (trials.params_head_width == 32)].iloc[0]
+    diverging = trials[trials.params_lr > 100].iloc[0]
+    errored = trials[trials.params_head_width == 24].iloc[0]
+    assert healthy.status == "completed" and 0 <= healthy.test_accuracy <= 1 and healthy.epochs_completed == 2
+    assert diverging.status == "diverged"
+    assert errored.status == "errored" and "fault drill" in errored.error
+    assert healthy.node_id and healthy.hostname and healthy.device == "cpu"
+    for col in ("pair_U_as_R", "pair_R_as_U", "pair_K_as_V", "pair_V_as_K"):
+        assert col not in trials.columns or trials[col].isna().all()  # the tiny data has no U, R, K or V
+    # Every setting is recorded, searched or fixed.
+    assert {"params_lr", "params_head_width", "params_epochs", "params_image_size", "params_momentum", "params_split"} <= set(trials.columns)
+    assert (trials["params_epochs"] == 2).all() and (trials["params_image_size"] == 32).all()
+    epochs = before["epochs"]
+    assert list(epochs[epochs.trial_id == healthy.trial_id]["epoch"]) == [1, 2]
+    confusion = before["confusion"]
+    assert confusion[confusion.trial_id == healthy.trial_id]["count"].sum() == 15  # 5 classes x 3 test frames
+    state = json.loads((folder / "sweep.json").read_text())
+    assert [r["finished"] for r in state["runs"]] == [True, True]
+
+
+def test_extend_adds_trials_that_the_same_study_learns_from(faulty_sweep):
+    folder, before, rc = faulty_sweep
+    assert rc == 0
+    trials = read(folder, "trials")
+    assert len(trials) == 4 and set(before["trials"]["trial_id"]) < set(trials["trial_id"])
+    with sqlite3.connect(folder / "study.db") as db:
+        (n,) = db.execute("select count(*) from trials").fetchone()
+        states = {s for (s,) in db.execute("select state from trials")}
+    assert n == 4 and "RUNNING" not in states
+    assert_consistent(folder, 4)
+
+
+def test_an_existing_name_is_refused_without_extend(faulty_sweep, capsys):
+    folder, _, _ = faulty_sweep
+    rc = main(["sweep", "--space", str(folder / "space.yaml"), "--name", "faults", "--results", str(folder.parent)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "already exists" in err[0] and "--extend" in err[0] and "asl-tune resume faults" in err[0]
+    assert len(read(folder, "trials")) == 4
+
+
+def test_resume_of_a_finished_sweep_says_there_is_nothing_to_do(faulty_sweep, capsys):
+    folder, _, _ = faulty_sweep
+    assert main(["resume", "faults", "--results", str(folder.parent)]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path, data):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    try:
+        ray.init(address=cluster.address)
+        space = write_space(tmp_path / "two.yaml", 4, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 2}, early_stopping=False)
+        folder = run_sweep(SweepRequest(space_path=space, data=data, results=tmp_path / "results", address=cluster.address))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    trials, _ = assert_consistent(folder, 4)
+    assert trials["node_id"].nunique() == 2, trials[["trial_id", "node_id"]]
+
+
+def test_resume_after_sigkill_of_the_driver_continues_interrupted_trials(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=100, size=32)  # about a second per epoch
+    space = write_space(tmp_path / "killed.yaml", 3, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 6}, early_stopping=False)
+    args = ["--results", str(tmp_path / "results")]
+    folder = tmp_path / "results" / "killed"
+    driver = start_cli(["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "1", *args], cwd=tmp_path)
+    # Kill mid-way through the first trial: two epochs recorded, and time for Tune to save that state.
+    wait_for(lambda: (read(folder, "epochs")["epoch"] >= 2).any(), 240, driver, "the first trial's second epoch")
+    time.sleep(1.5)
+    kill_group(driver)
+    trials_then, seen = read(folder, "trials"), read(folder, "epochs")
+    running = set(trials_then.loc[trials_then.status == "running", "trial_id"])
+    assert running, "the kill came too late: no trial was mid-way"
+    interrupted = seen[seen.trial_id.isin(running)].groupby("trial_id")["epoch"].max().idxmax()
+    kept = seen[seen.trial_id == interrupted].set_index("epoch")
+
+    out = run_to_end(start_cli(["resume", "killed", *args], cwd=tmp_path), 400)
+    assert "resuming sweep 'killed'" in out
+    trials, epochs = assert_consistent(folder, 3)
+    assert set(trials["status"]) == {"completed"}
+    mine = epochs[epochs.trial_id == interrupted].set_index("epoch")
+    assert list(mine.index) == [1, 2, 3, 4, 5, 6]
+    # The interrupted trial went on from its checkpoint: epochs finished before the kill were not trained
+    # again (a re-run would record the same loss, as training is deterministic, but a new duration).
+    for epoch in kept.index[:-1]:
+        assert mine.loc[epoch, "seconds"] == kept.loc[epoch, "seconds"], epoch
+    assert (mine.loc[kept.index, "train_loss"] == kept["train_loss"]).all()
