@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to run on (default: the one the sweep used, else a local instance)")
     p.set_defaults(func=cmd_resume)
 
+    p = sub.add_parser("analyze", help="summaries, Pareto fronts and plots from sweeps' Parquet results", description="Read sweeps' Parquet results (finished, running or copied back from a cluster) and write RESULTS/NAME/report/: report.md, pareto_front.parquet, and the Pareto, learning-curve, confusion, pair and importance plots. Several names also write a comparison report with their fronts overlaid.")
+    p.add_argument("names", nargs="+", metavar="NAME", help="sweep name(s), folders under --results")
+    p.add_argument("--results", type=Path, default=Path("results"), help="where sweep folders are (default results/)")
+    p.add_argument("--objectives", help="comma-separated metric:max|min pairs for the front (default val_accuracy:max,infer_img_per_s:max)")
+    p.set_defaults(func=cmd_analyze)
+
     data = sub.add_parser("data", help="inspect or generate datasets").add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     p = data.add_parser("check", help="decode a dataset (through the cache) and report classes, counts, splits and skipped files")
     p.add_argument("folder", type=Path, help="dataset folder (Kaggle layout or folder per class)")
@@ -163,6 +169,15 @@ def cmd_resume(args: argparse.Namespace) -> None:
     from asl_tune.sweep import resume_sweep
 
     resume_sweep(args.name, args.results, args.address)
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    """asl-tune analyze: reports from Parquet results."""
+    from asl_tune.analysis import analyze, parse_objectives
+
+    objectives = parse_objectives(args.objectives) if args.objectives else None
+    _, text = analyze(args.names, args.results, objectives)
+    print(text)
 
 
 def cmd_data_check(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ Every write goes to a temporary file beside the target and is renamed over it, s
 from __future__ import annotations
 
 import errno
+import io
 import os
 from pathlib import Path
 
@@ -73,9 +74,22 @@ def write_atomic(df: pd.DataFrame, path: Path) -> None:
         raise AslTuneError(f"results: cannot write {path}: {why}; the previous file is left intact") from e
 
 
+def read_snapshot(path: Path) -> pd.DataFrame:
+    """One Parquet file as it was at one instant, even while a writer replaces it.
+
+    Parquet readers open a file more than once (footer, then pages); were it replaced in between,
+    they would mix two versions. One open() pins one version, so read it whole, then parse.
+    """
+    with open(path, "rb") as f:
+        return pd.read_parquet(io.BytesIO(f.read()))
+
+
 def _read(folder: Path, name: str, columns: list[str]) -> pd.DataFrame:
     path = Path(folder) / name
-    return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=columns)
+    try:
+        return read_snapshot(path)
+    except FileNotFoundError:
+        return pd.DataFrame(columns=columns)
 
 
 def read_trials(folder: Path) -> pd.DataFrame:

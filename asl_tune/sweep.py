@@ -13,6 +13,7 @@ Everything a user can get wrong is checked before the folder is created.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -20,8 +21,10 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from asl_tune import cluster
 from asl_tune.data import DecodedDataset, load_dataset, load_external, make_splits
@@ -35,6 +38,7 @@ SWEEP_FILE = "sweep.json"
 SPACE_FILE = "space.yaml"
 STUDY_FILE = "study.db"
 RAY_DIR = "ray"
+LOCK_FILE = ".lock"
 MAX_FAILURES = 2  # an errored trial is retried from its last checkpoint this many times
 
 
@@ -105,7 +109,7 @@ def check_request(req: SweepRequest) -> tuple[SearchSpace, str, Path]:
     if req.seed < 0:
         raise AslTuneError(f"--seed: must be >= 0, got {req.seed}")
     if req.address:
-        cluster.parse_address(req.address)
+        cluster.check_reachable(req.address)  # before any decoding: a dead address fails in seconds
     if "://" in str(req.results):
         raise AslTuneError(f"--results: must be a local or shared-filesystem folder (the Optuna study is SQLite), got {req.results}")
     folder_space = Path(req.results) / (req.name or "") / SPACE_FILE
@@ -128,6 +132,8 @@ def check_request(req: SweepRequest) -> tuple[SearchSpace, str, Path]:
     if req.extend:
         state = SweepState.read(folder)
         if state.runs and not state.runs[-1]["finished"]:
+            with _exclusive(folder, name):  # refused here when another driver is running it now
+                pass
             raise AslTuneError(f"--extend: the last run of {name!r} did not finish; run `asl-tune resume {name}` first")
     _check_writable(Path(req.results))
     _image_sizes(space)  # refuses a searched image_size that is not categorical
@@ -174,23 +180,47 @@ def run_sweep(req: SweepRequest) -> Path:
         data_dir, datasets, externals = _load_data(req.data, req.external, sizes)
         state = SweepState(name, str(data_dir), str(Path(req.external).resolve()) if req.external else None, req.cpus_per_trial, req.gpus_per_trial, req.max_concurrent, req.seed, req.address)
     num_samples = int(req.num_samples or space.num_samples)
-    with cluster.ray_session(req.address, dashboard=req.dashboard):
-        gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
-        created = not folder.exists()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AslTuneError(f"--results: cannot write to {folder}: {e.strerror or e}") from None
+    try:
+        with _exclusive(folder, name), cluster.ray_session(req.address, dashboard=req.dashboard):
+            if not req.extend and (folder / SWEEP_FILE).exists():  # another process started it meanwhile
+                raise AslTuneError(f"--name: a sweep named {name!r} already exists in {folder}; add --extend to add trials to it")
+            if req.extend:
+                state = SweepState.read(folder)  # as it stands now that we hold the lock
+            gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
             if not req.extend:
                 shutil.copyfile(req.space_path, folder / SPACE_FILE)
             run_dir = f"{RAY_DIR}/run-{len(state.runs) + 1}"
             state.runs.append({"dir": run_dir, "num_samples": num_samples, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished": False})
             state.write(folder)
-        except OSError as e:
-            if created:
-                shutil.rmtree(folder, ignore_errors=True)
-            raise AslTuneError(f"--results: cannot write to {folder}: {e.strerror or e}") from None
-        print(f"sweep {name!r}: {num_samples} trials of {space.source} on {data_dir}; results in {folder}", file=sys.stderr)
-        tuner = _new_tuner(space, folder, run_dir, num_samples, datasets, externals, state, gpus, first_run=len(state.runs) == 1)
-        return _fit(tuner, folder, state, name)
+            print(f"sweep {name!r}: {num_samples} trials of {space.source} on {data_dir}; results in {folder}", file=sys.stderr)
+            tuner = _new_tuner(space, folder, run_dir, num_samples, datasets, externals, state, gpus, first_run=len(state.runs) == 1)
+            return _fit(tuner, folder, state, name)
+    except BaseException:
+        if created and not (folder / SWEEP_FILE).exists():  # refused before it began: leave nothing behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def _exclusive(folder: Path, name: str) -> Iterator[None]:
+    """Hold the sweep's lock while its driver runs: a second driver on the same sweep is refused, not merged.
+
+    The lock is an flock on a file in the folder, so the kernel releases it when the holder dies, even by SIGKILL.
+    """
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AslTuneError(f"--name: sweep {name!r} in {folder} is being run by another asl-tune process right now; wait for it, or stop it first") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def resume_sweep(name: str, results: Path = Path("results"), address: str | None = None) -> Path:
@@ -209,7 +239,10 @@ def resume_sweep(name: str, results: Path = Path("results"), address: str | None
     run = state.runs[-1]
     from ray import tune
 
-    with cluster.ray_session(address):
+    with _exclusive(folder, name), cluster.ray_session(address):
+        state = SweepState.read(folder)  # as it stands now that we hold the lock
+        if state.runs[-1]["finished"]:
+            raise AslTuneError(f"NAME: sweep {name!r} has nothing to resume: another process finished it")
         gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
         run_path = (folder / run["dir"]).resolve()
         trainable = _trainable(space, datasets, externals, state.cpus_per_trial, gpus)
@@ -301,6 +334,7 @@ def _new_tuner(space, folder: Path, run_dir: str, num_samples: int, datasets, ex
             search_alg=_searcher(space, folder, state.name, state.seed, state.max_concurrent, first_run),
             scheduler=_scheduler(space, n_train),
             num_samples=num_samples,
+            reuse_actors=True,  # one worker process runs trial after trial: no spawn, no re-import, data already mapped
         ),
         run_config=tune.RunConfig(
             name=Path(run_dir).name,

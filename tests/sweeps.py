@@ -12,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from asl_tune.results import read_snapshot
+
 TINY_FIXED = {"image_size": 32, "batch_size": 16, "momentum": 0.9}
 
 
@@ -54,8 +56,9 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, wh
 
 
 def read(folder: Path, name: str) -> pd.DataFrame:
+    """One results file as it stands, read as a whole snapshot even while the sweep rewrites it."""
     path = folder / f"{name}.parquet"
-    return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["trial_id", "epoch", "status"])
+    return read_snapshot(path) if path.exists() else pd.DataFrame(columns=["trial_id", "epoch", "status"])
 
 
 def run_to_end(proc: subprocess.Popen, timeout: float) -> str:

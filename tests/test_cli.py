@@ -1,0 +1,139 @@
+"""The command line: one-trial runs, their JSON and Parquet, and bad input refused with one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from asl_tune.cli import main
+from sweeps import write_space
+
+TINY = ["--image-size", "32", "--head-width", "32", "--batch-size", "16", "--epochs", "2", "--threads", "1"]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_train_json_is_the_last_stdout_line(tiny_dataset, capsys):
+    assert main(["train", "--data", str(tiny_dataset), *TINY, "--json"]) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("status", "val_accuracy", "test_accuracy", "train_img_per_s", "infer_img_per_s", "latency_ms_p50", "latency_ms_p95", "n_parameters"):
+        assert key in final, key
+    assert final["status"] == "completed"
+    assert 0 <= final["val_accuracy"] <= 1 and 0 <= final["test_accuracy"] <= 1
+    assert final["n_parameters"] > 0 and final["infer_img_per_s"] > 0
+
+
+def test_train_out_writes_the_sweep_format(tiny_dataset, tmp_path, capsys):
+    assert main(["train", "--data", str(tiny_dataset), *TINY, "--out", str(tmp_path / "one")]) == 0
+    trials = pd.read_parquet(tmp_path / "one" / "trials.parquet")
+    epochs = pd.read_parquet(tmp_path / "one" / "epochs.parquet")
+    confusion = pd.read_parquet(tmp_path / "one" / "confusion.parquet")
+    assert len(trials) == 1 and trials["status"].iloc[0] == "completed"
+    assert trials["params_head_width"].iloc[0] == 32 and trials["params_epochs"].iloc[0] == 2 and trials["params_split"].iloc[0] == "blocked"
+    assert list(epochs["epoch"]) == [1, 2] and (epochs["trial_id"] == trials["trial_id"].iloc[0]).all()
+    assert set(confusion["true_label"]) <= {"A", "B", "C", "del", "nothing"} and confusion["count"].sum() == 10
+    assert "confusions" in capsys.readouterr().out or math.isclose(trials["test_accuracy"].iloc[0], 1.0)
+
+
+@pytest.mark.parametrize("option, value, rule", [
+    ("--lr", "0", "must be > 0"),
+    ("--lr", "nan", "must be > 0"),
+    ("--data-fraction", "1.5", "must be in (0, 1]"),
+    ("--data-fraction", "0", "must be in (0, 1]"),
+    ("--epochs", "0", "must be >= 1"),
+    ("--head-width", "1", "must be >= 2"),
+    ("--image-size", "16", "must be >= 32"),
+    ("--batch-size", "0", "must be >= 1"),
+    ("--momentum", "1", "must be in [0, 1)"),
+    ("--threads", "0", "must be >= 1"),
+])
+def test_train_refuses_out_of_range_options(tiny_dataset, tmp_path, capsys, option, value, rule):
+    assert main(["train", "--data", str(tiny_dataset), option, value, "--out", str(tmp_path / "out")]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"asl-tune: error: {option}: {rule}") and value in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_usage_errors_are_one_line_without_traceback(tmp_path):
+    for args in (["train", "--epochs", "three"], ["train", "--split", "diagonal"], ["sweep", "--bogus"], ["frobnicate"]):
+        proc = subprocess.run([sys.executable, "-m", "asl_tune", *args], capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 2, args
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_dataset_refusals_name_the_folder(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "missing")]) == 2
+    assert "--data" in (line := one_error_line(capsys)) and "missing" in line
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "x.jpg").write_bytes(b"not a jpeg")
+    assert main(["data", "check", str(tmp_path / "flat")]) == 2
+    assert "flat" in one_error_line(capsys)
+
+
+def test_data_check_lists_counts_splits_and_skipped_files(tiny_dataset, capsys):
+    (tiny_dataset / "asl_alphabet_train" / "asl_alphabet_train" / "A" / "A99.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    assert main(["data", "check", str(tiny_dataset), "--image-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "classes: 5, images: 60, skipped: 1" in out
+    assert "split (blocked, seed 0): train 40, val 10, test 10" in out
+    assert "skipped A/A99.jpg" in out
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--num-samples", "0"], "--num-samples: must be > 0, got 0"),
+    (["--cpus-per-trial", "0"], "--cpus-per-trial: must be > 0, got 0"),
+    (["--gpus-per-trial", "-1"], "--gpus-per-trial: must be >= 0, got -1"),
+    (["--max-concurrent", "0"], "--max-concurrent: must be > 0, got 0"),
+    (["--address", "127.0.0.1:notaport"], "--address: must be host:port"),
+    (["--space", "no-such-space"], "--space: no file 'no-such-space'"),
+    (["--extend", "--name", "never-ran"], "--extend: there is no sweep named 'never-ran'"),
+])
+def test_sweep_refuses_bad_options_before_creating_anything(tiny_dataset, tmp_path, capsys, extra, needle):
+    results = tmp_path / "results"
+    assert main(["sweep", "--data", str(tiny_dataset), "--results", str(results), *extra]) == 2
+    assert needle in one_error_line(capsys)
+    assert not results.exists()
+
+
+def test_sweep_refuses_a_bad_space_file_before_creating_anything(tiny_dataset, tmp_path, capsys):
+    space = write_space(tmp_path / "bad.yaml", 2, params={"lr": {"type": "float", "low": 0.1, "high": 0.01}})
+    assert main(["sweep", "--space", str(space), "--data", str(tiny_dataset), "--results", str(tmp_path / "results")]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("asl-tune: error: bad.yaml: params.lr") and "low" in line
+    assert not (tmp_path / "results").exists()
+
+
+def test_sweep_refuses_results_that_cannot_be_written(tiny_dataset, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    assert main(["sweep", "--data", str(tiny_dataset), "--results", str(tmp_path / "a-file" / "results")]) == 2
+    assert "--results: cannot write to" in one_error_line(capsys)
+
+
+def test_an_address_where_no_cluster_answers_fails_fast(tiny_dataset, tmp_path):
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "asl_tune", "sweep", "--data", str(tiny_dataset), "--results", str(tmp_path / "results"), "--address", "127.0.0.1:9"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert "--address: no Ray cluster answers at 127.0.0.1:9" in lines[-1] and "Traceback" not in proc.stderr
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "results").exists()
+
+
+def test_every_command_explains_itself():
+    for args in (["--help"], ["train", "--help"], ["sweep", "--help"], ["resume", "--help"], ["analyze", "--help"], ["data", "check", "--help"], ["data", "synth", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", "asl_tune", *args], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage: asl-tune" in proc.stdout, args

@@ -1,0 +1,184 @@
+"""Faults a long sweep meets: killed workers, a driver killed again and again, concurrent readers and drivers,
+a failing disk, and what must not be exposed or vary."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+
+from asl_tune import cluster
+from asl_tune.results import ResultsStore, read_epochs, read_trials, trial_row
+from conftest import make_dataset
+from sweeps import assert_consistent, kill_group, read, run_to_end, start_cli, wait_for, write_space
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"), per_class=60, size=32)
+
+
+def trial_workers(session: int) -> list[int]:
+    """PIDs of Ray trial workers (process title ray::ImplicitFunc...) in the driver's session."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0]
+            if title.startswith(b"ray::ImplicitFunc") and os.getsid(int(entry.name)) == session:
+                pids.append(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return pids
+
+
+def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, data):
+    space = write_space(tmp_path / "workers.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 5}, early_stopping=False)
+    folder = tmp_path / "results" / "workers"
+    driver = start_cli(["sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results"), "--max-concurrent", "1"], cwd=tmp_path)
+    wait_for(lambda: (read(folder, "epochs")["epoch"] >= 2).any(), 240, driver, "a trial's second epoch")
+    time.sleep(1.0)
+    victims = trial_workers(driver.pid)
+    assert victims, "no trial worker found to kill"
+    seen = read(folder, "epochs")
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    out = run_to_end(driver, 400)
+    trials, epochs = assert_consistent(folder, 2)
+    assert set(trials["status"]) == {"completed"}, out[-3000:]
+    # The killed trial continued: the epochs it finished before the kill were not trained again.
+    killed = seen.groupby("trial_id")["epoch"].max().idxmax()
+    before = seen[seen.trial_id == killed].set_index("epoch")
+    after = epochs[epochs.trial_id == killed].set_index("epoch")
+    assert list(after.index) == [1, 2, 3, 4, 5]
+    for epoch in before.index[:-1]:
+        assert after.loc[epoch, "seconds"] == before.loc[epoch, "seconds"], epoch
+
+
+def test_chaos_three_driver_kills_then_resume(tmp_path, data):
+    """Kill the driver at three random moments; resume each time; the sweep ends whole."""
+    rng = random.Random(20261125)
+    space = write_space(tmp_path / "chaos.yaml", 4, params={"head_width": {"type": "categorical", "choices": [16, 24, 32]}, "lr": {"type": "float", "low": 0.005, "high": 0.05, "log": True}}, fixed={"epochs": 3}, early_stopping=False)
+    results = ["--results", str(tmp_path / "results")]
+    folder = tmp_path / "results" / "chaos"
+    command = ["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "2", *results]
+    kills = 0
+    for _ in range(3):
+        driver = start_cli(command, cwd=tmp_path)
+        time.sleep(rng.uniform(7.0, 14.0))
+        if driver.poll() is not None:  # it finished before the kill: nothing left to interrupt
+            assert driver.returncode == 0, driver.stdout.read()[-3000:]
+            break
+        kill_group(driver)
+        kills += 1
+        command = ["resume", "chaos", *results]
+        assert (folder / "sweep.json").exists()
+    if kills == 3 or driver.returncode != 0:
+        run_to_end(start_cli(command, cwd=tmp_path), 400)
+    assert kills >= 2
+    trials, _ = assert_consistent(folder, 4)
+    assert set(trials["status"]) == {"completed"}
+    with sqlite3.connect(folder / "study.db") as db:
+        complete = db.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+    assert complete == 4
+
+
+def test_a_second_driver_on_a_running_sweep_is_refused(tmp_path, data):
+    space = write_space(tmp_path / "busy.yaml", 1, params={"head_width": {"type": "categorical", "choices": [16]}}, fixed={"epochs": 3}, early_stopping=False)
+    results = ["--results", str(tmp_path / "results")]
+    folder = tmp_path / "results" / "busy"
+    driver = start_cli(["sweep", "--space", str(space), "--data", str(data), *results], cwd=tmp_path)
+    try:
+        wait_for(lambda: (folder / "sweep.json").exists(), 120, driver, "the sweep to start")
+        for args in (["resume", "busy"], ["sweep", "--name", "busy", "--extend", "--num-samples", "1"], ["sweep", "--space", str(space)]):
+            proc = subprocess.run([sys.executable, "-m", "asl_tune", *args, *results], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+            assert proc.returncode == 2, proc.stderr
+            assert ("being run by another asl-tune process" in proc.stderr) or ("already exists" in proc.stderr), proc.stderr
+        run_to_end(driver, 300)
+    finally:
+        if driver.poll() is None:
+            kill_group(driver)
+    assert_consistent(folder, 1)
+
+
+def test_readers_see_whole_files_while_a_writer_rewrites_them(tmp_path):
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        from asl_tune.results import ResultsStore, trial_row
+        store = ResultsStore({str(tmp_path)!r})
+        for i in range(300):
+            store.put_trial(trial_row(f"t{{i:04d}}", "completed", {{"lr": 0.01}}, {{"val_accuracy": 0.5}}))
+            store.put_epoch(f"t{{i:04d}}", {{"epoch": 1, "val_accuracy": 0.5, "images_seen": 10}})
+            store.flush()
+    """)])
+    counts = []
+    while writer.poll() is None or len(counts) < 5:
+        trials, epochs = read_trials(tmp_path), read_epochs(tmp_path)  # raises on a torn file
+        counts.append(len(trials))
+        assert trials["trial_id"].is_unique and not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert writer.returncode == 0
+    assert counts == sorted(counts) and counts[-1] == 300  # each read is a whole snapshot, never older than the last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epochs.parquet", "trials.parquet"]  # no temporaries left
+
+
+def test_a_write_that_fails_midway_keeps_the_previous_file(tmp_path):
+    """A real failing write (a file-size limit makes the kernel refuse it), not a simulated one."""
+    store = ResultsStore(tmp_path)
+    store.put_trial(trial_row("kept", "completed", {"lr": 0.01}, {"val_accuracy": 0.9}))
+    store.flush()
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        from asl_tune.errors import AslTuneError
+        from asl_tune.results import ResultsStore, trial_row
+        store = ResultsStore({str(tmp_path)!r})
+        for i in range(2000):
+            store.put_trial(trial_row(f"new{{i}}", "completed", {{"lr": 0.01, "note": "x" * 200}}, {{"val_accuracy": 0.5}}))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get an error from write(), as a full disk gives
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            store.flush()
+        except AslTuneError as e:
+            print(e)
+            sys.exit(2)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot write" in proc.stdout and "the previous file is left intact" in proc.stdout
+    assert list(pd.read_parquet(tmp_path / "trials.parquet")["trial_id"]) == ["kept"]
+    assert [p.name for p in tmp_path.iterdir()] == ["trials.parquet"]
+
+
+def test_a_local_ray_listens_on_loopback_without_a_dashboard():
+    with cluster.ray_session(num_cpus=1):
+        nodes = ray.nodes()
+        assert nodes and all(n["NodeManagerAddress"] == "127.0.0.1" for n in nodes)
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+        node = ray._private.worker.global_worker.node
+        assert not node.address_info.get("webui_url")
+    assert not ray.is_initialized()
+
+
+def test_same_seed_gives_the_same_configurations_and_metrics(tmp_path, data):
+    space = write_space(tmp_path / "again.yaml", 3, params={"head_width": {"type": "categorical", "choices": [16, 24, 32]}, "lr": {"type": "float", "low": 0.005, "high": 0.05, "log": True}}, fixed={"epochs": 2}, early_stopping=False)
+    runs = []
+    for name in ("first", "second"):
+        run_to_end(start_cli(["sweep", "--space", str(space), "--name", name, "--data", str(data), "--results", str(tmp_path), "--max-concurrent", "1", "--seed", "7"], cwd=tmp_path), 300)
+        with sqlite3.connect(tmp_path / name / "study.db") as db:
+            params = db.execute("select t.number, p.param_name, p.param_value from trials t join trial_params p using (trial_id) order by t.number, p.param_name").fetchall()
+        trials = read_trials(tmp_path / name)
+        metrics = trials.sort_values(["params_head_width", "params_lr"])[["params_head_width", "params_lr", "val_accuracy", "test_accuracy"]].reset_index(drop=True)
+        runs.append((params, metrics))
+    assert runs[0][0] == runs[1][0] and len(runs[0][0]) == 6  # 3 trials x 2 searched settings, in the same order
+    pd.testing.assert_frame_equal(runs[0][1], runs[1][1])
