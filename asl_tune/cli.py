@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float, default=1.0, help="CPUs per trial; torch uses this many threads (default 1)")
     p.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float, help="GPUs per trial, fractions allowed: 0.25 packs four trials on a GPU (default 1 when the cluster has GPUs, else 0)")
     p.add_argument("--address", help="join a running Ray cluster at host:port (or auto) instead of starting one on 127.0.0.1")
+    p.add_argument("--storage", help="where trials keep checkpoints, as a URI Ray supports (s3://bucket/path, gs://...); needed on a cluster whose nodes share no filesystem with --results (default: inside the sweep folder)")
     p.add_argument("--seed", type=int, default=0, help="seeds the searcher and every trial (default 0)")
     p.add_argument("--extend", action="store_true", help="add --num-samples trials to the existing sweep NAME; the searcher learns from all earlier trials")
     p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard on 127.0.0.1 (off by default; it has no authentication)")
@@ -159,7 +160,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     request = SweepRequest(
         space_path=resolve(args.space), data=args.data, external=args.external, name=args.name, results=args.results,
         num_samples=args.num_samples, max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial, address=args.address, seed=args.seed, extend=args.extend, dashboard=args.dashboard,
+        gpus_per_trial=args.gpus_per_trial, address=args.address, storage=args.storage, seed=args.seed, extend=args.extend, dashboard=args.dashboard,
     )
     run_sweep(request)
 

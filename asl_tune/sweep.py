@@ -56,6 +56,7 @@ class SweepRequest:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float | None = None  # default: 1 when the cluster has GPUs, else 0
     address: str | None = None
+    storage: str | None = None  # Ray checkpoint storage URI (s3://, gs://) for clusters without a shared filesystem
     seed: int = 0
     extend: bool = False
     dashboard: bool = False
@@ -74,6 +75,15 @@ class SweepState:
     seed: int
     address: str | None
     runs: list[dict] = field(default_factory=list)  # {"dir", "num_samples", "started", "finished"}
+    storage: str | None = None  # where Ray keeps checkpoints (a URI such as s3://...), else the sweep folder
+
+    def ray_root(self, folder: Path) -> str:
+        """The folder or URI that holds this sweep's Ray runs."""
+        return f"{self.storage.rstrip('/')}/{self.name}" if self.storage else str((folder / RAY_DIR).resolve())
+
+    def run_path(self, folder: Path, run: dict) -> str:
+        """Where Ray keeps one run's experiment state and checkpoints."""
+        return f"{self.ray_root(folder)}/{Path(run['dir']).name}"
 
     @classmethod
     def read(cls, folder: Path) -> "SweepState":
@@ -111,7 +121,9 @@ def check_request(req: SweepRequest) -> tuple[SearchSpace, str, Path]:
     if req.address:
         cluster.check_reachable(req.address)  # before any decoding: a dead address fails in seconds
     if "://" in str(req.results):
-        raise AslTuneError(f"--results: must be a local or shared-filesystem folder (the Optuna study is SQLite), got {req.results}")
+        raise AslTuneError(f"--results: must be a folder on the driver's machine (it holds the Parquet results and the SQLite study); put checkpoints in the cloud with --storage, got {req.results}")
+    if req.storage is not None and "://" not in req.storage:
+        raise AslTuneError(f"--storage: must be a URI Ray's storage supports, such as s3://bucket/path or gs://bucket/path, got {req.storage!r}")
     folder_space = Path(req.results) / (req.name or "") / SPACE_FILE
     if req.extend and req.name and folder_space.is_file():
         space = load_space(folder_space)  # extending keeps the sweep's own space
@@ -178,7 +190,7 @@ def run_sweep(req: SweepRequest) -> Path:
         data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, sizes)
     else:
         data_dir, datasets, externals = _load_data(req.data, req.external, sizes)
-        state = SweepState(name, str(data_dir), str(Path(req.external).resolve()) if req.external else None, req.cpus_per_trial, req.gpus_per_trial, req.max_concurrent, req.seed, req.address)
+        state = SweepState(name, str(data_dir), str(Path(req.external).resolve()) if req.external else None, req.cpus_per_trial, req.gpus_per_trial, req.max_concurrent, req.seed, req.address, storage=req.storage)
     num_samples = int(req.num_samples or space.num_samples)
     created = not folder.exists()
     try:
@@ -244,14 +256,15 @@ def resume_sweep(name: str, results: Path = Path("results"), address: str | None
         if state.runs[-1]["finished"]:
             raise AslTuneError(f"NAME: sweep {name!r} has nothing to resume: another process finished it")
         gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
-        run_path = (folder / run["dir"]).resolve()
+        run_path = state.run_path(folder, run)
         trainable = _trainable(space, datasets, externals, state.cpus_per_trial, gpus)
-        if not tune.Tuner.can_restore(str(run_path)):
+        if not tune.Tuner.can_restore(run_path):
             # The driver died before Tune saved any state: nothing ran, so start this run afresh.
-            shutil.rmtree(run_path, ignore_errors=True)
+            if not state.storage:
+                shutil.rmtree(run_path, ignore_errors=True)
             tuner = _new_tuner(space, folder, run["dir"], run["num_samples"], datasets, externals, state, gpus, first_run=len(state.runs) == 1)
         else:
-            tuner = tune.Tuner.restore(str(run_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(run_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         print(f"resuming sweep {name!r} from {run_path}", file=sys.stderr)
         return _fit(tuner, folder, state, name)
 
@@ -327,7 +340,6 @@ def _new_tuner(space, folder: Path, run_dir: str, num_samples: int, datasets, ex
 
     any_ds = next(iter(datasets.values()))
     n_train = len(make_splits(any_ds.labels, any_ds.frames, space.fixed.get("split", "blocked"), state.seed).train)
-    ray_root = (folder / RAY_DIR).resolve()
     return tune.Tuner(
         _trainable(space, datasets, externals, state.cpus_per_trial, gpus),
         tune_config=tune.TuneConfig(
@@ -338,7 +350,7 @@ def _new_tuner(space, folder: Path, run_dir: str, num_samples: int, datasets, ex
         ),
         run_config=tune.RunConfig(
             name=Path(run_dir).name,
-            storage_path=str(ray_root),
+            storage_path=state.ray_root(folder),
             callbacks=[ParquetRecorder(folder, space, num_samples)],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from asl_tune.alphabet import ASL_CLASSES
+from asl_tune.data import cache_root
 from asl_tune.errors import AslTuneError
 
 # Bump when the renderer's output changes, so a cached default dataset is never silently stale.
@@ -442,13 +443,13 @@ def _run_tasks(tasks: list[tuple], progress: bool) -> None:
 
 
 def _render_atomically(out_dir: Path, per_class: int, seed: int, image_px: int, progress: bool,
-                       reuse_existing: bool) -> Path:
+                       reuse_existing: bool, classes: tuple[str, ...] = ASL_CLASSES) -> Path:
     out_dir = Path(out_dir)
     # A hidden sibling on the same filesystem, so the final rename is atomic.
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tasks = []
-        for class_name in ASL_CLASSES:
+        for class_name in classes:
             class_dir = tmp / TRAIN_SUBDIR / class_name
             class_dir.mkdir(parents=True)
             tasks += [(class_name, n, per_class, seed, image_px, str(class_dir / f"{class_name}{n}.jpg"))
@@ -456,7 +457,7 @@ def _render_atomically(out_dir: Path, per_class: int, seed: int, image_px: int, 
         (tmp / TEST_SUBDIR).mkdir(parents=True)
         # The real test images are extra frames of the same videos; here, the frame just after the last.
         tasks += [(c, per_class + 1, per_class, seed, image_px, str(tmp / TEST_SUBDIR / f"{c}_test.jpg"))
-                  for c in TEST_CLASSES]
+                  for c in TEST_CLASSES if c in classes]
         _run_tasks(tasks, progress)
         try:
             os.replace(tmp, out_dir)  # succeeds onto a missing or empty folder
@@ -471,21 +472,31 @@ def _render_atomically(out_dir: Path, per_class: int, seed: int, image_px: int, 
 
 
 def render_dataset(out_dir: Path, per_class: int = DEFAULT_PER_CLASS, seed: int = DEFAULT_SEED,
-                   image_px: int = DEFAULT_IMAGE_PX, progress: bool = True) -> Path:
-    """Render the dataset into out_dir in the Kaggle layout and return out_dir."""
+                   image_px: int = DEFAULT_IMAGE_PX, progress: bool = True,
+                   classes: tuple[str, ...] | list[str] | None = None) -> Path:
+    """Render the dataset into out_dir in the Kaggle layout and return out_dir.
+
+    `classes` renders only those classes (in the alphabet's order; a class's images do not depend on
+    which others are rendered); None renders all 29.
+    """
     _validate(per_class, seed, image_px)
+    if classes is None:
+        chosen = ASL_CLASSES
+    else:
+        unknown = sorted(set(classes) - set(ASL_CLASSES))
+        if unknown or not classes:
+            raise AslTuneError(f"classes: must be a non-empty subset of the 29 ASL classes, got {list(classes)!r}")
+        chosen = tuple(c for c in ASL_CLASSES if c in set(classes))
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise AslTuneError(f"{out_dir}: already exists and is not empty; choose a new folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return _render_atomically(out_dir, per_class, seed, image_px, progress, reuse_existing=False)
+    return _render_atomically(out_dir, per_class, seed, image_px, progress, reuse_existing=False, classes=chosen)
 
 
 def default_dataset_dir(per_class: int = DEFAULT_PER_CLASS, seed: int = DEFAULT_SEED) -> Path:
-    """Where the embedded default dataset lives: under $ASL_TUNE_CACHE, else ~/.cache/asl-tune."""
-    root = os.environ.get("ASL_TUNE_CACHE")
-    cache = Path(root).expanduser() if root else Path.home() / ".cache" / "asl-tune"
-    return cache / f"synth-{SYNTH_VERSION}-pc{per_class}-s{seed}"
+    """Where the embedded default dataset lives: in the tool's cache folder (see `asl_tune.data.cache_root`)."""
+    return cache_root() / f"synth-{SYNTH_VERSION}-pc{per_class}-s{seed}"
 
 
 def ensure_default_dataset(progress: bool = True, per_class: int = DEFAULT_PER_CLASS,

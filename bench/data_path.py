@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loader-workers", type=int, nargs="*", default=[0], help="DataLoader num_workers for the seed's pipeline; the first is the headline figure (default 0, the seed's; e.g. 0 2)")
     p.add_argument("--cache-workers", type=int, default=None, help="decode processes for the cold cache build (default: the library's, min(CPUs, 8))")
     p.add_argument("--skip-cache", action="store_true", help="do not time a cold cache build (use the normal cache)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, the weights and the batch order (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last stdout line")
     return p.parse_args(argv)
 

@@ -15,6 +15,7 @@ overhead_ratio = sweep_wall_s / (trial_compute_s / concurrency). Target: 1.10 or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -83,13 +84,14 @@ def time_sweep(space_path: Path, data: Path, results: Path, args: argparse.Names
     from asl_tune.results import read_trials
     from asl_tune.sweep import SweepRequest, run_sweep
 
-    req = SweepRequest(space_path=space_path, data=data, results=results, num_samples=args.trials,
+    req = SweepRequest(space_path=space_path, data=data, results=results, name=f"{SPACE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}", num_samples=args.trials,
                        max_concurrent=args.concurrency, cpus_per_trial=args.cpus_per_trial, seed=0)
     t0 = time.perf_counter()
     # Start Ray here so its start-up is timed on its own too; run_sweep reuses the running instance.
     with cluster.ray_session():
         ray_start_s = time.perf_counter() - t0
-        folder = run_sweep(req)
+        with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables: keep stdout for the figures
+            folder = run_sweep(req)
         wall = time.perf_counter() - t0
     trials = read_trials(folder)
     return {

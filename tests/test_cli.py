@@ -98,6 +98,8 @@ def test_data_check_lists_counts_splits_and_skipped_files(tiny_dataset, capsys):
     (["--address", "127.0.0.1:notaport"], "--address: must be host:port"),
     (["--space", "no-such-space"], "--space: no file 'no-such-space'"),
     (["--extend", "--name", "never-ran"], "--extend: there is no sweep named 'never-ran'"),
+    (["--storage", "/not/a/uri"], "--storage: must be a URI"),
+    (["--results", "s3://bucket/results"], "--results: must be a folder on the driver's machine"),
 ])
 def test_sweep_refuses_bad_options_before_creating_anything(tiny_dataset, tmp_path, capsys, extra, needle):
     results = tmp_path / "results"

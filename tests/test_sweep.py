@@ -6,8 +6,10 @@ import json
 import sqlite3
 import time
 
+import pandas as pd
 import pytest
 import ray
+from PIL import Image
 from ray.cluster_utils import Cluster
 
 from asl_tune.cli import main
@@ -138,3 +140,19 @@ def test_resume_after_sigkill_of_the_driver_continues_interrupted_trials(tmp_pat
     for epoch in kept.index[:-1]:
         assert mine.loc[epoch, "seconds"] == kept.loc[epoch, "seconds"], epoch
     assert (mine.loc[kept.index, "train_loss"] == kept["train_loss"]).all()
+
+
+def test_analyze_renders_every_plot_from_a_real_sweep(faulty_sweep, capsys):
+    folder, _, _ = faulty_sweep
+    assert main(["analyze", "faults", "--results", str(folder.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "faults:" in out and "most accurate" in out
+    report = folder / "report"
+    for name in ("pareto.png", "learning_curves.png", "confusion_best.png", "pairs.png", "importance.png"):
+        with Image.open(report / name) as img:
+            assert img.size[0] >= 300 and img.size[1] >= 200, name
+    text = (report / "report.md").read_text()
+    assert "pareto.png" in text and "learning_curves.png" in text
+    front = pd.read_parquet(report / "pareto_front.parquet")
+    trials = read(folder, "trials")
+    assert set(front["trial_id"]) <= set(trials.loc[trials.status.isin(["completed", "stopped_early"]), "trial_id"]) and len(front) >= 1

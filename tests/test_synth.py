@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asl_tune import synth
+from asl_tune import data, synth
 from asl_tune.alphabet import ASL_CLASSES
 from asl_tune.errors import AslTuneError
 
@@ -48,6 +48,19 @@ def test_same_seed_gives_identical_files_whatever_the_worker_count(small_dataset
     files = _files(small_dataset)
     assert files == _files(again)
     assert all((small_dataset / f).read_bytes() == (again / f).read_bytes() for f in files)
+
+
+def test_a_class_subset_renders_only_those_classes_and_the_same_pixels(small_dataset, tmp_path):
+    subset = synth.render_dataset(tmp_path / "sub", per_class=PER_CLASS, seed=0, image_px=PX, progress=False,
+                                  classes=["V", "del", "A"])
+    train = subset / "asl_alphabet_train" / "asl_alphabet_train"
+    assert sorted(p.name for p in train.iterdir()) == ["A", "V", "del"]
+    test = subset / "asl_alphabet_test" / "asl_alphabet_test"
+    assert sorted(p.name for p in test.iterdir()) == ["A_test.jpg", "V_test.jpg"]  # no del_test, as in Kaggle's
+    for f in ("A/A1.jpg", "V/V3.jpg", "del/del2.jpg"):
+        assert (train / f).read_bytes() == (small_dataset / "asl_alphabet_train" / "asl_alphabet_train" / f).read_bytes()
+    with pytest.raises(AslTuneError, match="classes: must be a non-empty subset"):
+        synth.render_dataset(tmp_path / "bad", per_class=1, image_px=PX, progress=False, classes=["A", "Å"])
 
 
 def test_different_seed_gives_different_images():
@@ -129,7 +142,14 @@ def test_default_dataset_renders_once_then_is_reused(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
 
 
-def test_default_dataset_dir_falls_back_to_the_home_cache(monkeypatch, tmp_path):
+def test_default_dataset_dir_follows_the_cache_root(monkeypatch, tmp_path):
+    name = f"synth-{synth.SYNTH_VERSION}-pc150-s0"
     monkeypatch.delenv("ASL_TUNE_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert synth.default_dataset_dir() == tmp_path / ".cache" / "asl-tune" / f"synth-{synth.SYNTH_VERSION}-pc150-s0"
+    assert synth.default_dataset_dir() == tmp_path / ".cache" / "asl-tune" / name
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert synth.default_dataset_dir() == tmp_path / "xdg" / "asl-tune" / name
+    monkeypatch.setenv("ASL_TUNE_CACHE", str(tmp_path / "mine"))
+    assert synth.default_dataset_dir() == tmp_path / "mine" / name
+    assert synth.default_dataset_dir().parent == data.cache_root()
