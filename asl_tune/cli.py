@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", default=None, help="search-space YAML file, or the name of one in search_spaces/ (default cpu-quick)")
     _add_data_options(p)
     p.add_argument("--name", help="sweep name, the folder under --results (default: the space's name)")
-    p.add_argument("--results", type=Path, default=Path("results"), help="where sweep folders go (default results/); on a cluster, a filesystem every node shares")
+    p.add_argument("--results", default="results", help="where sweep folders go (default results/); on a cluster, a filesystem every node shares")
     p.add_argument("--num-samples", dest="num_samples", type=int, help="trials to run (default: the space's num_samples); with --extend, trials to add")
     p.add_argument("--max-concurrent", dest="max_concurrent", type=int, help="most trials at once (default: as many as the resources allow)")
     p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float, default=1.0, help="CPUs per trial; torch uses this many threads (default 1)")

@@ -40,6 +40,7 @@ TRIAL_COLUMNS = [
     "epochs_completed",
     "images_seen",
     "train_seconds",
+    "peak_rss_mb",
     "node_id",
     "hostname",
     "device",

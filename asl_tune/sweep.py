@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import sys
 import time
@@ -50,7 +51,7 @@ class SweepRequest:
     data: Path | None = None  # None: the embedded synthetic dataset
     external: Path | None = None
     name: str | None = None  # default: the space's name
-    results: Path = Path("results")
+    results: Path | str = Path("results")  # a str keeps a mistaken URI's "//" for the error message
     num_samples: int | None = None  # default: the space's
     max_concurrent: int | None = None
     cpus_per_trial: float = 1.0
@@ -371,6 +372,7 @@ def _fit(tuner, folder: Path, state: SweepState, name: str) -> Path:
     if ended < wanted or counts.get("running", 0):
         raise AslTuneError(f"sweep {name!r} was interrupted; run `asl-tune resume {name}` to finish it")
     state.runs[-1]["finished"] = True
+    state.runs[-1]["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     state.write(folder)
     summary = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in sorted(counts.items()))
     best = trials[trials["status"].isin(FINISHED)].sort_values("val_accuracy", ascending=False).head(1)

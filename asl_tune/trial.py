@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import resource
 import shutil
 import tempfile
 from pathlib import Path
@@ -54,7 +55,7 @@ def run_trial(config: dict, space: SearchSpace, datasets: dict[int, DecodedDatas
             checkpoint.to_directory(str(restored))
 
         def report(metrics: dict, checkpoint_dir: Path | None) -> None:
-            out = {**metrics, **where}
+            out = {**metrics, **where, "peak_rss_mb": _peak_rss_mb()}
             for metric, mode in {(space.metric, space.mode), *space.objectives}:
                 out[metric] = searcher_value(out.get(metric), mode)
             snapshot = None
@@ -72,6 +73,11 @@ def run_trial(config: dict, space: SearchSpace, datasets: dict[int, DecodedDatas
         train_trial(trial_config, dataset, external, report=report, checkpoint_dir=work / "current", resume_from=restored, threads=max(1, int(cpus)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _peak_rss_mb() -> float:
+    """This worker process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _fault_epoch(trial_config) -> int | None:
