@@ -11,6 +11,7 @@ from pathlib import Path
 
 from asl_tune.config import TrialConfig, check_value
 from asl_tune.errors import AslTuneError
+from asl_tune.synth import DEFAULT_PER_CLASS
 
 # CPU-friendly defaults for a single `train`: the seed's optimiser, at 64 px for a few epochs.
 TRAIN_DEFAULTS = {"image_size": 64, "epochs": 3}
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_check)
     p = data.add_parser("synth", help="render the embedded synthetic fingerspelling dataset in the Kaggle layout")
     p.add_argument("out", type=Path, help="folder to create")
-    p.add_argument("--per-class", dest="per_class", type=int, default=150, help="images per class (default 150)")
+    p.add_argument("--per-class", dest="per_class", type=int, default=DEFAULT_PER_CLASS, help=f"images per class (default {DEFAULT_PER_CLASS}, the embedded default's; the Kaggle set has 3,000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_data_synth)
     return parser

@@ -18,7 +18,7 @@ came within --tolerance-pp of the random search's best full-budget accuracy, div
 total images. accuracy_gap_pp: how far ASHA + TPE's best full-budget accuracy ends below that best (0 when
 it matches or beats it). Targets: asha_compute_fraction <= 0.35, accuracy_gap_pp <= 0.5.
 
-    python bench/search_efficiency.py --record            # once, on a quiet machine (~10-15 min on 2 cores)
+    python bench/search_efficiency.py --record            # once, on a quiet machine (~10-14 min on 2 cores)
     python bench/search_efficiency.py --json              # seconds
     python bench/search_efficiency.py --check-real --json # adds one real ASHA sweep (~5 min)
 """
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", type=Path, default=GRID_DIR, help=f"folder of the recorded grid (default {GRID_DIR})")
     g = p.add_argument_group("recording the grid (--record)")
     g.add_argument("--record", action="store_true", help="run the grid for real and write it to --grid, then simulate")
-    g.add_argument("--per-class", type=int, default=60, help="synthetic images per class (default 60: 1,218 training images)")
+    g.add_argument("--per-class", type=int, default=50, help="synthetic images per class (default 50: 1,015 training images)")
     g.add_argument("--image-size", type=int, default=48, help="input side, px (default 48)")
     g.add_argument("--epochs", type=int, default=4, help="full budget, epochs (default 4)")
     g.add_argument("--head-widths", type=int, nargs="+", default=[64, 128, 256, 512], help="grid values of head_width (default 64 128 256 512)")
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--seeds", type=int, default=100, help="simulated searches per strategy (default 100)")
     s.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA's reduction factor (default 3, the library's)")
     s.add_argument("--grace-epochs", type=float, default=1.0, help="ASHA's first rung, in epochs of images (default 1)")
-    s.add_argument("--concurrency", type=int, default=2, help="trials running at once (default 2)")
+    s.add_argument("--concurrency", type=int, default=2, help="trials running at once, simulated and in the real sweeps of --record and --check-real (default 2)")
     s.add_argument("--clock", choices=("seconds", "images"), default="seconds", help="what an epoch's duration is in the simulation: its recorded seconds (default) or its images")
     s.add_argument("--tolerance-pp", type=float, default=0.5, help="how close to the best counts as found, percentage points (default 0.5)")
     r = p.add_argument_group("the real check (--check-real)")

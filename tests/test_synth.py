@@ -143,7 +143,7 @@ def test_default_dataset_renders_once_then_is_reused(tmp_path, monkeypatch):
 
 
 def test_default_dataset_dir_follows_the_cache_root(monkeypatch, tmp_path):
-    name = f"synth-{synth.SYNTH_VERSION}-pc150-s0"
+    name = f"synth-{synth.SYNTH_VERSION}-pc{synth.DEFAULT_PER_CLASS}-s0"
     monkeypatch.delenv("ASL_TUNE_CACHE", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))

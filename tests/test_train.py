@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,3 +104,20 @@ def test_trial_restored_from_its_final_checkpoint_reports_final_metrics_again(da
     assert [m["epoch"] for m in again] == [2] and "confusion" in again[0]
     assert second.final["test_accuracy"] == first.final["test_accuracy"]
     assert second.final["images_seen"] == first.final["images_seen"]
+
+
+class _Payload:
+    """Unpickling this runs code: it touches a file. A checkpoint must never be able to do that."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_not_executed(dataset, tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "epoch": 0, "payload": _Payload(marker)}, tmp_path / CHECKPOINT)
+    assert load_checkpoint(tmp_path) is None  # refused: the trial starts over
+    assert not marker.exists()
