@@ -77,11 +77,12 @@ def test_interrupted_trial_continues_identically_from_its_checkpoint(dataset, tm
     assert resumed.final["test_accuracy"] == full.final["test_accuracy"]
 
 
-def test_corrupt_checkpoint_falls_back_to_the_previous_one(dataset, tmp_path):
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(dataset, tmp_path, caplog):
     train_trial(TrialConfig(epochs=2, **FAST), dataset, checkpoint_dir=tmp_path, threads=1)
     assert load_checkpoint(tmp_path)["epoch"] == 1
     (tmp_path / CHECKPOINT).write_bytes((tmp_path / CHECKPOINT).read_bytes()[:1000])  # torn write
     assert load_checkpoint(tmp_path)["epoch"] == 0
+    assert f"checkpoint {tmp_path / CHECKPOINT} is unreadable" in caplog.text  # detected and logged
     (tmp_path / PREVIOUS).write_bytes(b"garbage")
     assert load_checkpoint(tmp_path) is None  # nothing good: the trial starts over
 
