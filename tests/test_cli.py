@@ -139,3 +139,21 @@ def test_every_command_explains_itself():
     for args in (["--help"], ["train", "--help"], ["sweep", "--help"], ["resume", "--help"], ["analyze", "--help"], ["data", "check", "--help"], ["data", "synth", "--help"]):
         proc = subprocess.run([sys.executable, "-m", "asl_tune", *args], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: asl-tune" in proc.stdout, args
+
+
+def test_analyze_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
+    from asl_tune.results import ResultsStore, trial_row
+
+    store = ResultsStore(tmp_path / "busy")
+    store.put_trial(trial_row("t1", "running", {"lr": 0.01}, {}))
+    store.flush()
+    cases = [
+        (["analyze", "nope", "--results", str(tmp_path)], "nope: no such sweep folder"),
+        (["analyze", "busy", "--results", str(tmp_path)], "no finished trials"),
+        (["analyze", "busy", "--results", str(tmp_path), "--objectives", "val_accuracy:max,speed:max"], "--objectives"),
+    ]
+    for args, needle in cases:
+        assert main(args) == 2, args
+        assert needle in one_error_line(capsys), args
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["trials.parquet"]  # no report/ left behind
+    assert not (tmp_path / "nope").exists()
