@@ -25,6 +25,9 @@ Choices worth knowing:
   (so it needs no study.db and works on copied-back results).
 - Several sweeps: each gets its own report, and the comparison (fronts overlaid, one table) goes
   to `<results>/compare-<a>-<b>.../report/`, so no sweep's own report is overwritten.
+- Results at a URI (s3://, gs://, file:///...): the Parquet files are copied to the cache folder,
+  `<cache>/sweeps/<hash of the URI>/.analyze/<name>/`, and the report is written there, not to the URI
+  (remote.fetch_for_analysis); its path is printed as for a folder.
 """
 
 from __future__ import annotations
@@ -41,11 +44,13 @@ import pandas as pd
 
 from asl_tune.alphabet import ASL_CLASSES, WATCH_PAIRS
 from asl_tune.errors import AslTuneError
+from asl_tune.remote import fetch_for_analysis, is_uri
 from asl_tune.results import (
     FINISHED,
     METRICS,
     PAIR_PREFIX,
     PARAM_PREFIX,
+    RESULT_FILES,
     TRIAL_COLUMNS,
     read_confusion,
     read_epochs,
@@ -831,6 +836,8 @@ def analyze(names: Sequence[str], results: Path, objectives: Objectives | None =
     for metric, mode in objectives:
         if not is_objective_metric(metric) or mode not in MODES:
             raise AslTuneError(f"--objectives: must be known metric:max|min pairs, got {metric}:{mode}")
+    if is_uri(results):  # copy the Parquet files down; the reports are written beside those copies
+        results = fetch_for_analysis(str(results), names, RESULT_FILES)
     sweeps = [load_sweep(Path(results), name, objectives) for name in names]  # refuse before writing anything
     reference = reference_point(pd.concat([finished(s.trials) for s in sweeps], ignore_index=True), objectives)
     reports = [write_sweep_report(sweep, objectives, reference) for sweep in sweeps]

@@ -2,7 +2,7 @@
 
 Rows are keyed by trial and epoch (see results.ResultsStore), so an epoch that a resumed trial
 reports again replaces its row; every file is rewritten atomically, so a reader or a kill never
-sees a torn file.
+sees a torn file. When the sweep's results are at a URI, each change is then copied there (remote.Mirror).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from asl_tune.remote import Mirror
 from asl_tune.results import ResultsStore, trial_row
 from asl_tune.space import SearchSpace
 
@@ -33,15 +34,26 @@ def final_status(result: dict, planned_epochs: int) -> str:
 class ParquetRecorder(Callback):
     """A Tune callback that writes trials/epochs/confusion/per_class Parquet in the sweep folder."""
 
-    def __init__(self, folder: Path, space: SearchSpace, total: int):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path, space: SearchSpace, total: int, mirror: Mirror | None = None):
+        self._folder = Path(folder)
         self.space = space
         self.total = total  # trials this run of the sweep will have, for progress lines
+        self.mirror = mirror  # results at a URI: copy the files there as they change (see remote.py)
         self._store: ResultsStore | None = None
 
     def __getstate__(self) -> dict:
         # Tune pickles callbacks with the experiment; a restored recorder re-reads the files instead.
         return {**self.__dict__, "_store": None}
+
+    def __setstate__(self, state: dict) -> None:
+        if "folder" in state:  # pickled before results could be at a URI
+            state["_folder"] = state.pop("folder")
+        self.__dict__.update({"mirror": None, **state})
+
+    @property
+    def folder(self) -> Path:
+        """The sweep folder written: for results at a URI, this machine's working copy of it."""
+        return self.mirror.folder if self.mirror is not None else self._folder
 
     @property
     def store(self) -> ResultsStore:
@@ -59,10 +71,21 @@ class ParquetRecorder(Callback):
             row["error"] = error
         self.store.put_trial(row)
 
+    def _flush(self) -> None:
+        self.store.flush()
+        if self.mirror is not None:
+            self.mirror.sync()
+
+    def on_step_end(self, iteration, trials, **info):
+        # The searcher writes study.db when it asks for a trial, before the trial starts: copy it up now,
+        # so the study at the URI keeps up with the experiment state Tune saved there in this step.
+        if self.mirror is not None:
+            self.mirror.sync()
+
     def on_trial_start(self, iteration, trials, trial, **info):
         if trial.trial_id not in self.store.trials:
             self._put(trial, "running", {})
-            self.store.flush()
+            self._flush()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "epoch" not in result:
@@ -74,19 +97,19 @@ class ParquetRecorder(Callback):
             classes = [r["class_name"] for r in result["per_class"]]
             self.store.put_confusion(trial.trial_id, classes, result["confusion"])
             self.store.put_per_class(trial.trial_id, result["per_class"])
-        self.store.flush()
+        self._flush()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         status = final_status(result, self.space.config(trial.config).epochs)
         self._put(trial, status, result)
-        self.store.flush()
+        self._flush()
         self._say(trials, trial, status, result)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         message = _error_message(trial)
         self._put(trial, "errored", trial.last_result or {}, error=message)
-        self.store.flush()
+        self._flush()
         self._say(trials, trial, "errored", {}, message)
 
     def _say(self, trials, trial, status: str, result: dict, message: str = "") -> None:

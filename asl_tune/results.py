@@ -19,6 +19,7 @@ TRIALS = "trials.parquet"
 EPOCHS = "epochs.parquet"
 CONFUSION = "confusion.parquet"
 PER_CLASS = "per_class.parquet"
+RESULT_FILES = (TRIALS, EPOCHS, CONFUSION, PER_CLASS)
 
 PARAM_PREFIX = "params_"  # settings columns, as Optuna's trials_dataframe names them
 PAIR_PREFIX = "pair_"  # pair_<X>_as_<Y>: share of true X predicted as Y on the test split

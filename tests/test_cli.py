@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -55,6 +57,8 @@ def test_train_out_writes_the_sweep_format(tiny_dataset, tmp_path, capsys):
     ("--image-size", "16", "must be >= 32"),
     ("--batch-size", "0", "must be >= 1"),
     ("--momentum", "1", "must be in [0, 1)"),
+    ("--dropout", "1", "must be in [0, 1)"),
+    ("--weight-decay", "-0.1", "must be >= 0"),
     ("--threads", "0", "must be >= 1"),
 ])
 def test_train_refuses_out_of_range_options(tiny_dataset, tmp_path, capsys, option, value, rule):
@@ -99,13 +103,23 @@ def test_data_check_lists_counts_splits_and_skipped_files(tiny_dataset, capsys):
     (["--space", "no-such-space"], "--space: no file 'no-such-space'"),
     (["--extend", "--name", "never-ran"], "--extend: there is no sweep named 'never-ran'"),
     (["--storage", "/not/a/uri"], "--storage: must be a URI"),
-    (["--results", "s3://bucket/results"], "--results: must be a folder on the driver's machine"),
+    (["--results", "foo://x"], "--results: must be a folder or a URI pyarrow's filesystems open (s3://bucket/path, gs://bucket/path, file:///path), got foo://x"),
+    (["--results", "file://host/x"], "--results: must be a folder or a URI pyarrow's filesystems open"),
 ])
 def test_sweep_refuses_bad_options_before_creating_anything(tiny_dataset, tmp_path, capsys, extra, needle):
     results = tmp_path / "results"
     assert main(["sweep", "--data", str(tiny_dataset), "--results", str(results), *extra]) == 2
     assert needle in one_error_line(capsys)
     assert not results.exists()
+    assert not (Path(os.environ["ASL_TUNE_CACHE"]) / "sweeps").exists()  # no working copy for a URI either
+
+
+@pytest.mark.parametrize("command", [["resume", "x"], ["analyze", "x"]])
+def test_resume_and_analyze_refuse_a_uri_pyarrow_cannot_open(command, capsys):
+    assert main([*command, "--results", "foo://x"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("asl-tune: error: --results: must be a folder or a URI") and "foo://x" in line
+    assert not (Path(os.environ["ASL_TUNE_CACHE"]) / "sweeps").exists()
 
 
 def test_sweep_refuses_a_bad_space_file_before_creating_anything(tiny_dataset, tmp_path, capsys):

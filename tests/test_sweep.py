@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -156,3 +157,96 @@ def test_analyze_renders_every_plot_from_a_real_sweep(faulty_sweep, capsys):
     front = pd.read_parquet(report / "pareto_front.parquet")
     trials = read(folder, "trials")
     assert set(front["trial_id"]) <= set(trials.loc[trials.status.isin(["completed", "stopped_early"]), "trial_id"]) and len(front) >= 1
+
+
+# ---------------------------------------------------------------- results at a URI (file:// stands in for s3://, gs://)
+
+
+def _study_trials(db) -> tuple[int, set[str]]:
+    with sqlite3.connect(db) as conn:
+        (n,) = conn.execute("select count(*) from trials").fetchone()
+        return n, {s for (s,) in conn.execute("select state from trials")}
+
+
+@pytest.fixture(scope="module")
+def uri_sweep(tmp_path_factory, data):
+    """A 2-trial sweep with --results file://.../bucket and its working copy in cache-a, then extended by
+    one trial from an empty cache folder (cache-b), as a second driver machine would."""
+    work = tmp_path_factory.mktemp("uri")
+    space = write_space(work / "remote.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 1}, early_stopping=False)
+    uri = (work / "bucket").as_uri()
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setenv("ASL_TUNE_CACHE", str(work / "cache-a"))
+        rc = main(["sweep", "--space", str(space), "--data", str(data), "--results", uri, "--seed", "2"])
+        before = pd.read_parquet(f"{uri}/remote/trials.parquet")
+        study_before = _study_trials(work / "bucket" / "remote" / "study.db")
+        mp.setenv("ASL_TUNE_CACHE", str(work / "cache-b"))
+        rc_extend = main(["sweep", "--name", "remote", "--extend", "--num-samples", "1", "--results", uri])
+    finally:
+        mp.undo()
+    return work, uri, rc, before, study_before, rc_extend
+
+
+def test_a_sweep_with_results_at_a_uri_mirrors_its_files_there(uri_sweep):
+    work, uri, rc, before, (n_study, states), _ = uri_sweep
+    assert rc == 0
+    assert len(before) == 2 and before["trial_id"].is_unique and set(before["status"]) == {"completed"}
+    assert n_study == 2 and states == {"COMPLETE"}
+    remote = work / "bucket" / "remote"
+    mirrored = {"sweep.json", "space.yaml", "study.db", "trials.parquet", "epochs.parquet", "confusion.parquet", "per_class.parquet"}
+    assert mirrored <= {p.name for p in remote.iterdir() if p.is_file()}
+    assert not [p.name for p in remote.iterdir() if ".tmp" in p.name]  # every copy was renamed into place
+    assert (remote / "run-1" / "tuner.pkl").is_file()  # Ray's run, at the URI too
+    (staging,) = (work / "cache-a" / "sweeps").glob("*/remote")
+    assert set(pd.read_parquet(staging / "trials.parquet")["trial_id"]) == set(before["trial_id"])
+
+
+def test_extend_from_an_empty_working_copy_continues_the_study_at_the_uri(uri_sweep):
+    work, uri, _, before, _, rc_extend = uri_sweep
+    assert rc_extend == 0
+    remote = work / "bucket" / "remote"
+    trials, _ = assert_consistent(remote, 3)
+    assert set(before["trial_id"]) < set(trials["trial_id"])
+    assert len(pd.read_parquet(f"{uri}/remote/trials.parquet")) == 3
+    assert _study_trials(remote / "study.db") == (3, {"COMPLETE"})  # one study, grown by one trial
+    state = json.loads((remote / "sweep.json").read_text())
+    assert [r["finished"] for r in state["runs"]] == [True, True] and state["storage"] == uri
+    assert (remote / "run-2" / "tuner.pkl").is_file()
+    (staging,) = (work / "cache-b" / "sweeps").glob("*/remote")
+    assert len(read(staging, "trials")) == 3
+
+
+def test_analyze_reads_results_at_a_uri(uri_sweep, capsys):
+    work, uri, *_ = uri_sweep
+    assert main(["analyze", "remote", "--results", uri]) == 0
+    out = capsys.readouterr().out
+    assert "remote: 3 trials" in out
+    report = out.split("report: ", 1)[1].split()[0]
+    assert report.endswith("/.analyze/remote/report/report.md") and Path(report).is_file()
+    assert not (work / "bucket" / "remote" / "report").exists()  # the report stays local
+
+
+def test_resume_on_another_machine_pulls_an_interrupted_sweep_from_the_uri(tmp_path, data, capsys):
+    space = write_space(tmp_path / "moved.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 3}, early_stopping=False)
+    uri = (tmp_path / "bucket").as_uri()
+    remote = tmp_path / "bucket" / "moved"
+    driver = start_cli(["sweep", "--space", str(space), "--data", str(data), "--results", uri, "--max-concurrent", "1"], cwd=tmp_path, env={"ASL_TUNE_CACHE": str(tmp_path / "cache-a")})
+    # The first epoch at the URI: the mirror copies results up while the sweep runs.
+    wait_for(lambda: len(read(remote, "epochs")) >= 1, 240, driver, "the first epoch at the URI")
+    time.sleep(1.5)  # time for Tune to save its state there
+    kill_group(driver)
+    assert not json.loads((remote / "sweep.json").read_text())["runs"][0]["finished"], "the kill came too late"
+    started = set(read(remote, "trials")["trial_id"])
+    (old_copy,) = (tmp_path / "cache-a" / "sweeps").glob("*/moved")
+    old_mtime = (old_copy / "trials.parquet").stat().st_mtime_ns
+
+    # Resume with another, empty cache folder: the recorder and the study Tune restores must use this one.
+    assert main(["resume", "moved", "--results", uri]) == 0
+    assert f"resuming sweep 'moved' from {uri}/moved/run-1" in capsys.readouterr().err
+    trials, _ = assert_consistent(remote, 2)
+    assert started <= set(trials["trial_id"])  # Tune restored the run (a fresh start would give new trial ids)
+    assert set(trials["status"]) == {"completed"}
+    assert _study_trials(remote / "study.db") == (2, {"COMPLETE"})
+    assert json.loads((remote / "sweep.json").read_text())["runs"][0]["finished"]
+    assert (old_copy / "trials.parquet").stat().st_mtime_ns == old_mtime  # the first machine's copy was left alone
