@@ -27,9 +27,10 @@ _STARTED = time.perf_counter()
 def synthetic_dataset(per_class: int, seed: int = 0) -> Path:
     """A rendered synthetic dataset (Kaggle layout, 200 px JPEGs) with per_class frames per class, made once and reused."""
     from asl_tune.data import cache_root
-    from asl_tune.synth import render_dataset
+    from asl_tune.synth import SYNTH_VERSION, render_dataset
 
-    folder = cache_root() / BENCH_DATA / f"synth-pc{per_class}-s{seed}"
+    # The renderer's version is in the name, so a renderer change never reuses stale images.
+    folder = cache_root() / BENCH_DATA / f"synth-{SYNTH_VERSION}-pc{per_class}-s{seed}"
     if not folder.is_dir():
         say(f"rendering a synthetic dataset with {per_class} images per class into {folder}")
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +45,9 @@ def machine() -> dict:
 
 
 def _clean(value):
-    """JSON has no NaN or infinity: write them as null."""
+    """Plain JSON values: numpy scalars as Python ones; NaN and infinity (JSON has none) as null."""
+    if hasattr(value, "item") and not isinstance(value, (list, tuple, dict)):  # numpy bool_, int64, float64
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):

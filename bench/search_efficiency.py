@@ -68,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lrs", type=float, nargs="+", default=[0.002, 0.006, 0.02, 0.06], help="grid values of lr (default 0.002 0.006 0.02 0.06)")
     g.add_argument("--batch-size", type=int, default=16, help="training batch, fixed (default 16: four times the SGD steps of 64 per epoch)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, fixed (default 0.9)")
+    g.add_argument("--dropout", type=float, default=0.0, help="head dropout, fixed (default 0: with the seed's 0.5, CPU-sized trials stay near chance)")
     s = p.add_argument_group("the simulation")
     s.add_argument("--trials", type=int, default=None, help="trials per search, both strategies (default: the grid's number of configurations)")
     s.add_argument("--seeds", type=int, default=100, help="simulated searches per strategy (default 100)")
@@ -104,7 +105,7 @@ def space_yaml(name: str, meta: dict, trials: int, sampler: str, early_stopping:
     return (
         f"name: {name}\nmetric: val_accuracy\nmode: max\nnum_samples: {trials}\nsampler: {sampler}\n"
         f"early_stopping: {early_stopping}\n"
-        f"fixed: {{image_size: {meta['image_size']}, batch_size: {meta.get('batch_size', 64)}, epochs: {meta['epochs']}, data_fraction: 1.0, split: blocked, momentum: {_yaml_float(meta.get('momentum', 0.9))}}}\n"
+        f"fixed: {{image_size: {meta['image_size']}, batch_size: {meta.get('batch_size', 64)}, epochs: {meta['epochs']}, data_fraction: 1.0, split: blocked, momentum: {_yaml_float(meta.get('momentum', 0.9))}, dropout: {_yaml_float(meta.get('dropout', 0.5))}}}\n"
         f"params:\n  head_width: {{type: categorical, choices: [{widths}]}}\n"
         f"  lr: {{type: categorical, choices: [{lrs}]}}\n" + points
     )
@@ -136,7 +137,7 @@ def class_count(folder: Path) -> int:
 def record_grid(args: argparse.Namespace) -> None:
     """Run every grid configuration to its full epochs and keep the small result files in --grid."""
     meta = {"per_class": args.per_class, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
-            "momentum": args.momentum, "head_widths": args.head_widths, "lrs": args.lrs, "concurrency": args.concurrency, "machine": machine()}
+            "momentum": args.momentum, "dropout": args.dropout, "head_widths": args.head_widths, "lrs": args.lrs, "concurrency": args.concurrency, "machine": machine()}
     n = len(args.head_widths) * len(args.lrs)
     data = synthetic_dataset(args.per_class)
     scratch = Path(tempfile.mkdtemp(prefix="asl-bench-grid-"))
