@@ -33,6 +33,18 @@ def make_dataset(root: Path, per_class: int = 12, classes: list[str] = CLASSES, 
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """A private cache for module-scoped fixtures too (they are set up before any function-scoped fixture)."""
+    old = os.environ.get("ASL_TUNE_CACHE")
+    os.environ["ASL_TUNE_CACHE"] = str(tmp_path_factory.mktemp("session-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ASL_TUNE_CACHE", None)
+    else:
+        os.environ["ASL_TUNE_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
     """Every test decodes into its own cache folder, never the user's."""
