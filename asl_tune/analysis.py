@@ -1,14 +1,9 @@
-"""Tables and plots from a sweep's Parquet results: the Pareto front, the top trials, importance, a report.
+"""The numbers in a sweep's Parquet results: the Pareto front, hypervolume, the top trials, importance.
 
-Compute first, draw second. `pareto_front`, `hypervolume`, `summary` and `param_importance` return
-plain values or DataFrames; each `plot_*` function draws one of them on a matplotlib Axes it is
-given and never shows or saves anything. `analyze` ties both together and writes
-
-    <results>/<name>/report/  report.md, pareto_front.parquet, importance.parquet,
-                              pareto.png, learning_curves.png, confusion_best.png, pairs.png, importance.png
-
-Only the Parquet files are read (through `asl_tune.results`), never Ray's or Optuna's own state, so
-a sweep that is still running, was resumed, or was copied back from a cluster reports the same way.
+Every function here returns plain values or DataFrames and draws nothing; `asl_tune.report` turns
+them into plots and a report. Only the Parquet files are read (through `asl_tune.results`), never
+Ray's or Optuna's own state, so a sweep that is still running, was resumed, or was copied back from
+a cluster gives the same numbers.
 
 Choices worth knowing:
 - The front holds finished trials (completed or stopped early) with a value for every objective.
@@ -19,20 +14,14 @@ Choices worth knowing:
   0 for a maximised metric (accuracy and throughput are >= 0; a negative value seen moves it
   lower), 1 for a minimised share (accuracies, pair_* rates). Minimised metrics with no upper bound
   (latency, seconds, parameters) take 1.1 x the worst value seen: the margin keeps the trials at
-  the worst end counted instead of adding zero. `analyze` takes that worst over every finished
-  trial of every sweep it is given, so compared sweeps' hypervolumes share one reference.
+  the worst end counted instead of adding zero. `asl_tune.report.analyze` takes that worst over
+  every finished trial of every sweep it is given, so compared sweeps' hypervolumes share one reference.
 - Parameter importance is Optuna's PED-ANOVA, run on an in-memory study rebuilt from trials.parquet
   (so it needs no study.db and works on copied-back results).
-- Several sweeps: each gets its own report, and the comparison (fronts overlaid, one table) goes
-  to `<results>/compare-<a>-<b>.../report/`, so no sweep's own report is overwritten.
-- Results at a URI (s3://, gs://, file:///...): the Parquet files are copied to the cache folder,
-  `<cache>/sweeps/<hash of the URI>/.analyze/<name>/`, and the report is written there, not to the URI
-  (remote.fetch_for_analysis); its path is printed as for a folder.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -42,20 +31,18 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from asl_tune.alphabet import ASL_CLASSES, WATCH_PAIRS
+from asl_tune.alphabet import ASL_CLASSES
 from asl_tune.errors import AslTuneError
-from asl_tune.remote import fetch_for_analysis, is_uri
 from asl_tune.results import (
     FINISHED,
     METRICS,
     PAIR_PREFIX,
     PARAM_PREFIX,
-    RESULT_FILES,
     TRIAL_COLUMNS,
+    is_plain_name,
     read_confusion,
     read_epochs,
     read_trials,
-    write_atomic,
 )
 
 Objectives = Sequence[tuple[str, str]]  # (metric, "max" | "min") pairs, in priority order
@@ -63,12 +50,6 @@ Objectives = Sequence[tuple[str, str]]  # (metric, "max" | "min") pairs, in prio
 DEFAULT_OBJECTIVES: list[tuple[str, str]] = [("val_accuracy", "max"), ("infer_img_per_s", "max")]
 MODES = ("max", "min")
 SHARE_METRICS = ("val_accuracy", "test_accuracy", "external_accuracy")  # shares in [0, 1], like the pair_* rates
-FRAME_BUDGET_MS = 1000 / 30  # one frame of 30 fps video, as the trainer's keeps_up_30fps uses
-REPORT_DIR = "report"
-FRONT_FILE = "pareto_front.parquet"
-IMPORTANCE_FILE = "importance.parquet"
-LABEL_PARAMS = ("head_width", "lr", "data_fraction")  # what a point on the front is labelled with
-WORST_PAIRS = 4  # pairs beyond the watch-list shown in pairs.png: the sweep's most confused
 _PAIR_RE = re.compile(rf"^{PAIR_PREFIX}(.+)_as_(.+)$")
 
 
@@ -105,7 +86,7 @@ def is_objective_metric(name: str) -> bool:
     return bool(match) and match.group(1) in ASL_CLASSES and match.group(2) in ASL_CLASSES
 
 
-def _describe(objectives: Objectives) -> str:
+def describe_objectives(objectives: Objectives) -> str:
     return ", ".join(f"{m} ({mode})" for m, mode in objectives)
 
 
@@ -337,170 +318,6 @@ def _param_value(value, distribution):
     return _plain(value)
 
 
-# ---------------------------------------------------------------------------------------------
-# Plots: each draws on the Axes it is given
-
-
-def _label(row: pd.Series) -> str:
-    """A front point's label: head width, lr and data fraction, as far as the sweep recorded them."""
-    parts = []
-    for name, short in zip(LABEL_PARAMS, ("h", "lr ", "frac ")):
-        value = row.get(PARAM_PREFIX + name)
-        if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            parts.append(f"{short}{_fmt(value)}")
-    return " ".join(parts) or str(row["trial_id"])
-
-
-def plot_pareto(ax, trials: pd.DataFrame, front: pd.DataFrame, objectives: Objectives, label: str | None = None, color: str = "C0") -> None:
-    """Every trial faded, the front highlighted and labelled; x is the second objective (the trial's index with one)."""
-    objectives = list(objectives)
-    frame = numeric_trials(trials)
-    y_metric = objectives[0][0]
-    x_metric = objectives[1][0] if len(objectives) > 1 else None
-    prefix = f"{label}: " if label else ""
-
-    def xs(df: pd.DataFrame):
-        return df[x_metric] if x_metric else df["trial_id"].map({t: i for i, t in enumerate(frame["trial_id"])})
-
-    done = finished(frame)
-    others = frame[~frame["status"].isin(FINISHED)]
-    ax.scatter(xs(done), done[y_metric], color=color, alpha=0.25, s=25, label=f"{prefix}finished trials")
-    if others[y_metric].notna().any():
-        ax.scatter(xs(others), others[y_metric], color="grey", marker="x", alpha=0.5, s=25, label=f"{prefix}not finished")
-    if len(front):
-        fx, fy = xs(front), front[y_metric]
-        ax.scatter(fx, fy, color=color, s=60, edgecolor="black", zorder=3, label=f"{prefix}Pareto front ({len(front)})")
-        if x_metric and len(objectives) == 2:
-            order = np.argsort(fx.to_numpy(), kind="stable")
-            ax.step(fx.to_numpy()[order], fy.to_numpy()[order], where="pre" if objectives[1][1] == "max" else "post", color=color, alpha=0.8)
-        for (_, row), x, y in zip(front.iterrows(), fx, fy):
-            ax.annotate(_label(row), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
-    ax.set_xlabel(f"{x_metric} ({objectives[1][1]})" if x_metric else "trial")
-    ax.set_ylabel(f"{y_metric} ({objectives[0][1]})")
-    title = "Pareto front" + (f" (first two of {len(objectives)} objectives)" if len(objectives) > 2 else "")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-
-
-def plot_secondary(ax, trials: pd.DataFrame) -> None:
-    """val_accuracy of the finished trials against their parameter count (or train_seconds when that never varies)."""
-    frame = finished(numeric_trials(trials)).dropna(subset=["val_accuracy"])
-    x_metric = "n_parameters" if frame["n_parameters"].nunique() > 1 else "train_seconds"
-    points = frame.dropna(subset=[x_metric])
-    colors = ["C1" if s == "stopped_early" else "C0" for s in points["status"]]
-    ax.scatter(points[x_metric], points["val_accuracy"], c=colors, s=30)
-    ax.scatter([], [], c="C0", label="completed")
-    ax.scatter([], [], c="C1", label="stopped early")
-    ax.set_xlabel(x_metric)
-    ax.set_ylabel("val_accuracy")
-    ax.set_title(f"Accuracy against {x_metric}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-
-
-def plot_learning_curves(ax, trials: pd.DataFrame, epochs: pd.DataFrame) -> None:
-    """val_accuracy against images seen, one line per trial; early-stopped trials dashed and ending in an x."""
-    status = dict(zip(trials["trial_id"], trials["status"]))
-    frame = epochs.copy()
-    for column in ("epoch", "val_accuracy", "images_seen"):
-        frame[column] = pd.to_numeric(frame[column], errors="coerce")
-    x_metric = "images_seen" if frame["images_seen"].notna().any() else "epoch"
-    ids = sorted(frame["trial_id"].unique(), key=str)
-    for i, trial_id in enumerate(ids):
-        rows = frame[frame["trial_id"] == trial_id].sort_values("epoch")
-        stopped = status.get(trial_id) == "stopped_early"
-        line = ax.plot(rows[x_metric], rows["val_accuracy"], linestyle="--" if stopped else "-", marker=".", color=f"C{i % 10}", label=str(trial_id) if len(ids) <= 12 else None)
-        if stopped and rows["val_accuracy"].notna().any():
-            last = rows.dropna(subset=["val_accuracy"]).iloc[-1]
-            ax.plot([last[x_metric]], [last["val_accuracy"]], marker="x", markersize=10, color=line[0].get_color())
-    ax.plot([], [], "k--x", label="stopped early")
-    ax.set_xlabel(x_metric.replace("_", " "))
-    ax.set_ylabel("val_accuracy")
-    ax.set_title("Learning curves")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-
-
-def confusion_matrix(confusion: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
-    """(C, C) counts, rows true and columns predicted, from one trial's long-format confusion rows."""
-    index = {c: i for i, c in enumerate(classes)}
-    matrix = np.zeros((len(classes), len(classes)))
-    for true, pred, count in zip(confusion["true_label"], confusion["pred_label"], confusion["count"]):
-        if true in index and pred in index:
-            matrix[index[true], index[pred]] += count
-    return matrix
-
-
-def plot_confusion(ax, confusion: pd.DataFrame, classes: Sequence[str]) -> None:
-    """One trial's confusion matrix, each row divided by its support, with the watch-list cells outlined in red."""
-    from matplotlib.patches import Rectangle
-
-    counts = confusion_matrix(confusion, classes)
-    support = counts.sum(axis=1, keepdims=True)
-    rates = np.divide(counts, support, out=np.zeros_like(counts), where=support > 0)
-    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(classes)), classes, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for true, pred in WATCH_PAIRS:
-        if true in classes and pred in classes:
-            t, p = list(classes).index(true), list(classes).index(pred)
-            ax.add_patch(Rectangle((p - 0.5, t - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
-            ax.annotate(f"{rates[t, p]:.0%}", (p, t), ha="center", va="center", fontsize=5, color="red")
-    ax.set_title("Confusion, row-normalised (red: watch-list pairs)")
-
-
-def pair_columns(trials: pd.DataFrame, worst: int = WORST_PAIRS) -> list[str]:
-    """The watch-list pair columns present, then the `worst` other pairs with the highest mean rate over finished trials."""
-    frame = finished(numeric_trials(trials))
-    watch = [f"{PAIR_PREFIX}{x}_as_{y}" for x, y in WATCH_PAIRS]
-    present = [c for c in watch if c in frame.columns and frame[c].notna().any()]
-    others = [c for c in frame.columns if c.startswith(PAIR_PREFIX) and c not in watch and frame[c].notna().any()]
-    others.sort(key=lambda c: (-frame[c].fillna(0).mean(), c))
-    return present + others[:worst]
-
-
-def _pair_name(column: str) -> str:
-    """pair_U_as_R -> U->R."""
-    return column[len(PAIR_PREFIX) :].replace("_as_", "->")
-
-
-def plot_pairs(ax, trials: pd.DataFrame) -> None:
-    """Confusion-pair rates (watch-list, then the sweep's worst) for each finished trial that has them, in id order."""
-    columns = pair_columns(trials)
-    frame = finished(numeric_trials(trials)).dropna(subset=columns, how="all").sort_values("trial_id", kind="stable")
-    if not columns or frame.empty:
-        ax.text(0.5, 0.5, "no confusion-pair rates recorded", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-        return
-    watch_list = {f"{PAIR_PREFIX}{a}_as_{b}" for a, b in WATCH_PAIRS}
-    x = np.arange(len(frame))
-    for column in columns:
-        watch = column in watch_list
-        ax.plot(x, frame[column], marker="o" if watch else "s", linestyle="-" if watch else ":", label=_pair_name(column) + ("" if watch else " (worst)"))
-    ax.set_xticks(x, [str(t) for t in frame["trial_id"]], rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("share of the true class predicted as the other")
-    ax.set_ylim(bottom=0)
-    ax.set_title("Confusion-pair rates across trials")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-
-
-def plot_importance(ax, importance: pd.DataFrame, note: str = "") -> None:
-    """Horizontal bars of parameter importance, the most important on top; `note` instead when the frame is empty."""
-    if importance.empty:
-        ax.text(0.5, 0.5, f"not computed: {note}" if note else "not computed", ha="center", va="center", wrap=True, transform=ax.transAxes)
-        ax.set_axis_off()
-        return
-    ordered = importance.iloc[::-1]
-    ax.barh(ordered["param"], ordered["importance"], color="C2")
-    ax.set_xlabel("importance (PED-ANOVA, sums to 1)")
-    ax.set_xlim(0, 1)
-    ax.grid(True, axis="x", alpha=0.3)
-
 
 # ---------------------------------------------------------------------------------------------
 # One sweep, read and checked
@@ -520,7 +337,7 @@ class Sweep:
 def load_sweep(results: Path, name: str, objectives: Objectives) -> Sweep:
     """Read a sweep folder and refuse, in one line, when it is missing, lacks an objective or has no finished trial."""
     folder = Path(results) / name
-    if not name or not folder.is_dir():
+    if not is_plain_name(name) or not folder.is_dir():
         raise AslTuneError(f"{folder}: no such sweep folder")
     trials = numeric_trials(read_trials(folder))
     for metric, _ in objectives:
@@ -534,315 +351,3 @@ def load_sweep(results: Path, name: str, objectives: Objectives) -> Sweep:
     if done.dropna(subset=[m for m, _ in objectives]).empty:
         raise AslTuneError(f"{folder}: no finished trial has a value for every objective ({', '.join(m for m, _ in objectives)})")
     return Sweep(name, folder, trials, read_epochs(folder), read_confusion(folder))
-
-
-# ---------------------------------------------------------------------------------------------
-# Markdown
-
-
-def _fmt(value) -> str:
-    """A table cell: floats to 4 significant figures, booleans as yes/no, missing as n/a."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return f"{value:,.0f}" if value.is_integer() and abs(value) >= 1e4 else f"{value:.4g}"  # parameter counts in full
-    return str(value)
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A GitHub-flavoured markdown table; params_ prefixes are dropped from the headers."""
-    headers = [c[len(PARAM_PREFIX) :] if c.startswith(PARAM_PREFIX) else c for c in frame.columns]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |")
-    return "\n".join(lines)
-
-
-def _thirty_fps(row: pd.Series) -> str:
-    """Whether a trial keeps up with 30 fps video at batch 1, with its p95 latency."""
-    p95 = row.get("latency_ms_p95")
-    if p95 is None or (isinstance(p95, float) and math.isnan(p95)):
-        return "unknown (no batch-1 latency recorded)"
-    verdict = "yes" if p95 <= FRAME_BUDGET_MS else "no"
-    return f"{verdict}: batch-1 latency p95 {p95:.1f} ms against a {FRAME_BUDGET_MS:.1f} ms frame (p50 {_fmt(row.get('latency_ms_p50'))} ms)"
-
-
-def _config_table(row: pd.Series) -> pd.DataFrame:
-    """Every params_* setting of one trial, as a two-column table."""
-    params = [(c[len(PARAM_PREFIX) :], row[c]) for c in row.index if c.startswith(PARAM_PREFIX)]
-    return pd.DataFrame(params, columns=["setting", "value"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures and reports
-
-
-def _save(fig, path: Path) -> None:
-    fig.savefig(path, dpi=100)  # constrained layout already fits the labels: no second, "tight" draw
-
-
-def _figure(width: float, height: float, ncols: int = 1):
-    """A Figure not registered with pyplot (nothing to show or close) and its Axes."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    return fig, list(fig.subplots(1, ncols, squeeze=False)[0])
-
-
-def _confusion_trial(sweep: Sweep, ranked: pd.DataFrame) -> str | None:
-    """The best-ranked trial that has confusion counts (the best one, unless it was stopped before its test evaluation)."""
-    with_counts = set(sweep.confusion["trial_id"])
-    for trial_id in ranked["trial_id"]:
-        if trial_id in with_counts:
-            return trial_id
-    return None
-
-
-def _classes(confusion: pd.DataFrame) -> list[str]:
-    """The class labels the counts name, in ASL order (A..Z, del, nothing, space), then any others sorted."""
-    labels = set(confusion["true_label"]) | set(confusion["pred_label"])
-    return [c for c in ASL_CLASSES if c in labels] + sorted(labels - set(ASL_CLASSES))
-
-
-@dataclass
-class SweepReport:
-    """What one sweep's report found, for the terminal and for a comparison."""
-
-    sweep: Sweep
-    front: pd.DataFrame
-    hypervolume: float
-    reference: list[float]
-    top: pd.DataFrame
-    report: Path
-
-
-def write_sweep_report(sweep: Sweep, objectives: Objectives, reference: Sequence[float] | None = None, top: int = 5) -> SweepReport:
-    """Compute the tables, draw the figures and write `<sweep>/report/` for one sweep."""
-    out = sweep.folder / REPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    trials = sweep.trials
-    front = pareto_front(trials, objectives)
-    reference = list(reference) if reference is not None else reference_point(finished(trials), objectives)
-    volume = hypervolume(front, objectives, reference)
-    ranked = summary(trials, objectives, top=len(trials))
-    write_atomic(front, out / FRONT_FILE)
-
-    fig, (left, right) = _figure(12, 5, ncols=2)
-    plot_pareto(left, trials, front, objectives)
-    plot_secondary(right, trials)
-    _save(fig, out / "pareto.png")
-
-    fig, [ax] = _figure(8, 5)
-    plot_learning_curves(ax, trials, sweep.epochs)
-    _save(fig, out / "learning_curves.png")
-
-    confusion_id = _confusion_trial(sweep, ranked)
-    fig, [ax] = _figure(9, 8)
-    if confusion_id is None:
-        ax.text(0.5, 0.5, "no trial has confusion counts yet", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-    else:
-        rows = sweep.confusion[sweep.confusion["trial_id"] == confusion_id]
-        plot_confusion(ax, rows, _classes(rows))
-        ax.set_title(f"{confusion_id}: " + ax.get_title())
-    _save(fig, out / "confusion_best.png")
-
-    fig, [ax] = _figure(9, 5)
-    plot_pairs(ax, trials)
-    _save(fig, out / "pairs.png")
-
-    importances = {objective: param_importance(trials, objective) for objective in objectives}
-    fig, axes = _figure(5 * len(objectives), 4, ncols=len(objectives))
-    for ax, (objective, table) in zip(axes, importances.items()):
-        plot_importance(ax, table, note=importance_problem(trials, objective) or "")
-        ax.set_title(f"Importance for {objective[0]}")
-    _save(fig, out / "importance.png")
-    tables = [table.assign(objective=objective[0]) for objective, table in importances.items() if not table.empty]
-    importance_frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["param", "importance", "objective"])
-    write_atomic(importance_frame[["objective", "param", "importance"]], out / IMPORTANCE_FILE)
-
-    text = _sweep_markdown(sweep, objectives, front, volume, reference, ranked, top, confusion_id, importances)
-    (out / "report.md").write_text(text)
-    return SweepReport(sweep, front, volume, reference, ranked.head(top), out / "report.md")
-
-
-def _sweep_markdown(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, volume: float, reference: list[float], ranked: pd.DataFrame, top: int, confusion_id: str | None, importances: dict) -> str:
-    """report.md of one sweep: every table, the figures linked relatively, the best trial in full."""
-    trials = sweep.trials
-    counts = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in trials["status"].value_counts().items())
-    best = trials[trials["trial_id"] == ranked.iloc[0]["trial_id"]].iloc[0]
-    accurate = most_accurate(trials, objectives)
-    ref_text = ", ".join(f"{m} = {_fmt(r)}" for (m, _), r in zip(objectives, reference))
-    front_columns = ["trial_id", "status", *[m for m, _ in objectives], *[PARAM_PREFIX + p for p in LABEL_PARAMS if PARAM_PREFIX + p in front.columns]]
-    lines = [
-        f"# Sweep report: {sweep.name}",
-        "",
-        f"{len(trials)} trials ({counts}), read from `{sweep.folder}`.",
-        f"Objectives: {_describe(objectives)}.",
-        "",
-        "## Pareto front",
-        "",
-        "![Pareto front and accuracy against size](pareto.png)",
-        "",
-        f"{len(front)} finished trials are on the front (`{FRONT_FILE}`); hypervolume {volume:.6g} (reference point: {ref_text}).",
-        "",
-        markdown_table(front[front_columns]),
-        "",
-        f"## Top {min(top, len(ranked))} trials (ranked by {objectives[0][0]}, then the other objectives)",
-        "",
-        markdown_table(ranked.head(top)),
-        "",
-        f"Most accurate trial (val_accuracy): {accurate['trial_id'] if accurate is not None else 'none'}.",
-        "",
-        f"## Best trial: {best['trial_id']}",
-        "",
-        f"- status: {best['status']}",
-        f"- val accuracy: {_fmt(best['val_accuracy'])}, test accuracy: {_fmt(best['test_accuracy'])}",
-        "- external accuracy: " + (_fmt(best["external_accuracy"]) if pd.notna(best["external_accuracy"]) else "no external set attached"),
-        f"- keeps up with 30 fps video at batch 1: {_thirty_fps(best)}",
-        f"- inference: {_fmt(best['infer_img_per_s'])} img/s at batch 64; {_fmt(best['n_parameters'])} parameters; trained {_fmt(best['train_seconds'])} s on {_fmt(best.get('device'))}",
-        "",
-        markdown_table(_config_table(best)),
-        "",
-        "## Learning curves",
-        "",
-        "![Validation accuracy against images seen](learning_curves.png)",
-        "",
-        "Dashed lines ending in an x are trials stopped early by the scheduler.",
-        "",
-        "## Confusion matrix of the best trial",
-        "",
-        "![Confusion matrix](confusion_best.png)",
-        "",
-        _confusion_note(best["trial_id"], confusion_id),
-        "",
-        "## Confusion pairs",
-        "",
-        "![Confusion-pair rates across trials](pairs.png)",
-        "",
-        _pairs_note(trials),
-        "",
-        "## Parameter importance",
-        "",
-        "![Parameter importance](importance.png)",
-        "",
-        "PED-ANOVA (Optuna) on a study rebuilt from trials.parquet: how much each setting's distribution among the best trials differs from its distribution overall.",
-        "",
-    ]
-    for objective, table in importances.items():
-        lines.append(f"### {objective[0]} ({objective[1]})")
-        lines.append("")
-        problem = importance_problem(trials, objective)
-        lines.append(markdown_table(table) if problem is None else f"Not computed: {problem}.")
-        lines.append("")
-    held = fixed_params(finished(trials))
-    if held:
-        lines.append("Held at one value in every finished trial: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in held.items()) + ".")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _confusion_note(best_id: str, confusion_id: str | None) -> str:
-    if confusion_id is None:
-        return "No trial has test-split confusion counts yet (they are written when a trial completes)."
-    if confusion_id != best_id:
-        return f"The best trial {best_id} has no confusion counts (stopped before its test evaluation); shown: {confusion_id}, the best trial that has them."
-    return f"Trial {best_id}. Red squares: the seed's watch-list pairs ({', '.join(f'{a}->{b}' for a, b in WATCH_PAIRS)})."
-
-
-def _pairs_note(trials: pd.DataFrame) -> str:
-    columns = pair_columns(trials)
-    if not columns:
-        return "No confusion-pair rates were recorded."
-    frame = finished(trials)
-    rows = [(_pair_name(c), frame[c].mean(), frame[c].max()) for c in columns]
-    return markdown_table(pd.DataFrame(rows, columns=["pair (true->predicted)", "mean rate", "worst rate"]))
-
-
-def write_comparison_report(reports: list[SweepReport], objectives: Objectives, out: Path, top: int = 5) -> Path:
-    """One page comparing sweeps: their fronts overlaid on one plot, a row per sweep, the best trials of all."""
-    out.mkdir(parents=True, exist_ok=True)
-    fig, [ax] = _figure(9, 6)
-    for i, r in enumerate(reports):
-        plot_pareto(ax, r.sweep.trials, r.front, objectives, label=r.sweep.name, color=f"C{i % 10}")
-    ax.set_title("Pareto fronts, overlaid")
-    _save(fig, out / "pareto.png")
-
-    rows = []
-    for r in reports:
-        accurate = most_accurate(r.sweep.trials, objectives)
-        rows.append((r.sweep.name, len(r.sweep.trials), len(finished(r.sweep.trials)), len(r.front), r.hypervolume, r.top.iloc[0]["trial_id"], accurate["trial_id"] if accurate is not None else None))
-    table = pd.DataFrame(rows, columns=["sweep", "trials", "finished", "on front", "hypervolume", "best trial", "most accurate"])
-    combined = pd.concat([r.top.assign(sweep=r.sweep.name) for r in reports], ignore_index=True)
-    metrics = [m for m, _ in objectives]
-    combined = combined.sort_values(metrics, ascending=[mode == "min" for _, mode in objectives], na_position="last", kind="stable").head(top)
-    combined = combined[["sweep", *[c for c in combined.columns if c != "sweep"]]]
-    links = [f"- [{r.sweep.name}]({Path('..', '..', r.sweep.name, REPORT_DIR, 'report.md').as_posix()})" for r in reports]
-    ref_text = ", ".join(f"{m} = {_fmt(v)}" for (m, _), v in zip(objectives, reports[0].reference))
-    text = "\n".join(
-        [
-            f"# Sweep comparison: {', '.join(r.sweep.name for r in reports)}",
-            "",
-            f"Objectives: {_describe(objectives)}. Hypervolumes share one reference point ({ref_text}).",
-            "",
-            "![Pareto fronts overlaid](pareto.png)",
-            "",
-            markdown_table(table),
-            "",
-            f"## Top {len(combined)} trials across the sweeps",
-            "",
-            markdown_table(combined),
-            "",
-            "## Each sweep's own report",
-            "",
-            *links,
-            "",
-        ]
-    )
-    (out / "report.md").write_text(text)
-    return out / "report.md"
-
-
-def comparison_folder(results: Path, names: Sequence[str]) -> Path:
-    """Where a comparison of several sweeps goes: <results>/compare-<a>-<b>.../report/."""
-    return Path(results) / ("compare-" + "-".join(n.replace("/", "_") for n in names)) / REPORT_DIR
-
-
-def terminal_summary(reports: list[SweepReport], objectives: Objectives, shown: int = 3) -> str:
-    """A few lines per sweep: the best trials, the size of the front, the most accurate trial."""
-    lines = []
-    for r in reports:
-        trials = r.sweep.trials
-        accurate = most_accurate(trials, objectives)
-        lines.append(f"{r.sweep.name}: {len(trials)} trials, {len(finished(trials))} finished; objectives {_describe(objectives)}")
-        for _, row in r.top.head(shown).iterrows():
-            values = "  ".join(f"{m} {_fmt(row[m])}" for m, _ in objectives)
-            lines.append(f"  {row['trial_id']}  {values}" + ("  [front]" if row["on_front"] else ""))
-        lines.append(f"  front: {len(r.front)} trial{'' if len(r.front) == 1 else 's'}, hypervolume {r.hypervolume:.6g}")
-        if accurate is not None:
-            lines.append(f"  most accurate: {accurate['trial_id']} (val_accuracy {_fmt(accurate['val_accuracy'])})")
-        lines.append(f"  report: {r.report}")
-    return "\n".join(lines)
-
-
-def analyze(names: Sequence[str], results: Path, objectives: Objectives | None = None) -> tuple[Path, str]:
-    """Write each sweep's report (and, for several, a comparison); return the report.md to read and the terminal summary."""
-    objectives = list(objectives) if objectives is not None else list(DEFAULT_OBJECTIVES)
-    if not names:
-        raise AslTuneError("analyze: name at least one sweep")
-    for metric, mode in objectives:
-        if not is_objective_metric(metric) or mode not in MODES:
-            raise AslTuneError(f"--objectives: must be known metric:max|min pairs, got {metric}:{mode}")
-    if is_uri(results):  # copy the Parquet files down; the reports are written beside those copies
-        results = fetch_for_analysis(str(results), names, RESULT_FILES)
-    sweeps = [load_sweep(Path(results), name, objectives) for name in names]  # refuse before writing anything
-    reference = reference_point(pd.concat([finished(s.trials) for s in sweeps], ignore_index=True), objectives)
-    reports = [write_sweep_report(sweep, objectives, reference) for sweep in sweeps]
-    text = terminal_summary(reports, objectives)
-    if len(reports) == 1:
-        return reports[0].report, text
-    path = write_comparison_report(reports, objectives, comparison_folder(Path(results), names))
-    return path, f"{text}\ncomparison: {path}"

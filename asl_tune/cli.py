@@ -177,7 +177,8 @@ def cmd_resume(args: argparse.Namespace) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     """asl-tune analyze: reports from Parquet results."""
-    from asl_tune.analysis import analyze, parse_objectives
+    from asl_tune.analysis import parse_objectives
+    from asl_tune.report import analyze
 
     objectives = parse_objectives(args.objectives) if args.objectives else None
     _, text = analyze(args.names, args.results, objectives)

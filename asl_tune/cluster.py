@@ -26,6 +26,8 @@ LOCAL_ENV = {
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # our Parquet is the record; skip Ray's CSV/JSON/TensorBoard copies
     "RAY_DEDUP_LOGS": "1",
 }
+# Run in every worker Ray starts for us: imports the trainer (torch) before the first trial asks for it.
+WARM_UP = "asl_tune.trial.warm_up"
 # Bound how long joining a dead cluster may take (Ray's default retries for minutes).
 JOIN_ENV = {"RAY_NUM_REDIS_GET_RETRIES": "2", "RAY_py_gcs_connect_timeout_s": "5", "RAY_gcs_rpc_server_connect_timeout_s": "5"}
 
@@ -78,6 +80,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
     else:
         context = ray.init(
             address="local",
+            runtime_env={"worker_process_setup_hook": WARM_UP},
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             include_dashboard=dashboard,

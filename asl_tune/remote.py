@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 from asl_tune.errors import AslTuneError
+from asl_tune.results import is_plain_name
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def fetch_for_analysis(uri: str, names, files: tuple[str, ...]) -> Path:
     open_uri(uri)
     mirrors = []
     for name in names:
-        if not name or "/" in name or name.startswith("."):
+        if not is_plain_name(name):
             raise AslTuneError(f"{join(uri, name)}: no such sweep folder")
         mirror = Mirror(uri, name, files)
         if not mirror.present():

@@ -53,6 +53,11 @@ PER_CLASS_COLUMNS = ["trial_id", "class_name", "support", "precision", "recall",
 METRICS = [c for c in TRIAL_COLUMNS if c not in ("trial_id", "status", "node_id", "hostname", "device", "error", "keeps_up_30fps")]
 
 
+def is_plain_name(name: str) -> bool:
+    """Whether `name` can name a sweep: one folder inside the results folder (not empty, no '/', no leading '.')."""
+    return bool(name) and "/" not in name and not name.startswith(".")
+
+
 def trial_row(trial_id: str, status: str, params: dict, metrics: dict, **where: str) -> dict:
     """One flat trials.parquet row: the trial's settings as params_<name>, its metrics and pair rates, and where it ran."""
     row = {c: None for c in TRIAL_COLUMNS}

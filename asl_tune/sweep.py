@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from asl_tune import cluster, remote
 from asl_tune.data import DecodedDataset, load_dataset, load_external, make_splits
 from asl_tune.errors import AslTuneError
 from asl_tune.remote import Mirror
-from asl_tune.results import FINISHED, RESULT_FILES, read_trials
+from asl_tune.results import FINISHED, RESULT_FILES, is_plain_name, read_trials
 from asl_tune.space import SearchSpace, load_space
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def check_request(req: SweepRequest) -> Checked:
     uri_fs = remote.open_uri(str(req.results)) if remote.is_uri(req.results) else None  # refuses a scheme pyarrow cannot open
     space = None if req.extend and req.name else load_space(req.space_path)  # extending keeps the sweep's own space
     name = req.name or space.name
-    if not name or "/" in name or name.startswith("."):
+    if not is_plain_name(name):
         raise AslTuneError(f"--name: must be a plain folder name, got {name!r}")
     folder, mirror = _place(req.results, name)
     with _peek(folder, mirror) as (where, shown):
@@ -297,7 +298,7 @@ def resume_sweep(name: str, results: Path | str = Path("results"), address: str 
     """`asl-tune resume`: finish a sweep whose driver died; finished trials are kept, interrupted ones continue."""
     if remote.is_uri(results):
         remote.open_uri(str(results))  # refuses a scheme pyarrow cannot open
-    if not name or "/" in name or name.startswith("."):
+    if not is_plain_name(name):
         raise AslTuneError(f"NAME: must be a plain folder name, got {name!r}")
     folder, mirror = _place(results, name)
     with _peek(folder, mirror) as (where, shown):
@@ -437,6 +438,9 @@ def _fit(tuner, folder: Path, state: SweepState, name: str, mirror: Mirror | Non
     """Run the tuner; mark the run finished when every trial ended; say where the results are."""
     # Results are read from our Parquet, not Ray's per-trial JSON (switched off), so keep Ray from asking for it.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    # A trial resumed from a checkpoint older than its last report runs that epoch again; Optuna keeps the
+    # first value and warns. Expected here (the Parquet row is keyed by epoch and replaced), so not shown.
+    warnings.filterwarnings("ignore", message=r"The reported value is ignored because this `step=\d+` is already reported", category=UserWarning)
     try:
         grid = tuner.fit()
     finally:

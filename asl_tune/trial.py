@@ -7,6 +7,7 @@ from the last checkpoint Ray kept.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import platform
@@ -21,6 +22,15 @@ from asl_tune.space import SearchSpace
 # Fault drills (tests, chaos runs): "raise@<epoch>" makes every trial raise once it has reported that epoch;
 # "raise@<epoch>:<setting>=<value>" only the trials with that setting, e.g. "raise@1:head_width=16".
 FAULT_ENV = "ASL_TUNE_FAULT"
+
+
+def warm_up() -> None:
+    """Ray's worker_process_setup_hook (cluster.py): import the trainer, and with it torch, as each worker starts.
+
+    Workers start with Ray, so the seconds torch takes to import pass while the driver is still
+    setting up the sweep, not when the first trial begins.
+    """
+    importlib.import_module("asl_tune.train")
 
 
 def searcher_value(value, mode: str) -> float:

@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         # Inside the sweep, trials share the machine: their own seconds say how much is contention, not overhead.
         sweep_trial_seconds_sum=sweep["sweep_trial_seconds_sum"],
         contention_ratio=sweep["sweep_trial_seconds_sum"] / trial_compute_s,
+        # The same ratio against the trials' own seconds inside the sweep: orchestration alone, contention excluded.
+        overhead_ratio_own_seconds=sweep["sweep_wall_s"] / (sweep["sweep_trial_seconds_sum"] / args.concurrency),
         sweep_trials_completed=sweep["sweep_trials_completed"],
         cpus_per_trial=args.cpus_per_trial,
         image_size=args.image_size,

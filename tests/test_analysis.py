@@ -5,7 +5,6 @@ import pytest
 from asl_tune.alphabet import ASL_CLASSES
 from asl_tune.analysis import (
     DEFAULT_OBJECTIVES,
-    analyze,
     hypervolume,
     importance_problem,
     param_importance,
@@ -15,6 +14,7 @@ from asl_tune.analysis import (
     summary,
 )
 from asl_tune.errors import AslTuneError
+from asl_tune.report import analyze
 from asl_tune.results import ResultsStore, trial_row
 
 MAX2 = [("val_accuracy", "max"), ("infer_img_per_s", "max")]

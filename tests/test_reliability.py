@@ -160,13 +160,18 @@ def test_a_write_that_fails_midway_keeps_the_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["trials.parquet"]
 
 
-def test_a_local_ray_listens_on_loopback_without_a_dashboard():
+def test_a_local_ray_listens_on_loopback_without_a_dashboard_and_starts_its_workers_warm():
+    @ray.remote(num_cpus=0)
+    def trainer_imported() -> bool:
+        return "asl_tune.train" in sys.modules  # a fresh worker imports nothing of ours unless the warm-up hook ran
+
     with cluster.ray_session(num_cpus=1):
         nodes = ray.nodes()
         assert nodes and all(n["NodeManagerAddress"] == "127.0.0.1" for n in nodes)
         assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
         node = ray._private.worker.global_worker.node
         assert not node.address_info.get("webui_url")
+        assert ray.get(trainer_imported.remote()) is True
     assert not ray.is_initialized()
 
 

@@ -1,0 +1,101 @@
+"""The bench/ scripts run on a fresh install and print their keys; the search simulator follows Ray's ASHA rule.
+
+These check that the scripts work and that their figures are well formed, never how fast anything
+is: the figures themselves are measured on a quiet machine and kept in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import search_efficiency  # noqa: E402  (bench/ is not a package: its scripts import each other as siblings)
+
+
+def run_script(name: str, *args: str, timeout: float = 600) -> dict:
+    """Run bench/<name> with --json the way a user would; return the JSON object on its last stdout line."""
+    done = subprocess.run([sys.executable, str(BENCH / name), *args, "--json"], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{name} failed:\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_data_path_prints_the_three_throughputs(tiny_dataset):
+    figures = run_script("data_path.py", "--data", str(tiny_dataset), "--image-size", "32", "--head-width", "32", "--epochs", "1")
+    for key in ("trainer_img_per_s", "bare_img_per_s", "seed_pipeline_img_per_s"):
+        assert positive(figures[key]), (key, figures[key])
+    assert figures["image_size"] == 32
+    assert figures["device"] == "cpu"
+    assert figures["trainer_vs_bare"] == pytest.approx(figures["trainer_img_per_s"] / figures["bare_img_per_s"])
+
+
+def test_overhead_runs_a_real_sweep_and_the_same_trials_alone(tiny_dataset):
+    figures = run_script("overhead.py", "--data", str(tiny_dataset), "--image-size", "32", "--head-width", "32", "--epochs", "1",
+                         "--trials", "2", "--alone-runs", "1")
+    assert figures["sweep_trials_completed"] == 2
+    assert figures["concurrency"] == 2
+    for key in ("sweep_wall_s", "trial_compute_s", "overhead_ratio", "ray_start_s"):
+        assert positive(figures[key]), (key, figures[key])
+    assert figures["overhead_ratio"] == pytest.approx(figures["sweep_wall_s"] / (figures["trial_compute_s"] / 2))
+    assert figures["sweep_wall_s"] > figures["ray_start_s"]
+
+
+@pytest.mark.parametrize("grid", ["grid", "grid-e8"])
+def test_search_efficiency_replays_the_committed_grids(grid):
+    figures = run_script("search_efficiency.py", "--grid", str(BENCH / grid), "--seeds", "4")
+    assert figures["grid_informative"] is True
+    assert figures["n_configs"] == 16
+    assert 0 <= figures["accuracy_gap_pp"] <= 100 * figures["grid_best"]
+    assert 0 < figures["asha_total_compute_fraction"] <= 1.0 + 1e-9  # never more images than running every trial to the end
+    if figures["reached_share"] > 0:
+        assert 0 < figures["asha_compute_fraction"] <= figures["asha_total_compute_fraction"] + 1e-9
+
+
+def test_search_efficiency_refuses_a_missing_grid(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH / "search_efficiency.py"), "--grid", str(tmp_path / "none"), "--json"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"search_efficiency.py: no recorded grid in {tmp_path / 'none'}; run with --record first"]
+
+
+class _Named:
+    def __init__(self, trial_id: str):
+        self.trial_id = trial_id
+
+
+@pytest.mark.parametrize("rf, min_t, max_t", [(3, 1, 9), (2, 2, 16), (4, 1, 8), (3, 100, 800)])
+def test_the_simulated_asha_decides_as_rays_own_bracket(rf, min_t, max_t):
+    """Same results in, same stop/continue decisions out, as Ray's _Bracket with stop_last_trials=False."""
+    from ray.tune.schedulers.async_hyperband import _Bracket
+    from ray.tune.schedulers.trial_scheduler import TrialScheduler
+
+    rng = np.random.default_rng(rf * 1000 + min_t)
+    for _ in range(20):
+        ours = search_efficiency.Asha(min_t, max_t, rf)
+        rays = _Bracket(min_t, max_t, rf, s=0, stop_last_trials=False)
+        step = min_t / 2
+        progress = {f"t{k}": 0.0 for k in range(12)}
+        running = set(progress)
+        decisions = 0
+        while running:
+            trial = sorted(running)[rng.integers(len(running))]
+            progress[trial] += step
+            value = float(rng.random())
+            keep = ours.keep_going(trial, progress[trial], value)
+            ray_keep = rays.on_result(_Named(trial), progress[trial], value) == TrialScheduler.CONTINUE
+            assert keep == ray_keep, (trial, progress[trial], value)
+            decisions += 1
+            if not keep or progress[trial] >= max_t:
+                running.discard(trial)
+        assert decisions > 12
