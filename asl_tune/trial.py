@@ -7,6 +7,7 @@ from the last checkpoint Ray kept.
 
 from __future__ import annotations
 
+import glob
 import importlib
 import math
 import os
@@ -22,6 +23,8 @@ from asl_tune.space import SearchSpace
 # Fault drills (tests, chaos runs): "raise@<epoch>" makes every trial raise once it has reported that epoch;
 # "raise@<epoch>:<setting>=<value>" only the trials with that setting, e.g. "raise@1:head_width=16".
 FAULT_ENV = "ASL_TUNE_FAULT"
+
+WORK_PREFIX = "asl-tune-trial."  # + "<host>.<pid>.": each trial's scratch folder in the system temp folder
 
 
 def warm_up() -> None:
@@ -57,7 +60,8 @@ def run_trial(config: dict, space: SearchSpace, datasets: dict[int, DecodedDatas
     where = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": platform.node()}
     fail_at = _fault_epoch(trial_config)
 
-    work = Path(tempfile.mkdtemp(prefix="asl-tune-trial-"))
+    _reap_work_folders()
+    work = Path(tempfile.mkdtemp(prefix=_work_prefix(os.getpid())))
     try:
         restored = None
         if (checkpoint := tune.get_checkpoint()) is not None:
@@ -83,6 +87,35 @@ def run_trial(config: dict, space: SearchSpace, datasets: dict[int, DecodedDatas
         train_trial(trial_config, dataset, external, report=report, checkpoint_dir=work / "current", resume_from=restored, threads=max(1, int(cpus)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _work_prefix(pid: int) -> str:
+    """A trial's scratch folder is named for its host and worker process, so a later trial can tell when it is orphaned."""
+    return f"{_host_prefix()}{pid}."
+
+
+def _host_prefix() -> str:
+    return f"{WORK_PREFIX}{platform.node()}."
+
+
+def _reap_work_folders() -> None:
+    """Delete the scratch folders (checkpoint copies, tens of MB each) of this host's trial workers that have died.
+
+    A worker removes its trial's folder itself; one that was SIGKILLed (a crash, a killed driver taking its
+    workers with it, a lost node) cannot, and the retried or resumed trial starts here in a new worker.
+    A process that exists, or that this user may not signal, counts as alive.
+    """
+    host = _host_prefix()
+    for folder in Path(tempfile.gettempdir()).glob(glob.escape(host) + "*"):
+        pid = folder.name[len(host):].partition(".")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _peak_rss_mb() -> float:

@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import ray
 
 from asl_tune import cluster
 from asl_tune.results import ResultsStore, read_epochs, read_trials, trial_row
+from asl_tune.trial import WORK_PREFIX
 from conftest import make_dataset
 from sweeps import assert_consistent, kill_group, read, run_to_end, start_cli, wait_for, write_space
 
@@ -48,8 +50,12 @@ def trial_workers(session: int) -> list[int]:
 def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, data):
     space = write_space(tmp_path / "workers.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 5}, early_stopping=False)
     folder = tmp_path / "results" / "workers"
-    driver = start_cli(["sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results"), "--max-concurrent", "1"], cwd=tmp_path)
+    scratch = tmp_path / "tmp"  # the workers' temp folder, where each trial keeps its scratch checkpoints
+    scratch.mkdir()
+    env = {"TMPDIR": str(scratch), "RAY_TMPDIR": tempfile.gettempdir()}  # Ray's sockets stay at their short usual path
+    driver = start_cli(["sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results"), "--max-concurrent", "1"], cwd=tmp_path, env=env)
     wait_for(lambda: (read(folder, "epochs")["epoch"] >= 2).any(), 240, driver, "a trial's second epoch")
+    assert list(scratch.glob(f"{WORK_PREFIX}*")), "no trial scratch folder where the test looks"
     time.sleep(1.0)
     victims = trial_workers(driver.pid)
     assert victims, "no trial worker found to kill"
@@ -66,6 +72,8 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, data):
     assert list(after.index) == [1, 2, 3, 4, 5]
     for epoch in before.index[:-1]:
         assert after.loc[epoch, "seconds"] == before.loc[epoch, "seconds"], epoch
+    # The killed worker could not remove its scratch folder; the retried trial's worker did.
+    assert not list(scratch.glob(f"{WORK_PREFIX}*"))
 
 
 def test_chaos_three_driver_kills_then_resume(tmp_path, data):
