@@ -155,8 +155,9 @@ def print_result(final: dict, as_json: bool) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     """asl-tune sweep: validate, then run (or extend) a sweep."""
+    from asl_tune.request import SweepRequest
     from asl_tune.space import resolve
-    from asl_tune.sweep import SweepRequest, run_sweep
+    from asl_tune.sweep import run_sweep
 
     if args.extend and args.name is None:
         raise AslTuneError("--extend: needs --name, the sweep to add trials to")

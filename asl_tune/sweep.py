@@ -1,224 +1,30 @@
 """Sweeps: Optuna proposes settings, Ray Tune runs and early-stops the trials, Parquet keeps the results.
 
-A sweep lives in one folder, `<results>/<name>/`:
-
-    sweep.json      what was asked: space, data, resources, and one entry per run (first, extensions)
-    space.yaml      the search space, copied, so the sweep can be resumed or extended as it began
-    study.db        the Optuna study (SQLite): the searcher's memory, shared by every run
-    ray/run-<k>/    Ray Tune's experiment state and trial checkpoints for run k
-    *.parquet       the results (see results.py), written as they arrive
-
-`<results>` may also be a URI (s3://, gs://, file:///...): the sweep then runs in a local working copy
-of that folder and its small files are copied to `<URI>/<name>/` as they change, while Ray keeps its
-runs at `<URI>/<name>/run-<k>/` (see remote.py).
-
-Everything a user can get wrong is checked before the folder is created.
+`run_sweep` and `resume_sweep` take a request that request.py has checked, decode the data once,
+start or join Ray, and wire Tune: the trial function (trial.py) with the arrays in the object store,
+Optuna as searcher (study.py keeps its SQLite study), ASHA on images seen, and the Parquet recorder
+(record.py) as a callback. The sweep's folder and what it holds are described in request.py.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
-import math
-import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 import warnings
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
 
-from asl_tune import cluster, remote
+from asl_tune import cluster
 from asl_tune.data import DecodedDataset, load_dataset, load_external, make_splits
 from asl_tune.errors import AslTuneError
 from asl_tune.remote import Mirror
-from asl_tune.results import FINISHED, RESULT_FILES, is_plain_name, read_trials
-from asl_tune.space import SearchSpace, load_space
+from asl_tune.request import RAY_DIR, SPACE_FILE, STUDY_FILE, SWEEP_FILE, SweepRequest, SweepState, check_request, check_resume, exclusive, image_sizes
+from asl_tune.results import FINISHED, read_trials
+from asl_tune.space import SearchSpace
 
-log = logging.getLogger(__name__)
-
-SWEEP_FILE = "sweep.json"
-SPACE_FILE = "space.yaml"
-STUDY_FILE = "study.db"
-RAY_DIR = "ray"
-LOCK_FILE = ".lock"
-MIRRORED = (SWEEP_FILE, SPACE_FILE, STUDY_FILE, *RESULT_FILES)  # what a sweep at a URI copies there (not .lock)
 MAX_FAILURES = 2  # an errored trial is retried from its last checkpoint this many times
-
-
-@dataclass
-class SweepRequest:
-    """What `asl-tune sweep` was asked to do, validated by `check_request`."""
-
-    space_path: Path
-    data: Path | None = None  # None: the embedded synthetic dataset
-    external: Path | None = None
-    name: str | None = None  # default: the space's name
-    results: Path | str = Path("results")  # a folder, or a URI as a str (a Path would fold its "//")
-    num_samples: int | None = None  # default: the space's
-    max_concurrent: int | None = None
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float | None = None  # default: 1 when the cluster has GPUs, else 0
-    address: str | None = None
-    storage: str | None = None  # Ray checkpoint storage URI (s3://, gs://); default: the sweep folder, or a URI --results
-    seed: int = 0
-    extend: bool = False
-    dashboard: bool = False
-
-
-@dataclass
-class SweepState:
-    """sweep.json: enough to resume or extend a sweep from its folder alone."""
-
-    name: str
-    data: str
-    external: str | None
-    cpus_per_trial: float
-    gpus_per_trial: float | None
-    max_concurrent: int | None
-    seed: int
-    address: str | None
-    runs: list[dict] = field(default_factory=list)  # {"dir", "num_samples", "started", "finished"}
-    storage: str | None = None  # where Ray keeps checkpoints (a URI such as s3://...), else the sweep folder
-
-    def ray_root(self, folder: Path) -> str:
-        """The folder or URI that holds this sweep's Ray runs."""
-        return remote.join(self.storage, self.name) if self.storage else str((folder / RAY_DIR).resolve())
-
-    def run_path(self, folder: Path, run: dict) -> str:
-        """Where Ray keeps one run's experiment state and checkpoints."""
-        return f"{self.ray_root(folder)}/{Path(run['dir']).name}"
-
-    @classmethod
-    def read(cls, folder: Path, shown: str | None = None) -> "SweepState":
-        try:
-            return cls(**json.loads((folder / SWEEP_FILE).read_text()))
-        except (OSError, ValueError, TypeError) as e:
-            raise AslTuneError(f"{shown or folder / SWEEP_FILE}: unreadable sweep record ({e})") from None
-
-    def write(self, folder: Path) -> None:
-        tmp = folder / f".{SWEEP_FILE}.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, folder / SWEEP_FILE)
-
-
-def _positive(option: str, value, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise AslTuneError(f"{option}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-class Checked(NamedTuple):
-    """A validated request: the space, the sweep's name, its local folder, its mirror (results at a URI), and its state (--extend)."""
-
-    space: SearchSpace
-    name: str
-    folder: Path
-    mirror: Mirror | None
-    state: SweepState | None
-
-
-def _place(results: Path | str, name: str) -> tuple[Path, Mirror | None]:
-    """The sweep's local folder, and for results at a URI the mirror that copies it there."""
-    if remote.is_uri(results):
-        mirror = Mirror(str(results), name, MIRRORED)
-        return mirror.folder, mirror
-    return Path(results) / name, None
-
-
-@contextmanager
-def _peek(folder: Path, mirror: Mirror | None) -> Iterator[tuple[Path, str]]:
-    """Where to read sweep.json and space.yaml before the sweep's lock is held, and how to name that place.
-
-    A folder is read where it is; from a URI the two files are copied to a temporary folder, so that
-    nothing is written to the staging folder before the lock is held (nor when the request is refused).
-    """
-    if mirror is None:
-        yield folder, str(folder)
-        return
-    with tempfile.TemporaryDirectory(prefix="asl-tune-peek-") as tmp:
-        mirror.fetch([SWEEP_FILE, SPACE_FILE], Path(tmp))
-        yield Path(tmp), mirror.remote
-
-
-def check_request(req: SweepRequest) -> Checked:
-    """Validate everything that needs no data and no cluster; nothing is created."""
-    _positive("--num-samples", req.num_samples)
-    if req.num_samples is not None and int(req.num_samples) != req.num_samples:
-        raise AslTuneError(f"--num-samples: must be a whole number, got {req.num_samples}")
-    _positive("--max-concurrent", req.max_concurrent)
-    _positive("--cpus-per-trial", req.cpus_per_trial)
-    _positive("--gpus-per-trial", req.gpus_per_trial, allow_zero=True)
-    if req.gpus_per_trial and req.gpus_per_trial > 1 and int(req.gpus_per_trial) != req.gpus_per_trial:
-        raise AslTuneError(f"--gpus-per-trial: above 1 must be a whole number of GPUs, got {req.gpus_per_trial}")
-    if req.seed < 0:
-        raise AslTuneError(f"--seed: must be >= 0, got {req.seed}")
-    if req.address:
-        cluster.check_reachable(req.address)  # before any decoding: a dead address fails in seconds
-    if req.storage is not None and "://" not in req.storage:
-        raise AslTuneError(f"--storage: must be a URI Ray's storage supports, such as s3://bucket/path or gs://bucket/path, got {req.storage!r}")
-    uri_fs = remote.open_uri(str(req.results)) if remote.is_uri(req.results) else None  # refuses a scheme pyarrow cannot open
-    space = None if req.extend and req.name else load_space(req.space_path)  # extending keeps the sweep's own space
-    name = req.name or space.name
-    if not is_plain_name(name):
-        raise AslTuneError(f"--name: must be a plain folder name, got {name!r}")
-    folder, mirror = _place(req.results, name)
-    with _peek(folder, mirror) as (where, shown):
-        exists = (where / SWEEP_FILE).exists()
-        if space is None:
-            space = load_space(where / SPACE_FILE) if (where / SPACE_FILE).is_file() else load_space(req.space_path)
-        if exists and not req.extend:
-            raise AslTuneError(
-                f"--name: a sweep named {name!r} already exists in {shown}; add --extend to add trials to it, "
-                f"or run `asl-tune resume {name}{_results_flag(req.results)}` to finish an interrupted one"
-            )
-        if req.extend and not exists:
-            raise AslTuneError(f"--extend: there is no sweep named {name!r} in {req.results} to extend")
-        state = SweepState.read(where, f"{shown}/{SWEEP_FILE}") if req.extend else None
-    if state is not None and state.runs and not state.runs[-1]["finished"]:
-        if folder.is_dir():
-            with _exclusive(folder, name):  # refused here when another driver is running it now
-                pass
-        raise AslTuneError(f"--extend: the last run of {name!r} did not finish; run `asl-tune resume {name}{_results_flag(req.results)}` first")
-    if mirror is None:
-        _check_writable(Path(req.results))
-    else:
-        _check_writable(folder.parent, "--results: cannot keep the working copy in")
-        if uri_fs[0].type_name == "local":
-            _check_writable(Path(uri_fs[1]))
-    _image_sizes(space)  # refuses a searched image_size that is not categorical
-    return Checked(space, name, folder, mirror, state)
-
-
-def _results_flag(results: Path | str) -> str:
-    """` --results R` for commands suggested to the user, unless R is the default."""
-    return "" if str(results) == "results" else f" --results {results}"
-
-
-def _check_writable(results: Path, what: str = "--results: cannot write to") -> None:
-    """Refuse a --results folder that cannot be created or written, before anything is made."""
-    probe_root = results
-    while not probe_root.exists():
-        probe_root = probe_root.parent
-    if not probe_root.is_dir() or not os.access(probe_root, os.W_OK | os.X_OK):
-        raise AslTuneError(f"{what} {results} ({probe_root} is not a writable folder)")
-
-
-def _image_sizes(space: SearchSpace) -> list[int]:
-    """Every image size a trial may ask for: each is decoded once and shared."""
-    if "image_size" in space.params:
-        p = space.params["image_size"]
-        if p.type != "categorical":
-            raise AslTuneError(f"{space.source}: params.image_size: must be categorical (each size is decoded once for the whole sweep), got type {p.type}")
-        return sorted(set(p.choices))
-    return [int(space.fixed.get("image_size", 200))]
 
 
 def _load_data(data: Path | None, external: Path | None, sizes: list[int]) -> tuple[Path, dict[int, DecodedDataset], dict[int, DecodedDataset]]:
@@ -234,7 +40,7 @@ def _load_data(data: Path | None, external: Path | None, sizes: list[int]) -> tu
 def run_sweep(req: SweepRequest) -> Path:
     """`asl-tune sweep`: start a new sweep, or extend one; return its (local) folder."""
     space, name, folder, mirror, state = check_request(req)
-    sizes = _image_sizes(space)
+    sizes = image_sizes(space)
     if state is not None:
         data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, sizes)
     else:
@@ -243,13 +49,10 @@ def run_sweep(req: SweepRequest) -> Path:
         state = SweepState(name, str(data_dir), str(Path(req.external).resolve()) if req.external else None, req.cpus_per_trial, req.gpus_per_trial, req.max_concurrent, req.seed, req.address, storage=storage)
     num_samples = int(req.num_samples or space.num_samples)
     created = not folder.exists()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise AslTuneError(f"--results: cannot write to {folder}: {e.strerror or e}") from None
+    _make_folder(folder)
     where = mirror.remote if mirror else folder
     try:
-        with _exclusive(folder, name):
+        with exclusive(folder, name):
             if mirror:
                 mirror.pull()  # the URI is the record: this machine's copy may be empty or stale
             if not req.extend and (folder / SWEEP_FILE).exists():  # another process started it meanwhile
@@ -277,49 +80,15 @@ def run_sweep(req: SweepRequest) -> Path:
         raise
 
 
-@contextmanager
-def _exclusive(folder: Path, name: str) -> Iterator[None]:
-    """Hold the sweep's lock while its driver runs: a second driver on the same sweep is refused, not merged.
-
-    The lock is an flock on a file in the folder, so the kernel releases it when the holder dies, even by SIGKILL.
-    """
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AslTuneError(f"--name: sweep {name!r} in {folder} is being run by another asl-tune process right now; wait for it, or stop it first") from None
-        yield
-    finally:
-        os.close(fd)
-
-
 def resume_sweep(name: str, results: Path | str = Path("results"), address: str | None = None) -> Path:
     """`asl-tune resume`: finish a sweep whose driver died; finished trials are kept, interrupted ones continue."""
-    if remote.is_uri(results):
-        remote.open_uri(str(results))  # refuses a scheme pyarrow cannot open
-    if not is_plain_name(name):
-        raise AslTuneError(f"NAME: must be a plain folder name, got {name!r}")
-    folder, mirror = _place(results, name)
-    with _peek(folder, mirror) as (where, shown):
-        if not (where / SWEEP_FILE).exists():
-            raise AslTuneError(f"NAME: no sweep named {name!r} in {results} (no {shown}/{SWEEP_FILE})")
-        state = SweepState.read(where, f"{shown}/{SWEEP_FILE}")
-        if not state.runs or state.runs[-1]["finished"]:
-            raise AslTuneError(f"NAME: sweep {name!r} has nothing to resume: every run finished; add trials with `asl-tune sweep --name {name} --extend --num-samples K{_results_flag(results)}`")
-        space = load_space(where / SPACE_FILE)
-    address = address or state.address
-    if address:
-        cluster.parse_address(address)
-    data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, _image_sizes(space))
+    space, folder, mirror, state, address = check_resume(name, results, address)
+    data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, image_sizes(space))
     run = state.runs[-1]
     from ray import tune
 
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise AslTuneError(f"--results: cannot write to {folder}: {e.strerror or e}") from None
-    with _exclusive(folder, name):
+    _make_folder(folder)
+    with exclusive(folder, name):
         if mirror:
             mirror.pull()  # the URI is the record: this machine's copy may be empty or stale
         state = SweepState.read(folder)  # as it stands now that we hold the lock
@@ -340,6 +109,13 @@ def resume_sweep(name: str, results: Path | str = Path("results"), address: str 
                 tuner = tune.Tuner.restore(run_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
             print(f"resuming sweep {name!r} from {run_path}", file=sys.stderr)
             return _fit(tuner, folder, state, name, mirror)
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AslTuneError(f"--results: cannot write to {folder}: {e.strerror or e}") from None
 
 
 def _check_resources(cpus_per_trial: float, gpus_per_trial: float | None) -> float:

@@ -82,7 +82,8 @@ def time_sweep(space_path: Path, data: Path, results: Path, args: argparse.Names
     """Wall seconds of a whole sweep, Ray start included, and what its trials recorded."""
     from asl_tune import cluster
     from asl_tune.results import read_trials
-    from asl_tune.sweep import SweepRequest, run_sweep
+    from asl_tune.request import SweepRequest
+    from asl_tune.sweep import run_sweep
 
     req = SweepRequest(space_path=space_path, data=data, results=results, name=f"{SPACE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}", num_samples=args.trials,
                        max_concurrent=args.concurrency, cpus_per_trial=args.cpus_per_trial, seed=0)

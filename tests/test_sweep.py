@@ -14,7 +14,8 @@ from PIL import Image
 from ray.cluster_utils import Cluster
 
 from asl_tune.cli import main
-from asl_tune.sweep import SweepRequest, run_sweep
+from asl_tune.request import SweepRequest
+from asl_tune.sweep import run_sweep
 from asl_tune.trial import FAULT_ENV
 from conftest import make_dataset
 from sweeps import assert_consistent, kill_group, read, run_to_end, start_cli, wait_for, write_space

@@ -1,0 +1,259 @@
+"""What a sweep was asked to do, and where it lives: the request and its checks, sweep.json, the folder lock.
+
+A sweep lives in one folder, `<results>/<name>/`:
+
+    sweep.json      what was asked: space, data, resources, and one entry per run (first, extensions)
+    space.yaml      the search space, copied, so the sweep can be resumed or extended as it began
+    study.db        the Optuna study (SQLite): the searcher's memory, shared by every run
+    ray/run-<k>/    Ray Tune's experiment state and trial checkpoints for run k
+    *.parquet       the results (see results.py), written as they arrive
+    .lock           held (flock) by the one driver running the sweep
+
+`<results>` may also be a URI (s3://, gs://, file:///...): the sweep then runs in a local working copy
+of that folder and its small files are copied to `<URI>/<name>/` as they change, while Ray keeps its
+runs at `<URI>/<name>/run-<k>/` (see remote.py).
+
+Everything a user can get wrong is checked here, before the folder is created, any data is decoded,
+or Ray is started.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+from asl_tune import cluster, remote
+from asl_tune.errors import AslTuneError
+from asl_tune.remote import Mirror
+from asl_tune.results import RESULT_FILES, is_plain_name
+from asl_tune.space import SearchSpace, load_space
+
+SWEEP_FILE = "sweep.json"
+SPACE_FILE = "space.yaml"
+STUDY_FILE = "study.db"
+RAY_DIR = "ray"
+LOCK_FILE = ".lock"
+MIRRORED = (SWEEP_FILE, SPACE_FILE, STUDY_FILE, *RESULT_FILES)  # what a sweep at a URI copies there (not .lock)
+
+@dataclass
+class SweepRequest:
+    """What `asl-tune sweep` was asked to do, validated by `check_request`."""
+
+    space_path: Path
+    data: Path | None = None  # None: the embedded synthetic dataset
+    external: Path | None = None
+    name: str | None = None  # default: the space's name
+    results: Path | str = Path("results")  # a folder, or a URI as a str (a Path would fold its "//")
+    num_samples: int | None = None  # default: the space's
+    max_concurrent: int | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    address: str | None = None
+    storage: str | None = None  # Ray checkpoint storage URI (s3://, gs://); default: the sweep folder, or a URI --results
+    seed: int = 0
+    extend: bool = False
+    dashboard: bool = False
+
+
+@dataclass
+class SweepState:
+    """sweep.json: enough to resume or extend a sweep from its folder alone."""
+
+    name: str
+    data: str
+    external: str | None
+    cpus_per_trial: float
+    gpus_per_trial: float | None
+    max_concurrent: int | None
+    seed: int
+    address: str | None
+    runs: list[dict] = field(default_factory=list)  # {"dir", "num_samples", "started", "finished"}
+    storage: str | None = None  # where Ray keeps checkpoints (a URI such as s3://...), else the sweep folder
+
+    def ray_root(self, folder: Path) -> str:
+        """The folder or URI that holds this sweep's Ray runs."""
+        return remote.join(self.storage, self.name) if self.storage else str((folder / RAY_DIR).resolve())
+
+    def run_path(self, folder: Path, run: dict) -> str:
+        """Where Ray keeps one run's experiment state and checkpoints."""
+        return f"{self.ray_root(folder)}/{Path(run['dir']).name}"
+
+    @classmethod
+    def read(cls, folder: Path, shown: str | None = None) -> "SweepState":
+        try:
+            return cls(**json.loads((folder / SWEEP_FILE).read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise AslTuneError(f"{shown or folder / SWEEP_FILE}: unreadable sweep record ({e})") from None
+
+    def write(self, folder: Path) -> None:
+        tmp = folder / f".{SWEEP_FILE}.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, folder / SWEEP_FILE)
+
+
+def _positive(option: str, value, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise AslTuneError(f"{option}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+class Checked(NamedTuple):
+    """A validated request: the space, the sweep's name, its local folder, its mirror (results at a URI), and its state (--extend)."""
+
+    space: SearchSpace
+    name: str
+    folder: Path
+    mirror: Mirror | None
+    state: SweepState | None
+
+
+def place(results: Path | str, name: str) -> tuple[Path, Mirror | None]:
+    """The sweep's local folder, and for results at a URI the mirror that copies it there."""
+    if remote.is_uri(results):
+        mirror = Mirror(str(results), name, MIRRORED)
+        return mirror.folder, mirror
+    return Path(results) / name, None
+
+
+@contextmanager
+def peek(folder: Path, mirror: Mirror | None) -> Iterator[tuple[Path, str]]:
+    """Where to read sweep.json and space.yaml before the sweep's lock is held, and how to name that place.
+
+    A folder is read where it is; from a URI the two files are copied to a temporary folder, so that
+    nothing is written to the staging folder before the lock is held (nor when the request is refused).
+    """
+    if mirror is None:
+        yield folder, str(folder)
+        return
+    with tempfile.TemporaryDirectory(prefix="asl-tune-peek-") as tmp:
+        mirror.fetch([SWEEP_FILE, SPACE_FILE], Path(tmp))
+        yield Path(tmp), mirror.remote
+
+
+def check_request(req: SweepRequest) -> Checked:
+    """Validate everything that needs no data and no cluster; nothing is created."""
+    _positive("--num-samples", req.num_samples)
+    if req.num_samples is not None and int(req.num_samples) != req.num_samples:
+        raise AslTuneError(f"--num-samples: must be a whole number, got {req.num_samples}")
+    _positive("--max-concurrent", req.max_concurrent)
+    _positive("--cpus-per-trial", req.cpus_per_trial)
+    _positive("--gpus-per-trial", req.gpus_per_trial, allow_zero=True)
+    if req.gpus_per_trial and req.gpus_per_trial > 1 and int(req.gpus_per_trial) != req.gpus_per_trial:
+        raise AslTuneError(f"--gpus-per-trial: above 1 must be a whole number of GPUs, got {req.gpus_per_trial}")
+    if req.seed < 0:
+        raise AslTuneError(f"--seed: must be >= 0, got {req.seed}")
+    if req.address:
+        cluster.check_reachable(req.address)  # before any decoding: a dead address fails in seconds
+    if req.storage is not None and "://" not in req.storage:
+        raise AslTuneError(f"--storage: must be a URI Ray's storage supports, such as s3://bucket/path or gs://bucket/path, got {req.storage!r}")
+    uri_fs = remote.open_uri(str(req.results)) if remote.is_uri(req.results) else None  # refuses a scheme pyarrow cannot open
+    space = None if req.extend and req.name else load_space(req.space_path)  # extending keeps the sweep's own space
+    name = req.name or space.name
+    if not is_plain_name(name):
+        raise AslTuneError(f"--name: must be a plain folder name, got {name!r}")
+    folder, mirror = place(req.results, name)
+    with peek(folder, mirror) as (where, shown):
+        exists = (where / SWEEP_FILE).exists()
+        if space is None:
+            space = load_space(where / SPACE_FILE) if (where / SPACE_FILE).is_file() else load_space(req.space_path)
+        if exists and not req.extend:
+            raise AslTuneError(
+                f"--name: a sweep named {name!r} already exists in {shown}; add --extend to add trials to it, "
+                f"or run `asl-tune resume {name}{results_flag(req.results)}` to finish an interrupted one"
+            )
+        if req.extend and not exists:
+            raise AslTuneError(f"--extend: there is no sweep named {name!r} in {req.results} to extend")
+        state = SweepState.read(where, f"{shown}/{SWEEP_FILE}") if req.extend else None
+    if state is not None and state.runs and not state.runs[-1]["finished"]:
+        if folder.is_dir():
+            with exclusive(folder, name):  # refused here when another driver is running it now
+                pass
+        raise AslTuneError(f"--extend: the last run of {name!r} did not finish; run `asl-tune resume {name}{results_flag(req.results)}` first")
+    if mirror is None:
+        _check_writable(Path(req.results))
+    else:
+        _check_writable(folder.parent, "--results: cannot keep the working copy in")
+        if uri_fs[0].type_name == "local":
+            _check_writable(Path(uri_fs[1]))
+    image_sizes(space)  # refuses a searched image_size that is not categorical
+    return Checked(space, name, folder, mirror, state)
+
+
+def results_flag(results: Path | str) -> str:
+    """` --results R` for commands suggested to the user, unless R is the default."""
+    return "" if str(results) == "results" else f" --results {results}"
+
+
+def _check_writable(results: Path, what: str = "--results: cannot write to") -> None:
+    """Refuse a --results folder that cannot be created or written, before anything is made."""
+    probe_root = results
+    while not probe_root.exists():
+        probe_root = probe_root.parent
+    if not probe_root.is_dir() or not os.access(probe_root, os.W_OK | os.X_OK):
+        raise AslTuneError(f"{what} {results} ({probe_root} is not a writable folder)")
+
+
+def image_sizes(space: SearchSpace) -> list[int]:
+    """Every image size a trial may ask for: each is decoded once and shared."""
+    if "image_size" in space.params:
+        p = space.params["image_size"]
+        if p.type != "categorical":
+            raise AslTuneError(f"{space.source}: params.image_size: must be categorical (each size is decoded once for the whole sweep), got type {p.type}")
+        return sorted(set(p.choices))
+    return [int(space.fixed.get("image_size", 200))]
+
+
+@contextmanager
+def exclusive(folder: Path, name: str) -> Iterator[None]:
+    """Hold the sweep's lock while its driver runs: a second driver on the same sweep is refused, not merged.
+
+    The lock is an flock on a file in the folder, so the kernel releases it when the holder dies, even by SIGKILL.
+    """
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AslTuneError(f"--name: sweep {name!r} in {folder} is being run by another asl-tune process right now; wait for it, or stop it first") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+class Resumable(NamedTuple):
+    """A sweep `asl-tune resume` may continue: its space, local folder, mirror, state as last read, and Ray address."""
+
+    space: SearchSpace
+    folder: Path
+    mirror: Mirror | None
+    state: SweepState
+    address: str | None
+
+
+def check_resume(name: str, results: Path | str, address: str | None) -> Resumable:
+    """Validate `asl-tune resume NAME`: the sweep exists and its last run did not finish; nothing is created."""
+    if remote.is_uri(results):
+        remote.open_uri(str(results))  # refuses a scheme pyarrow cannot open
+    if not is_plain_name(name):
+        raise AslTuneError(f"NAME: must be a plain folder name, got {name!r}")
+    folder, mirror = place(results, name)
+    with peek(folder, mirror) as (where, shown):
+        if not (where / SWEEP_FILE).exists():
+            raise AslTuneError(f"NAME: no sweep named {name!r} in {results} (no {shown}/{SWEEP_FILE})")
+        state = SweepState.read(where, f"{shown}/{SWEEP_FILE}")
+        if not state.runs or state.runs[-1]["finished"]:
+            raise AslTuneError(f"NAME: sweep {name!r} has nothing to resume: every run finished; add trials with `asl-tune sweep --name {name} --extend --num-samples K{results_flag(results)}`")
+        space = load_space(where / SPACE_FILE)
+    address = address or state.address
+    if address:
+        cluster.parse_address(address)
+    return Resumable(space, folder, mirror, state, address)
