@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import sys
+import time
 from pathlib import Path
 
 from asl_tune.config import TrialConfig, check_value
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p)
     _add_trial_options(p)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
-    p.add_argument("--out", type=Path, help="write trials/epochs/confusion/per_class Parquet files here, as a sweep does")
+    p.add_argument("--out", type=Path, help="write trials/epochs/confusion/per_class Parquet files here, as a sweep does, and the trained weights to OUT/<trial id>/checkpoint.pt (load them with asl_tune.train.load_trained)")
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object on the last stdout line")
     p.set_defaults(func=cmd_train)
 
@@ -125,18 +127,40 @@ def cmd_train(args: argparse.Namespace) -> None:
     """asl-tune train: one trial, printed and optionally written as Parquet."""
     from asl_tune.data import load_dataset, load_external
     from asl_tune.results import save_trial
-    from asl_tune.train import train_trial
+    from asl_tune.train import PREVIOUS, train_trial
 
     config = _trial_config(args)
     if args.threads is not None and args.threads < 1:
         raise AslTuneError(f"--threads: must be >= 1, got {args.threads}")
-    dataset = load_dataset(_dataset_dir(args), config.image_size)
-    external = load_external(args.external, dataset.classes, config.image_size) if args.external else None
-    result = train_trial(config, dataset, external, threads=args.threads)
+    made_out = bool(args.out) and not args.out.exists()
+    weights = _weights_folder(args.out, time.strftime("train-%Y%m%d-%H%M%S")) if args.out else None
+    try:
+        dataset = load_dataset(_dataset_dir(args), config.image_size)
+        external = load_external(args.external, dataset.classes, config.image_size) if args.external else None
+        result = train_trial(config, dataset, external, threads=args.threads, checkpoint_dir=weights)
+    except BaseException:
+        if weights is not None:  # leave --out as it was: no weights folder without its results row
+            shutil.rmtree(weights if not made_out else args.out, ignore_errors=True)
+        raise
     if args.out:
-        path = save_trial(args.out, result)
-        print(f"results written to {path}", file=sys.stderr)
+        (weights / PREVIOUS).unlink(missing_ok=True)  # the epoch before the last: only a fallback while training
+        path = save_trial(args.out, result, trial_id=weights.name, checkpoint=str(weights.resolve()))
+        print(f"results written to {path}; weights in {weights}", file=sys.stderr)
     print_result(result.final, as_json=args.json)
+
+
+def _weights_folder(out: Path, trial_id: str) -> Path:
+    """A new folder OUT/<trial id>/ for the trial's checkpoint.pt, made before training so an unwritable --out fails at once."""
+    for n in range(1, 100):
+        folder = out / (trial_id if n == 1 else f"{trial_id}-{n}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise AslTuneError(f"--out: cannot write to {out}: {e.strerror or e}") from None
+    raise AslTuneError(f"--out: {out} already holds 99 trials named {trial_id}*")
 
 
 def print_result(final: dict, as_json: bool) -> None:

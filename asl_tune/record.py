@@ -99,6 +99,11 @@ class ParquetRecorder(Callback):
             self.store.put_per_class(trial.trial_id, result["per_class"])
         self._flush()
 
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        # The newest checkpoint is the one Tune keeps longest (CheckpointConfig.num_to_keep drops the oldest).
+        self.store.put_trial({"trial_id": trial.trial_id, "checkpoint": checkpoint_location(checkpoint)})
+        self._flush()
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         status = final_status(result, self.space.config(trial.config).epochs)
@@ -119,6 +124,17 @@ class ParquetRecorder(Callback):
         score = result.get(self.space.metric)
         shown = f"{self.space.metric} {score:.4f}" if isinstance(score, float) and math.isfinite(score) else message
         print(f"[{done}/{self.total}] trial {trial.trial_id} {status.replace('_', ' ')}: {shown} ({what})", file=sys.stderr, flush=True)
+
+
+# pyarrow filesystem type -> URI scheme, for checkpoints Ray keeps off this machine (--storage, results at a URI)
+_SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs", "abfs": "abfs"}
+
+
+def checkpoint_location(checkpoint) -> str:
+    """The folder of a Tune checkpoint (it holds the trainer's checkpoint.pt): a local path, or a URI for object storage."""
+    path = checkpoint.path.rstrip("/")
+    kind = checkpoint.filesystem.type_name
+    return path if kind == "local" else f"{_SCHEMES.get(kind, kind)}://{path}"
 
 
 def _error_message(trial) -> str:

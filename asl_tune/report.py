@@ -388,6 +388,7 @@ def _sweep_markdown(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, v
         "- external accuracy: " + (_fmt(best["external_accuracy"]) if pd.notna(best["external_accuracy"]) else "no external set attached"),
         f"- keeps up with 30 fps video at batch 1: {_thirty_fps(best)}",
         f"- inference: {_fmt(best['infer_img_per_s'])} img/s at batch 64; {_fmt(best['n_parameters'])} parameters; trained {_fmt(best['train_seconds'])} s on {_fmt(best.get('device'))}",
+        "- weights: " + (f"`{best['checkpoint']}` (`asl_tune.train.load_trained(path)` gives the network, ready to `classify` images)" if pd.notna(best.get("checkpoint")) else "no checkpoint recorded"),
         "",
         markdown_table(_config_table(best)),
         "",
@@ -508,6 +509,10 @@ def terminal_summary(reports: list[SweepReport], objectives: Objectives, shown: 
         lines.append(f"  front: {len(r.front)} trial{'' if len(r.front) == 1 else 's'}, hypervolume {r.hypervolume:.6g}")
         if accurate is not None:
             lines.append(f"  most accurate: {accurate['trial_id']} (val_accuracy {_fmt(accurate['val_accuracy'])})")
+        if len(r.top) and "checkpoint" in trials.columns:
+            weights = trials.loc[trials["trial_id"] == r.top.iloc[0]["trial_id"], "checkpoint"].dropna()
+            if len(weights):
+                lines.append(f"  best trial's weights: {weights.iloc[0]}")
         lines.append(f"  report: {r.report}")
     return "\n".join(lines)
 

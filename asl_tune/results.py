@@ -45,12 +45,13 @@ TRIAL_COLUMNS = [
     "node_id",
     "hostname",
     "device",
+    "checkpoint",
     "error",
 ]
 EPOCH_COLUMNS = ["trial_id", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "train_img_per_s", "images_seen", "seconds"]
 CONFUSION_COLUMNS = ["trial_id", "true_label", "pred_label", "count"]
 PER_CLASS_COLUMNS = ["trial_id", "class_name", "support", "precision", "recall", "fpr", "fnr"]
-METRICS = [c for c in TRIAL_COLUMNS if c not in ("trial_id", "status", "node_id", "hostname", "device", "error", "keeps_up_30fps")]
+METRICS = [c for c in TRIAL_COLUMNS if c not in ("trial_id", "status", "node_id", "hostname", "device", "checkpoint", "error", "keeps_up_30fps")]
 
 
 def is_plain_name(name: str) -> bool:
@@ -201,14 +202,14 @@ def _ordered(df: pd.DataFrame, first: list[str]) -> pd.DataFrame:
 
 
 
-def save_trial(folder: Path, result, trial_id: str | None = None, **where: str) -> Path:
+def save_trial(folder: Path, result, trial_id: str | None = None, checkpoint: str | None = None, **where: str) -> Path:
     """Write one trial's TrialResult (from `asl-tune train`) in the sweep's format; return the folder."""
     import time
 
     trial_id = trial_id or time.strftime("train-%Y%m%d-%H%M%S")
     store = ResultsStore(folder)
     params = {k: getattr(result.config, k) for k in result.config.__dataclass_fields__}
-    store.put_trial(trial_row(trial_id, result.status, params, result.final, **where))
+    store.put_trial({**trial_row(trial_id, result.status, params, result.final, **where), "checkpoint": checkpoint})
     for row in result.epochs:
         store.put_epoch(trial_id, row)
     if result.confusion is not None:

@@ -22,7 +22,7 @@ from torch import nn
 from asl_tune.config import TrialConfig, config_problems
 from asl_tune.data import DecodedDataset, make_splits, subsample
 from asl_tune.errors import AslTuneError
-from asl_tune.evaluate import Batcher, confusion_matrix, measure_speed, pair_rates, per_class_rates, predict
+from asl_tune.evaluate import EVAL_BATCH, Batcher, confusion_matrix, measure_speed, pair_rates, per_class_rates, predict
 from asl_tune.model import DexNet, count_parameters
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,59 @@ def load_checkpoint(folder: Path) -> dict | None:
         except Exception as e:
             log.warning("checkpoint %s is unreadable (%s: %s); trying an older one", path, type(e).__name__, e)
     return None
+
+
+@dataclass
+class Trained:
+    """A trained DexNet ready to classify: the network in eval mode, its class names, and the settings it was trained with."""
+
+    model: nn.Module
+    classes: list[str]
+    config: TrialConfig
+    source: str
+
+    @torch.inference_mode()
+    def classify(self, images: np.ndarray, device: torch.device | None = None) -> list[str]:
+        """Class names for (N, S, S, 3) uint8 RGB images at S = config.image_size, normalised as in training."""
+        images = np.asarray(images)
+        size = self.config.image_size
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+            raise AslTuneError(f"images: must be a (N, {size}, {size}, 3) uint8 RGB array for {self.source}, got {images.dtype} {images.shape}")
+        device = device or pick_device()
+        model = self.model.to(device)
+        batcher = Batcher(np.ascontiguousarray(images), device, channels_last=False)
+        rows = torch.arange(len(images))
+        preds = [model(batcher.batch(rows[s : s + EVAL_BATCH])).argmax(1).cpu() for s in range(0, len(rows), EVAL_BATCH)]
+        return [self.classes[i] for i in torch.cat(preds).tolist()] if preds else []
+
+
+def load_trained(where: str | Path) -> Trained:
+    """The network a trial trained, from its checkpoint.pt, or the folder that holds one (a path, or a URI pyarrow opens).
+
+    trials.parquet's `checkpoint` column names the folder of each trial's last checkpoint.
+    """
+    import io
+
+    where = str(where)
+    path = where if where.endswith(".pt") else f"{where.rstrip('/')}/{CHECKPOINT}"
+    try:
+        if "://" in path:
+            from pyarrow import fs
+
+            filesystem, inner = fs.FileSystem.from_uri(path)
+            with filesystem.open_input_file(inner) as f:
+                blob = io.BytesIO(f.read())
+        else:
+            blob = io.BytesIO(Path(path).read_bytes())
+        state = torch.load(blob, map_location="cpu", weights_only=True)  # data, never code
+    except Exception as e:  # missing, unreachable, torn, or not a torch file
+        raise AslTuneError(f"{where}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "config" not in state or "classes" not in state:
+        raise AslTuneError(f"{where}: this checkpoint does not record its settings and classes (written before asl-tune saved them); retrain to load it")
+    config = TrialConfig(**state["config"])
+    model = DexNet(config.head_width, config.image_size, len(state["classes"]), config.dropout)
+    model.load_state_dict(state["model"])
+    return Trained(model.eval(), list(state["classes"]), config, where)
 
 
 def _set_threads(threads: int | None) -> None:
@@ -198,6 +251,9 @@ def train_trial(
                     "train_compute_s": train_compute_s,
                     "history_keys": list(history[0].keys()),
                     "history": torch.tensor([list(r.values()) for r in history], dtype=torch.float64),
+                    # enough to rebuild the network without the sweep: see load_trained
+                    "config": asdict(config),
+                    "classes": list(dataset.classes),
                 },
             )
         if report:

@@ -10,10 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from asl_tune.cli import main
+from asl_tune.errors import AslTuneError
+from asl_tune.train import load_trained
+from conftest import class_image
 from sweeps import write_space
 
 TINY = ["--image-size", "32", "--head-width", "32", "--batch-size", "16", "--epochs", "2", "--threads", "1"]
@@ -45,6 +50,34 @@ def test_train_out_writes_the_sweep_format(tiny_dataset, tmp_path, capsys):
     assert list(epochs["epoch"]) == [1, 2] and (epochs["trial_id"] == trials["trial_id"].iloc[0]).all()
     assert set(confusion["true_label"]) <= {"A", "B", "C", "del", "nothing"} and confusion["count"].sum() == 10
     assert "confusions" in capsys.readouterr().out or math.isclose(trials["test_accuracy"].iloc[0], 1.0)
+    # The weights: one folder per trial, holding the final checkpoint only, named in the trial's row.
+    weights = Path(trials["checkpoint"].iloc[0])
+    assert weights == (tmp_path / "one" / trials["trial_id"].iloc[0]).resolve()
+    assert [p.name for p in weights.iterdir()] == ["checkpoint.pt"]
+    net = load_trained(weights)
+    assert net.config.head_width == 32 and net.classes == ["A", "B", "C", "del", "nothing"]
+    images = np.stack([np.asarray(class_image(label, 1, 32)) for label in range(5)])
+    assert set(net.classify(images)) <= set(net.classes) and len(net.classify(images)) == 5
+    with pytest.raises(AslTuneError, match=r"images: must be a \(N, 32, 32, 3\) uint8"):
+        net.classify(images[:, :16])
+    # A second run into the same folder adds a trial and its own weights; the first stays loadable.
+    assert main(["train", "--data", str(tiny_dataset), *TINY, "--out", str(tmp_path / "one")]) == 0
+    both = pd.read_parquet(tmp_path / "one" / "trials.parquet")
+    assert len(both) == 2 and both["checkpoint"].is_unique and all(Path(c).is_dir() for c in both["checkpoint"])
+
+
+def test_train_refuses_an_out_folder_it_cannot_write_before_training(tiny_dataset, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["train", "--data", str(tiny_dataset), *TINY, "--out", str(tmp_path / "file" / "out")]) == 2
+    assert one_error_line(capsys).startswith("asl-tune: error: --out: cannot write to")  # before any decoding or training
+
+
+def test_load_trained_names_a_missing_or_foreign_checkpoint(tmp_path):
+    with pytest.raises(AslTuneError, match="nowhere: not a readable checkpoint"):
+        load_trained(tmp_path / "nowhere")
+    torch.save({"model": {}}, tmp_path / "old.pt")
+    with pytest.raises(AslTuneError, match="does not record its settings and classes"):
+        load_trained(tmp_path / "old.pt")
 
 
 @pytest.mark.parametrize("option, value, rule", [
@@ -77,8 +110,9 @@ def test_usage_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_dataset_refusals_name_the_folder(tmp_path, capsys):
-    assert main(["train", "--data", str(tmp_path / "missing")]) == 2
+    assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "--data" in (line := one_error_line(capsys)) and "missing" in line
+    assert not (tmp_path / "out").exists()  # nothing made for a refused run
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "x.jpg").write_bytes(b"not a jpeg")
     assert main(["data", "check", str(tmp_path / "flat")]) == 2

@@ -7,6 +7,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import ray
@@ -14,8 +15,10 @@ from PIL import Image
 from ray.cluster_utils import Cluster
 
 from asl_tune.cli import main
+from asl_tune.data import load_dataset, make_splits
 from asl_tune.request import SweepRequest
 from asl_tune.sweep import run_sweep
+from asl_tune.train import load_trained
 from asl_tune.trial import FAULT_ENV
 from conftest import make_dataset
 from sweeps import assert_consistent, kill_group, read, run_to_end, start_cli, wait_for, write_space
@@ -72,6 +75,25 @@ def test_sweep_records_completed_diverged_and_errored_trials_and_goes_on(faulty_
     assert confusion[confusion.trial_id == healthy.trial_id]["count"].sum() == 15  # 5 classes x 3 test frames
     state = json.loads((folder / "sweep.json").read_text())
     assert [r["finished"] for r in state["runs"]] == [True, True]
+
+
+def test_each_trial_records_its_last_checkpoint_and_it_loads_as_the_trained_network(faulty_sweep, data):
+    folder, before, _ = faulty_sweep
+    trials = before["trials"]
+    has = trials.set_index("status")["checkpoint"].notna().to_dict()
+    assert has == {"completed": True, "errored": True, "diverged": False}  # errored: the epoch it finished; diverged: no sound weights
+    for checkpoint in trials["checkpoint"].dropna():
+        assert Path(checkpoint).is_relative_to(folder / "ray" / "run-1") and (Path(checkpoint) / "checkpoint.pt").is_file()
+    healthy = trials[trials.status == "completed"].iloc[0]
+    net = load_trained(healthy.checkpoint)
+    assert net.config.head_width == healthy.params_head_width and net.config.lr == healthy.params_lr and net.config.epochs == 2
+    # The weights are the final ones: on the trial's own validation split they score what the trial reported.
+    dataset = load_dataset(data, net.config.image_size)
+    val = make_splits(dataset.labels, dataset.frames, net.config.split, net.config.seed).val
+    predicted = net.classify(dataset.images[val])
+    accuracy = np.mean([p == dataset.classes[label] for p, label in zip(predicted, dataset.labels[val])])
+    assert accuracy == pytest.approx(healthy.val_accuracy)
+    assert net.classes == dataset.classes
 
 
 def test_extend_adds_trials_that_the_same_study_learns_from(faulty_sweep):
@@ -155,8 +177,10 @@ def test_analyze_renders_every_plot_from_a_real_sweep(faulty_sweep, capsys):
             assert img.size[0] >= 300 and img.size[1] >= 200, name
     text = (report / "report.md").read_text()
     assert "pareto.png" in text and "learning_curves.png" in text
-    front = pd.read_parquet(report / "pareto_front.parquet")
     trials = read(folder, "trials")
+    best = trials.loc[trials.status == "completed"].sort_values("val_accuracy").iloc[-1]
+    assert f"- weights: `{best.checkpoint}`" in text and f"best trial's weights: {best.checkpoint}" in out
+    front = pd.read_parquet(report / "pareto_front.parquet")
     assert set(front["trial_id"]) <= set(trials.loc[trials.status.isin(["completed", "stopped_early"]), "trial_id"]) and len(front) >= 1
 
 
@@ -201,6 +225,9 @@ def test_a_sweep_with_results_at_a_uri_mirrors_its_files_there(uri_sweep):
     assert (remote / "run-1" / "tuner.pkl").is_file()  # Ray's run, at the URI too
     (staging,) = (work / "cache-a" / "sweeps").glob("*/remote")
     assert set(pd.read_parquet(staging / "trials.parquet")["trial_id"]) == set(before["trial_id"])
+    for checkpoint in before["checkpoint"]:  # Ray keeps the checkpoints at the URI's run folder
+        assert Path(checkpoint).is_relative_to(remote / "run-1")
+        assert load_trained(Path(checkpoint).as_uri()).config.epochs == 1
 
 
 def test_extend_from_an_empty_working_copy_continues_the_study_at_the_uri(uri_sweep):
