@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objectives", help="comma-separated metric:max|min pairs for the front (default val_accuracy:max,infer_img_per_s:max)")
     p.set_defaults(func=cmd_analyze)
 
+    p = sub.add_parser("evaluate", help="score trained weights on another set of images", description="Score a trained network (a trial's checkpoint: the `checkpoint` column of trials.parquet, or asl-tune train --out's) on another set of images, such as other people's hands: accuracy, the most confused pairs and the classes recalled worst. Images are resized to the size the network was trained at.")
+    p.add_argument("weights", metavar="WEIGHTS", help="checkpoint.pt, the folder holding it, or a URI pyarrow opens (s3://, gs://, file://)")
+    p.add_argument("--data", type=Path, required=True, metavar="DIR", help="the images: the Kaggle test folder (<class>_test.jpg) or a folder per class, named as the network's classes")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=cmd_evaluate)
+
     data = sub.add_parser("data", help="inspect or generate datasets").add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     p = data.add_parser("check", help="decode a dataset (through the cache) and report classes, counts, splits and skipped files")
     p.add_argument("folder", type=Path, help="dataset folder (Kaggle layout or folder per class)")
@@ -163,6 +169,30 @@ def _weights_folder(out: Path, trial_id: str) -> Path:
     raise AslTuneError(f"--out: {out} already holds 99 trials named {trial_id}*")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """asl-tune evaluate: a trained network's accuracy and confusions on another set of images."""
+    from asl_tune.data import load_external
+    from asl_tune.evaluate import score
+    from asl_tune.train import load_trained, pick_device
+
+    try:
+        net = load_trained(args.weights)
+    except AslTuneError as e:
+        raise AslTuneError(f"WEIGHTS: {e}") from None
+    images = load_external(args.data, net.classes, net.config.image_size, option="--data")
+    judged = score(net.model, images.images, images.labels, net.classes, pick_device())
+    metrics = judged["metrics"]
+    if args.json:
+        per_class = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()} for row in judged["per_class"]]
+        print_result({**metrics, "per_class": per_class}, as_json=True)
+        return
+    print(f"accuracy           {metrics['accuracy']:.4f} on {metrics['images']} images ({len(net.classes)} classes; chance {1 / len(net.classes):.4f})")
+    print_pairs(metrics)
+    present = [r for r in judged["per_class"] if r["support"]]
+    worst = sorted(present, key=lambda r: r["recall"])[:5]
+    print("worst recall       " + ", ".join(f"{r['class_name']} {r['recall']:.1%}" for r in worst))
+
+
 def print_result(final: dict, as_json: bool) -> None:
     """The final metrics: a short table, or one JSON object on the last line."""
     if as_json:
@@ -172,7 +202,12 @@ def print_result(final: dict, as_json: bool) -> None:
         if key in final:
             v = final[key]
             print(f"{key:<18} {v:.4f}" if isinstance(v, float) else f"{key:<18} {v}")
-    pairs = {k: v for k, v in final.items() if k.startswith("pair_") and isinstance(v, float) and v > 0}
+    print_pairs(final)
+
+
+def print_pairs(metrics: dict) -> None:
+    """The confusion pairs that happened, most frequent first: "confusions  U->R 12.0%, ..."."""
+    pairs = {k: v for k, v in metrics.items() if k.startswith("pair_") and isinstance(v, float) and v > 0}
     if pairs:
         print("confusions        " + ", ".join(f"{k[5:].replace('_as_', '->')} {v:.1%}" for k, v in sorted(pairs.items(), key=lambda kv: -kv[1])))
 

@@ -293,11 +293,14 @@ def load_dataset(root: Path, image_size: int, progress: bool = True, workers: in
 _KAGGLE_TEST_NAME = re.compile(r"^(.+)_test$")
 
 
-def load_external(root: Path, classes: list[str], image_size: int, progress: bool = True) -> DecodedDataset:
-    """Decode an extra evaluation set: the Kaggle test folder (<class>_test.jpg, flat) or any folder-per-class tree, labelled with the training classes."""
+def load_external(root: Path, classes: list[str], image_size: int, progress: bool = True, option: str = "--external") -> DecodedDataset:
+    """Decode an extra evaluation set: the Kaggle test folder (<class>_test.jpg, flat) or any folder-per-class tree, labelled with the training classes.
+
+    `option` is how the user named the folder, for error messages.
+    """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise AslTuneError(f"--external: folder does not exist: {root}")
+        raise AslTuneError(f"{option}: folder does not exist: {root}")
     here = root
     for _ in range(2):  # asl_alphabet_test/asl_alphabet_test
         if (here / KAGGLE_TEST).is_dir():
@@ -309,19 +312,19 @@ def load_external(root: Path, classes: list[str], image_size: int, progress: boo
             m = _KAGGLE_TEST_NAME.match(f.stem)
             name = m.group(1) if m else None
             if name not in classes:
-                raise AslTuneError(f"--external: {f.name}: flat files must be named <class>_test.<ext> with a training class, got {f.name!r}")
+                raise AslTuneError(f"{option}: {f.name}: flat files must be named <class>_test.<ext> with a training class, got {f.name!r}")
             entries.append((f, classes.index(name), 0))
         class_root = here
     else:
-        class_root = find_class_root(root, "--external")
+        class_root = find_class_root(root, option)
         ext_classes, raw = _list_class_tree(class_root)
         unknown = [c for c in ext_classes if c not in classes]
         if unknown:
-            raise AslTuneError(f"--external: class folder(s) not among the training classes: {', '.join(unknown)} in {class_root}")
+            raise AslTuneError(f"{option}: class folder(s) not among the training classes: {', '.join(unknown)} in {class_root}")
         entries = [(p, classes.index(ext_classes[label]), fr) for p, label, fr in raw]
     ds = _cached_decode(class_root, list(classes), entries, image_size, progress, workers=None)
     if len(ds.labels) == 0:
-        raise AslTuneError(f"--external: no readable image in {class_root}")
+        raise AslTuneError(f"{option}: no readable image in {class_root}")
     return ds
 
 

@@ -154,3 +154,12 @@ def measure_speed(model: nn.Module, batcher: Batcher, rows: np.ndarray, autocast
         "latency_ms_p95": p95,
         "keeps_up_30fps": bool(p95 <= FRAME_BUDGET_MS),
     }
+
+
+def score(model: nn.Module, images: np.ndarray, labels: np.ndarray, classes: list[str], device: torch.device) -> dict:
+    """Accuracy, mean loss, the confusion pairs and per-class rates of a trained network on every image of a set."""
+    batcher = Batcher(images, device, channels_last=False)
+    pred, loss = predict(model.to(device), batcher, np.arange(len(labels)), labels)
+    cm = confusion_matrix(labels, pred, len(classes))
+    metrics = {"images": int(len(labels)), "accuracy": float(np.trace(cm) / max(cm.sum(), 1)), "loss": loss, **pair_rates(cm, classes)}
+    return {"metrics": metrics, "confusion": cm.tolist(), "per_class": per_class_rates(cm, classes)}

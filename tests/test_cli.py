@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from asl_tune.cli import main
+from asl_tune.data import load_external
 from asl_tune.errors import AslTuneError
 from asl_tune.train import load_trained
-from conftest import class_image
+from conftest import class_image, make_dataset
 from sweeps import write_space
 
 TINY = ["--image-size", "32", "--head-width", "32", "--batch-size", "16", "--epochs", "2", "--threads", "1"]
@@ -64,6 +65,39 @@ def test_train_out_writes_the_sweep_format(tiny_dataset, tmp_path, capsys):
     assert main(["train", "--data", str(tiny_dataset), *TINY, "--out", str(tmp_path / "one")]) == 0
     both = pd.read_parquet(tmp_path / "one" / "trials.parquet")
     assert len(both) == 2 and both["checkpoint"].is_unique and all(Path(c).is_dir() for c in both["checkpoint"])
+
+
+def test_evaluate_scores_trained_weights_on_another_set_of_images(tiny_dataset, tmp_path, capsys):
+    assert main(["train", "--data", str(tiny_dataset), *TINY, "--out", str(tmp_path / "one")]) == 0
+    weights = pd.read_parquet(tmp_path / "one" / "trials.parquet")["checkpoint"].iloc[0]
+    other = make_dataset(tmp_path / "other", per_class=4, seed=7)  # other "hands": a different noise seed
+    capsys.readouterr()
+    assert main(["evaluate", weights, "--data", str(other), "--json"]) == 0
+    judged = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    net = load_trained(weights)
+    decoded = load_external(other, net.classes, 32, progress=False)
+    expected = np.mean([p == net.classes[label] for p, label in zip(net.classify(decoded.images), decoded.labels)])
+    assert judged["images"] == 20 and judged["accuracy"] == pytest.approx(expected)
+    assert [r["class_name"] for r in judged["per_class"]] == net.classes and sum(r["support"] for r in judged["per_class"]) == 20
+    # The Kaggle test layout: one flat folder of <class>_test.jpg.
+    flat = tmp_path / "kaggle_test"
+    flat.mkdir()
+    for label, name in enumerate(["A", "B", "C", "del", "nothing"]):
+        class_image(label, 1, 48, seed=3).save(flat / f"{name}_test.jpg")
+    assert main(["evaluate", weights, "--data", str(flat)]) == 0
+    out = capsys.readouterr().out
+    assert "on 5 images (5 classes; chance 0.2000)" in out and "worst recall" in out
+
+
+def test_evaluate_refusals_name_the_argument(tiny_dataset, tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "none"), "--data", str(tiny_dataset)]) == 2
+    assert one_error_line(capsys).startswith("asl-tune: error: WEIGHTS: ")
+    assert main(["train", "--data", str(tiny_dataset), *TINY, "--out", str(tmp_path / "one")]) == 0
+    weights = pd.read_parquet(tmp_path / "one" / "trials.parquet")["checkpoint"].iloc[0]
+    capsys.readouterr()
+    strange = make_dataset(tmp_path / "strange", per_class=3, classes=["A", "Z"])
+    assert main(["evaluate", weights, "--data", str(strange)]) == 2
+    assert "--data: class folder(s) not among the training classes: Z" in one_error_line(capsys)
 
 
 def test_train_refuses_an_out_folder_it_cannot_write_before_training(tiny_dataset, tmp_path, capsys):
@@ -184,7 +218,7 @@ def test_an_address_where_no_cluster_answers_fails_fast(tiny_dataset, tmp_path):
 
 
 def test_every_command_explains_itself():
-    for args in (["--help"], ["train", "--help"], ["sweep", "--help"], ["resume", "--help"], ["analyze", "--help"], ["data", "check", "--help"], ["data", "synth", "--help"]):
+    for args in (["--help"], ["train", "--help"], ["sweep", "--help"], ["resume", "--help"], ["analyze", "--help"], ["evaluate", "--help"], ["data", "check", "--help"], ["data", "synth", "--help"]):
         proc = subprocess.run([sys.executable, "-m", "asl_tune", *args], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: asl-tune" in proc.stdout, args
 
