@@ -239,6 +239,8 @@ def _fit(tuner, folder: Path, state: SweepState, name: str, mirror: Mirror | Non
     print(f"sweep {name!r} done: {len(trials)} trials ({summary})", file=sys.stderr)
     if len(best):
         print(f"best val_accuracy {best['val_accuracy'].iloc[0]:.4f} (trial {best['trial_id'].iloc[0]})", file=sys.stderr)
+        if "checkpoint" in best.columns and best["checkpoint"].notna().iloc[0]:
+            print(f"its weights: {best['checkpoint'].iloc[0]} (asl-tune evaluate WEIGHTS --data DIR scores them on other images)", file=sys.stderr)
     where = f"{mirror.remote}/" if mirror else f"{folder}/"
     print(f"results: {where}trials.parquet, epochs.parquet, confusion.parquet; next: asl-tune analyze {name}{flag}", file=sys.stderr)
     if mirror:

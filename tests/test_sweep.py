@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray
+import torch
 from PIL import Image
 from ray.cluster_utils import Cluster
 
@@ -164,6 +166,11 @@ def test_resume_after_sigkill_of_the_driver_continues_interrupted_trials(tmp_pat
     for epoch in kept.index[:-1]:
         assert mine.loc[epoch, "seconds"] == kept.loc[epoch, "seconds"], epoch
     assert (mine.loc[kept.index, "train_loss"] == kept["train_loss"]).all()
+    # The recorder Tune restored still records checkpoints: the interrupted trial's row names its final one.
+    final = Path(trials.set_index("trial_id").loc[interrupted, "checkpoint"])
+    assert torch.load(final / "checkpoint.pt", weights_only=True)["epoch"] + 1 == 6
+    best = re.search(r"best val_accuracy \S+ \(trial (\w+)\)", out).group(1)
+    assert f"its weights: {trials.set_index('trial_id').loc[best, 'checkpoint']} " in out
 
 
 def test_analyze_renders_every_plot_from_a_real_sweep(faulty_sweep, capsys):
@@ -178,7 +185,7 @@ def test_analyze_renders_every_plot_from_a_real_sweep(faulty_sweep, capsys):
     text = (report / "report.md").read_text()
     assert "pareto.png" in text and "learning_curves.png" in text
     trials = read(folder, "trials")
-    best = trials.loc[trials.status == "completed"].sort_values("val_accuracy").iloc[-1]
+    best = trials.set_index("trial_id").loc[re.search(r"## Best trial: (\w+)", text).group(1)]
     assert f"- weights: `{best.checkpoint}`" in text and f"best trial's weights: {best.checkpoint}" in out
     front = pd.read_parquet(report / "pareto_front.parquet")
     assert set(front["trial_id"]) <= set(trials.loc[trials.status.isin(["completed", "stopped_early"]), "trial_id"]) and len(front) >= 1
