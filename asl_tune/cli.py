@@ -183,8 +183,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     judged = score(net.model, images.images, images.labels, net.classes, pick_device())
     metrics = judged["metrics"]
     if args.json:
-        per_class = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()} for row in judged["per_class"]]
-        print_result({**metrics, "per_class": per_class}, as_json=True)
+        print_result({**metrics, "per_class": judged["per_class"]}, as_json=True)
         return
     print(f"accuracy           {metrics['accuracy']:.4f} on {metrics['images']} images ({len(net.classes)} classes; chance {1 / len(net.classes):.4f})")
     print_pairs(metrics)
@@ -196,13 +195,22 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def print_result(final: dict, as_json: bool) -> None:
     """The final metrics: a short table, or one JSON object on the last line."""
     if as_json:
-        print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in final.items()}))
+        print(json.dumps(_json_safe(final)))
         return
     for key in ("status", "val_accuracy", "test_accuracy", "external_accuracy", "train_img_per_s", "infer_img_per_s", "latency_ms_p50", "latency_ms_p95", "keeps_up_30fps", "n_parameters", "device"):
         if key in final:
             v = final[key]
             print(f"{key:<18} {v:.4f}" if isinstance(v, float) else f"{key:<18} {v}")
     print_pairs(final)
+
+
+def _json_safe(value):
+    """value with every non-finite float, however deeply nested, as None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def print_pairs(metrics: dict) -> None:

@@ -101,8 +101,11 @@ class ParquetRecorder(Callback):
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         # The newest checkpoint is the one Tune keeps longest (CheckpointConfig.num_to_keep drops the oldest).
+        # Written with the trial's next event (the next epoch, its end or error), not rewritten on its own.
         self.store.put_trial({"trial_id": trial.trial_id, "checkpoint": checkpoint_location(checkpoint)})
-        self._flush()
+
+    def on_experiment_end(self, trials, **info):
+        self._flush()  # whatever the last events left unwritten
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}

@@ -73,7 +73,7 @@ def test_evaluate_scores_trained_weights_on_another_set_of_images(tiny_dataset, 
     other = make_dataset(tmp_path / "other", per_class=4, seed=7)  # other "hands": a different noise seed
     capsys.readouterr()
     assert main(["evaluate", weights, "--data", str(other), "--json"]) == 0
-    judged = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    judged = json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     net = load_trained(weights)
     decoded = load_external(other, net.classes, 32, progress=False)
     expected = np.mean([p == net.classes[label] for p, label in zip(net.classify(decoded.images), decoded.labels)])
