@@ -18,6 +18,12 @@ Choices worth knowing:
   every finished trial of every sweep it is given, so compared sweeps' hypervolumes share one reference.
 - Parameter importance is Optuna's PED-ANOVA, run on an in-memory study rebuilt from trials.parquet
   (so it needs no study.db and works on copied-back results).
+- Confusion-pair rates come from each trial's full test confusion matrix (confusion.parquet), not
+  from trials.parquet's pair_* columns: a trial records only the watch list and its own five worst
+  pairs there, so a pair is missing wherever it was not among them and any average of those columns
+  covers only the trials where the pair was bad. `load_sweep` recomputes the recorded pair_* columns
+  (so `--objectives pair_X_as_Y` ranks every trial on its true rate); `finished_pair_rates` gives
+  every pair. A sweep without confusion counts falls back to the pair_* columns.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from asl_tune.alphabet import ASL_CLASSES
+from asl_tune.alphabet import ASL_CLASSES, WATCH_PAIRS
 from asl_tune.errors import AslTuneError
 from asl_tune.results import (
     FINISHED,
@@ -318,6 +324,96 @@ def _param_value(value, distribution):
     return _plain(value)
 
 
+# ---------------------------------------------------------------------------------------------
+# Confusion-pair rates
+
+
+def _pair_column(true: str, pred: str) -> str:
+    return f"{PAIR_PREFIX}{true}_as_{pred}"
+
+
+def pair_rates(confusion: pd.DataFrame, pairs: Sequence[tuple[str, str]] = ()) -> pd.DataFrame:
+    """Share of true X predicted as Y for every trial in the long confusion counts: trial_id, then one pair_<X>_as_<Y> column per pair.
+
+    The pairs: the watch list (where both classes occur), every pair some trial confused, and `pairs`.
+    A trial that never confused a pair has 0; NaN only where its test split has no image of X.
+    """
+    counts = confusion.assign(count=pd.to_numeric(confusion["count"], errors="coerce").fillna(0.0))
+    ids = sorted(counts["trial_id"].unique(), key=str)
+    labels = set(counts["true_label"]) | set(counts["pred_label"])
+    confused = counts[(counts["true_label"] != counts["pred_label"]) & (counts["count"] > 0)]
+    wanted = [(t, p) for t, p in WATCH_PAIRS if t in labels and p in labels]
+    for pair in [*sorted(set(zip(confused["true_label"], confused["pred_label"]))), *(tuple(p) for p in pairs)]:
+        if pair not in wanted:
+            wanted.append(pair)
+    cells = counts.groupby(["trial_id", "true_label", "pred_label"])["count"].sum().to_dict()
+    support = counts.groupby(["trial_id", "true_label"])["count"].sum().to_dict()  # every image of X, the diagonal included
+    hits = np.array([[cells.get((i, t, p), 0.0) for t, p in wanted] for i in ids], dtype=float).reshape(len(ids), len(wanted))
+    totals = np.array([[support.get((i, t), 0.0) for t, _ in wanted] for i in ids], dtype=float).reshape(len(ids), len(wanted))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rates = np.where(totals > 0, hits / totals, np.nan)
+    out = pd.DataFrame(rates, columns=[_pair_column(t, p) for t, p in wanted])
+    out.insert(0, "trial_id", ids)
+    return out
+
+
+def with_pair_rates(trials: pd.DataFrame, confusion: pd.DataFrame) -> pd.DataFrame:
+    """A copy whose pair_* columns hold, for every trial with confusion counts, its rate from those counts instead of the top-five record."""
+    columns = [c for c in trials.columns if _PAIR_RE.match(c)]
+    out = trials.copy()
+    if not columns or confusion.empty:
+        return out
+    rates = pair_rates(confusion, [_PAIR_RE.match(c).groups() for c in columns]).set_index("trial_id")
+    counted = out["trial_id"].isin(rates.index)
+    for column in columns:
+        out.loc[counted, column] = out.loc[counted, "trial_id"].map(rates[column]).astype(float)
+    return out
+
+
+@dataclass
+class PairRates:
+    """The finished trials' confusion-pair rates and where they were read from."""
+
+    rates: pd.DataFrame  # trial_id, then one pair_<X>_as_<Y> column per pair; one row per trial, in id order
+    from_counts: bool  # True: every pair, from confusion.parquet; False: trials.parquet's top-five pair_* columns
+    left_out: int  # finished trials without confusion counts (stopped before their test evaluation)
+
+
+def finished_pair_rates(trials: pd.DataFrame, confusion: pd.DataFrame) -> PairRates:
+    """Every finished trial's pair rates from its confusion counts; trials.parquet's pair_* columns only when no finished trial has counts."""
+    done = finished(trials)
+    counted = confusion[confusion["trial_id"].isin(done["trial_id"])]
+    if len(counted):
+        rates = pair_rates(counted)
+        return PairRates(rates, True, int((~done["trial_id"].isin(rates["trial_id"])).sum()))
+    columns = [c for c in trials.columns if _PAIR_RE.match(c)]
+    rates = numeric_trials(done)[["trial_id", *columns]].dropna(subset=columns, how="all") if columns else done[["trial_id"]].iloc[0:0]
+    rates = rates.sort_values("trial_id", key=lambda ids: ids.astype(str), kind="stable").reset_index(drop=True)
+    return PairRates(rates, False, len(done) - len(rates))
+
+
+def pair_summary(pairs: PairRates, worst: int) -> pd.DataFrame:
+    """The watch-list pairs, then the `worst` others with the highest mean rate: column, pair (X->Y), mean, worst, trials (how many rates)."""
+    frame = pairs.rates
+    watch = [_pair_column(t, p) for t, p in WATCH_PAIRS]
+    present = [c for c in watch if c in frame.columns and frame[c].notna().any()]
+    # A top-five record is missing where the pair was not among the five worst, a rate between 0 and
+    # those five's: ranking such a column by its mean over the trials that have it would put a pair
+    # bad once first, so without counts rank by the mean with the missing rates taken as 0.
+    score = frame.fillna(0.0) if not pairs.from_counts else frame
+    others = [c for c in frame.columns if _PAIR_RE.match(c) and c not in watch and score[c].mean() > 0]
+    others.sort(key=lambda c: (-score[c].mean(), -frame[c].max(), c))
+    columns = present + others[:worst]
+    return pd.DataFrame(
+        {
+            "column": columns,
+            "pair": [c[len(PAIR_PREFIX) :].replace("_as_", "->") for c in columns],
+            "mean": [float(frame[c].mean()) for c in columns],
+            "worst": [float(frame[c].max()) for c in columns],
+            "trials": [int(frame[c].notna().sum()) for c in columns],
+        }
+    )
+
 
 # ---------------------------------------------------------------------------------------------
 # One sweep, read and checked
@@ -329,17 +425,18 @@ class Sweep:
 
     name: str
     folder: Path
-    trials: pd.DataFrame  # numeric_trials(trials.parquet)
+    trials: pd.DataFrame  # numeric_trials(trials.parquet), pair_* columns recomputed from the confusion counts
     epochs: pd.DataFrame
     confusion: pd.DataFrame
 
 
 def load_sweep(results: Path, name: str, objectives: Objectives) -> Sweep:
-    """Read a sweep folder and refuse, in one line, when it is missing, lacks an objective or has no finished trial."""
+    """Read a sweep folder (pair_* rates from its confusion counts) and refuse, in one line, when it is missing, lacks an objective or has no finished trial."""
     folder = Path(results) / name
     if not is_plain_name(name) or not folder.is_dir():
         raise AslTuneError(f"{folder}: no such sweep folder")
-    trials = numeric_trials(read_trials(folder))
+    confusion = read_confusion(folder)
+    trials = with_pair_rates(numeric_trials(read_trials(folder)), confusion)
     for metric, _ in objectives:
         if metric not in trials.columns:  # only a pair_* column can be missing: numeric_trials adds the rest
             raise AslTuneError(f"--objectives: {metric} is not recorded in {folder / 'trials.parquet'}")
@@ -350,4 +447,4 @@ def load_sweep(results: Path, name: str, objectives: Objectives) -> Sweep:
         raise AslTuneError(f"{folder}: no finished trials (completed or stopped early); found {seen}")
     if done.dropna(subset=[m for m, _ in objectives]).empty:
         raise AslTuneError(f"{folder}: no finished trial has a value for every objective ({', '.join(m for m, _ in objectives)})")
-    return Sweep(name, folder, trials, read_epochs(folder), read_confusion(folder))
+    return Sweep(name, folder, trials, read_epochs(folder), confusion)

@@ -52,7 +52,8 @@ def _add_trial_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", dest="image_size", type=int, default=TRAIN_DEFAULTS["image_size"], help="input side in px (default %(default)s for CPUs; the seed used 200)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=d.batch_size, help=f"training batch size (default {d.batch_size})")
     p.add_argument("--split", choices=["blocked", "random"], default=d.split, help="blocked (default): contiguous frame blocks per class, honest; random: the seed's, flattered by near-duplicate frames")
-    p.add_argument("--seed", type=int, default=d.seed, help="seeds split, subsample, shuffling and weights (default 0)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the weights, the shuffling and the --data-fraction subsample (default 0)")
+    p.add_argument("--split-seed", dest="split_seed", type=int, default=d.split_seed, help="seeds which frames go to train/val/test with --split random (default 0)")
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float, help="GPUs per trial, fractions allowed: 0.25 packs four trials on a GPU (default 1 when the cluster has GPUs, else 0)")
     p.add_argument("--address", help="join a running Ray cluster at host:port (or auto) instead of starting one on 127.0.0.1")
     p.add_argument("--storage", help="where trials keep checkpoints, as a URI Ray supports (s3://bucket/path, gs://...), under STORAGE/NAME/; for a cluster whose nodes share no filesystem with a folder --results (default: inside the sweep folder, or URI/NAME/ when --results is a URI)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the searcher and every trial (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the searcher, the split (the same for every trial) and each trial's weights and order, unless the space fixes or searches seed (default 0)")
     p.add_argument("--extend", action="store_true", help="add --num-samples trials to the existing sweep NAME; the searcher learns from all earlier trials")
     p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard on 127.0.0.1 (off by default; it has no authentication)")
     p.set_defaults(func=cmd_sweep)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0  # how long --address may stay silent before we give up
 DEFAULT_RAY_PORT = 6379
+# HTTP/2's client connection preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0).
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000" "04" "00" "00000000")
 
 # Settings Ray reads from the environment of the process that starts it.
 LOCAL_ENV = {
@@ -44,17 +47,30 @@ def parse_address(address: str) -> tuple[str, int] | None:
 
 
 def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """Fail within timeout_s, with one line, when nothing listens at the cluster's address."""
+    """Fail within timeout_s, with one line, unless something at the cluster's address answers as Ray does.
+
+    Ray's GCS (and its client server, ray://) speak gRPC, which answers HTTP/2's connection preface
+    with a SETTINGS frame at once; a port that accepts the connection and then says nothing is not Ray,
+    and ray.init would wait on it for a minute.
+    """
     target = parse_address(address)
     if target is None:
         return
+    deadline = time.monotonic() + timeout_s
+    stage = "connecting"
     try:
-        with socket.create_connection(target, timeout=timeout_s):
-            pass
+        with socket.create_connection(target, timeout=timeout_s) as sock:
+            stage = "waiting for an answer"
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
+            sock.sendall(HTTP2_PREFACE)
+            sock.recv(9)
     except OSError as e:
-        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        if isinstance(e, TimeoutError):
+            why = "timed out connecting" if stage == "connecting" else "it accepted the connection but never answered"
+        else:
+            why = e.strerror or type(e).__name__
         raise AslTuneError(
-            f"--address: no Ray cluster answers at {address} ({why} after at most {timeout_s:.0f} s); "
+            f"--address: no Ray cluster answers at {address} ({why}; gave up after at most {timeout_s:.0f} s); "
             "start one with `ray start --head` or `ray up CLUSTER.yaml`"
         ) from None
 
@@ -76,7 +92,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError) as e:
-            raise AslTuneError(f"--address: cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+            # An explicit address never sends Ray's token unless asked to (Ray's rule): say so when it may be the cause.
+            hint = "" if os.environ.get("RAY_AUTH_MODE") else "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token) as for any Ray driver"
+            raise AslTuneError(f"--address: cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}{hint}") from None
     else:
         context = ray.init(
             address="local",

@@ -28,7 +28,8 @@ class TrialConfig:
     batch_size: int = 64  # training batch size, in images
     image_size: int = 200  # square input side, in pixels (the seed: 200; use 32-64 on CPU)
     split: str = "blocked"  # "blocked" (contiguous frame blocks per class) or "random" (the seed's)
-    seed: int = 0  # seeds the split, the subsample, the shuffling and the weights
+    seed: int = 0  # seeds the weights, the shuffling and the data_fraction subsample
+    split_seed: int = 0  # seeds which frames go to train/val/test (a random split); a sweep holds it for every trial
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -58,6 +59,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "image_size": (lambda v: v >= 32, "must be >= 32 (DexNet's conv stack needs at least 32 px)"),
     "split": (lambda v: v in SPLITS, f"must be one of {', '.join(SPLITS)}"),
     "seed": (lambda v: v >= 0, "must be >= 0"),
+    "split_seed": (lambda v: v >= 0, "must be >= 0"),
 }
 assert set(RULES) == set(TrialConfig.field_names()), "every setting needs a rule"
 

@@ -40,10 +40,11 @@ class ParquetRecorder(Callback):
         self.total = total  # trials this run of the sweep will have, for progress lines
         self.mirror = mirror  # results at a URI: copy the files there as they change (see remote.py)
         self._store: ResultsStore | None = None
+        self._checked = False  # whether rows of trials Tune no longer knows were looked for (once per driver)
 
     def __getstate__(self) -> dict:
         # Tune pickles callbacks with the experiment; a restored recorder re-reads the files instead.
-        return {**self.__dict__, "_store": None}
+        return {**self.__dict__, "_store": None, "_checked": False}
 
     def __setstate__(self, state: dict) -> None:
         if "folder" in state:  # pickled before results could be at a URI
@@ -75,6 +76,25 @@ class ParquetRecorder(Callback):
         self.store.flush()
         if self.mirror is not None:
             self.mirror.sync()
+
+    def on_step_begin(self, iteration, trials, **info):
+        if not self.__dict__.get("_checked"):
+            self._checked = True
+            self._drop_forgotten(trials)
+
+    def _drop_forgotten(self, trials) -> None:
+        """Remove the rows of trials that started after Tune last saved its state and that it restored without.
+
+        Tune runs their settings again as new trials (the study hands them out again, see study.StudySearch),
+        so keeping the rows would count those trials twice. Finished trials of earlier runs are never touched.
+        """
+        known = {t.trial_id for t in trials}
+        forgotten = [tid for tid, row in self.store.trials.items() if row["status"] == "running" and tid not in known]
+        for tid in forgotten:
+            self.store.drop_trial(tid)
+            print(f"trial {tid} started after Tune last saved its state and was not restored; its rows are removed and its settings run again", file=sys.stderr, flush=True)
+        if forgotten:
+            self._flush()
 
     def on_step_end(self, iteration, trials, **info):
         # The searcher writes study.db when it asks for a trial, before the trial starts: copy it up now,

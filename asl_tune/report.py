@@ -16,6 +16,7 @@ Each `plot_*` function draws on a matplotlib Axes it is given and never shows or
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,9 +29,11 @@ from asl_tune.analysis import (
     DEFAULT_OBJECTIVES,
     MODES,
     Objectives,
+    PairRates,
     Sweep,
     describe_objectives,
     finished,
+    finished_pair_rates,
     fixed_params,
     hypervolume,
     importance_problem,
@@ -38,6 +41,7 @@ from asl_tune.analysis import (
     load_sweep,
     most_accurate,
     numeric_trials,
+    pair_summary,
     param_importance,
     pareto_front,
     reference_point,
@@ -171,26 +175,10 @@ def plot_confusion(ax, confusion: pd.DataFrame, classes: Sequence[str]) -> None:
     ax.set_title("Confusion, row-normalised (red: watch-list pairs)")
 
 
-def pair_columns(trials: pd.DataFrame, worst: int = WORST_PAIRS) -> list[str]:
-    """The watch-list pair columns present, then the `worst` other pairs with the highest mean rate over finished trials."""
-    frame = finished(numeric_trials(trials))
-    watch = [f"{PAIR_PREFIX}{x}_as_{y}" for x, y in WATCH_PAIRS]
-    present = [c for c in watch if c in frame.columns and frame[c].notna().any()]
-    others = [c for c in frame.columns if c.startswith(PAIR_PREFIX) and c not in watch and frame[c].notna().any()]
-    others.sort(key=lambda c: (-frame[c].fillna(0).mean(), c))
-    return present + others[:worst]
-
-
-def _pair_name(column: str) -> str:
-    """pair_U_as_R -> U->R."""
-    return column[len(PAIR_PREFIX) :].replace("_as_", "->")
-
-
-def plot_pairs(ax, trials: pd.DataFrame) -> None:
-    """Confusion-pair rates (watch-list, then the sweep's worst) for each finished trial that has them, in id order."""
-    columns = pair_columns(trials)
-    frame = finished(numeric_trials(trials)).dropna(subset=columns, how="all").sort_values("trial_id", kind="stable")
-    if not columns or frame.empty:
+def plot_pairs(ax, rates: pd.DataFrame, columns: Sequence[str]) -> None:
+    """The given pair columns of `rates` (one row per trial, as `finished_pair_rates` gives) across the trials, in id order; watch-list pairs solid."""
+    frame = rates.dropna(subset=list(columns), how="all").sort_values("trial_id", key=lambda ids: ids.astype(str), kind="stable") if columns else rates.iloc[0:0]
+    if frame.empty:
         ax.text(0.5, 0.5, "no confusion-pair rates recorded", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return
@@ -198,7 +186,8 @@ def plot_pairs(ax, trials: pd.DataFrame) -> None:
     x = np.arange(len(frame))
     for column in columns:
         watch = column in watch_list
-        ax.plot(x, frame[column], marker="o" if watch else "s", linestyle="-" if watch else ":", label=_pair_name(column) + ("" if watch else " (worst)"))
+        name = column[len(PAIR_PREFIX) :].replace("_as_", "->")
+        ax.plot(x, frame[column], marker="o" if watch else "s", linestyle="-" if watch else ":", label=name + ("" if watch else " (worst)"))
     ax.set_xticks(x, [str(t) for t in frame["trial_id"]], rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("share of the true class predicted as the other")
     ax.set_ylim(bottom=0)
@@ -334,8 +323,10 @@ def write_sweep_report(sweep: Sweep, objectives: Objectives, reference: Sequence
         ax.set_title(f"{confusion_id}: " + ax.get_title())
     _save(fig, out / "confusion_best.png")
 
+    pairs = finished_pair_rates(trials, sweep.confusion)
+    pair_table = pair_summary(pairs, WORST_PAIRS)
     fig, [ax] = _figure(9, 5)
-    plot_pairs(ax, trials)
+    plot_pairs(ax, pairs.rates, list(pair_table["column"]))
     _save(fig, out / "pairs.png")
 
     importances = {objective: param_importance(trials, objective) for objective in objectives}
@@ -348,12 +339,12 @@ def write_sweep_report(sweep: Sweep, objectives: Objectives, reference: Sequence
     importance_frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["param", "importance", "objective"])
     write_atomic(importance_frame[["objective", "param", "importance"]], out / IMPORTANCE_FILE)
 
-    text = _sweep_markdown(sweep, objectives, front, volume, reference, ranked, top, confusion_id, importances)
+    text = _sweep_markdown(sweep, objectives, front, volume, reference, ranked, top, confusion_id, importances, _pairs_note(pairs, pair_table))
     (out / "report.md").write_text(text)
     return SweepReport(sweep, front, volume, reference, ranked.head(top), out / "report.md")
 
 
-def _sweep_markdown(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, volume: float, reference: list[float], ranked: pd.DataFrame, top: int, confusion_id: str | None, importances: dict) -> str:
+def _sweep_markdown(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, volume: float, reference: list[float], ranked: pd.DataFrame, top: int, confusion_id: str | None, importances: dict, pairs_note: str) -> str:
     """report.md of one sweep: every table, the figures linked relatively, the best trial in full."""
     trials = sweep.trials
     counts = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in trials["status"].value_counts().items())
@@ -388,7 +379,7 @@ def _sweep_markdown(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, v
         "- external accuracy: " + (_fmt(best["external_accuracy"]) if pd.notna(best["external_accuracy"]) else "no external set attached"),
         f"- keeps up with 30 fps video at batch 1: {_thirty_fps(best)}",
         f"- inference: {_fmt(best['infer_img_per_s'])} img/s at batch 64; {_fmt(best['n_parameters'])} parameters; trained {_fmt(best['train_seconds'])} s on {_fmt(best.get('device'))}",
-        "- weights: " + (f"`{best['checkpoint']}` (`asl_tune.train.load_trained(path)` gives the network, ready to `classify` images)" if pd.notna(best.get("checkpoint")) else "no checkpoint recorded"),
+        "- weights: " + (_weights(best["checkpoint"], sweep) if pd.notna(best.get("checkpoint")) else "no checkpoint recorded"),
         "",
         markdown_table(_config_table(best)),
         "",
@@ -408,7 +399,7 @@ def _sweep_markdown(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, v
         "",
         "![Confusion-pair rates across trials](pairs.png)",
         "",
-        _pairs_note(trials),
+        pairs_note,
         "",
         "## Parameter importance",
         "",
@@ -438,13 +429,42 @@ def _confusion_note(best_id: str, confusion_id: str | None) -> str:
     return f"Trial {best_id}. Red squares: the seed's watch-list pairs ({', '.join(f'{a}->{b}' for a, b in WATCH_PAIRS)})."
 
 
-def _pairs_note(trials: pd.DataFrame) -> str:
-    columns = pair_columns(trials)
-    if not columns:
-        return "No confusion-pair rates were recorded."
-    frame = finished(trials)
-    rows = [(_pair_name(c), frame[c].mean(), frame[c].max()) for c in columns]
-    return markdown_table(pd.DataFrame(rows, columns=["pair (true->predicted)", "mean rate", "worst rate"]))
+def _weights(location: str, sweep: Sweep) -> str:
+    """The weights line's path: inside the sweep folder, relative to the results folder, so report.md reads the same wherever the folder is; else as recorded."""
+    load = "`asl_tune.train.load_trained(path)` gives the network, ready to `classify` images"
+    if not is_uri(location):
+        # Ray records absolute paths; the results folder may be named relatively or through a symlink.
+        for absolute in (os.path.abspath, os.path.realpath):
+            try:
+                inside = Path(absolute(location)).relative_to(absolute(sweep.folder))
+            except ValueError:
+                continue
+            return f"`{(Path(sweep.name) / inside).as_posix()}`, relative to the results folder ({load})"
+    return f"`{location}` ({load})"
+
+
+def _pairs_note(pairs: PairRates, table: pd.DataFrame) -> str:
+    """The confusion-pair table and where its rates come from."""
+    if table.empty:
+        return "No finished trial confused one class with another on its test split." if pairs.from_counts else "No confusion-pair rates were recorded."
+    n = len(pairs.rates)
+    if pairs.from_counts:
+        left = pairs.left_out
+        skipped = f" {left} finished trial{' has' if left == 1 else 's have'} no test counts (stopped before the test evaluation) and {'is' if left == 1 else 'are'} left out." if left else ""
+        note = (
+            "Rates from each trial's full test confusion matrix (`confusion.parquet`: true X predicted as Y, over X's test images), "
+            f"over the {n} finished trial{'' if n == 1 else 's'} that have one: the seed's watch list, then the sweep's most confused other pairs by mean rate.{skipped}"
+        )
+        rows = table[["pair", "mean", "worst"]]
+    else:
+        note = (
+            "No finished trial has confusion counts (`confusion.parquet`; a sweep from an older version), so these rates are trials.parquet's `pair_*` columns, "
+            "which hold the watch list and each trial's own five most confused pairs: a pair's mean and worst cover only the trials that recorded it "
+            f"(`trials`, of {n}), and the other pairs are ranked by mean with unrecorded rates taken as 0."
+        )
+        rows = table[["pair", "mean", "worst", "trials"]]
+    rows = rows.rename(columns={"pair": "pair (true->predicted)", "mean": "mean rate", "worst": "worst rate"})
+    return note + "\n\n" + markdown_table(rows)
 
 
 def write_comparison_report(reports: list[SweepReport], objectives: Objectives, out: Path, top: int = 5) -> Path:

@@ -171,6 +171,17 @@ class ResultsStore:
         self.per_class[trial_id] = [{"trial_id": trial_id, **r} for r in rows]
         self._dirty.add(PER_CLASS)
 
+    def drop_trial(self, trial_id: str) -> None:
+        """Remove every row of a trial from every file."""
+        if self.trials.pop(trial_id, None) is not None:
+            self._dirty.add(TRIALS)
+        for key in [k for k in self.epochs if k[0] == trial_id]:
+            del self.epochs[key]
+            self._dirty.add(EPOCHS)
+        for name, rows in ((CONFUSION, self.confusion), (PER_CLASS, self.per_class)):
+            if rows.pop(trial_id, None) is not None:
+                self._dirty.add(name)
+
     def trial_status(self, trial_id: str) -> str | None:
         """The stored status of a trial, or None when it has no row."""
         row = self.trials.get(trial_id)

@@ -13,6 +13,7 @@ Every problem is reported as `<file>: <key>: <rule>, got <value>`, with the key 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,29 @@ TOP_KEYS = ("name", "description", "metric", "mode", "objectives", "num_samples"
 PARAM_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"}, "categorical": {"type", "choices"}}
 SAMPLERS = ("tpe", "random")
 EARLY_STOPPING_KEYS = ("reduction_factor", "grace_epochs")
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACES_PACKAGE = "asl_tune.search_spaces"  # the top-level search_spaces/ folder, shipped as package data (pyproject.toml)
+
+
+def _spaces_dir() -> Path:
+    """The folder of the shipped search spaces.
+
+    Installed (a wheel, `pip install .` or `pip install -e .`), they are the package data of
+    asl_tune.search_spaces, which setuptools maps onto the top-level search_spaces/ folder; from a
+    source tree that was never installed, that folder itself.
+    """
+    from importlib.resources import files
+
+    try:
+        found = files(SPACES_PACKAGE)
+        folder = Path(str(found))
+        if folder.is_dir():
+            return folder
+    except (ImportError, TypeError, ValueError):  # not installed: no such package; or not a plain folder
+        pass
+    return Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+SPACES_DIR = _spaces_dir()
 
 
 @dataclass(frozen=True)
@@ -98,6 +121,14 @@ class SearchSpace:
             p = self.params["data_fraction"]
             return float(max(p.choices) if p.type == "categorical" else p.high)
         return float(self.fixed.get("data_fraction", 1.0))
+
+    def seeded(self, seed: int) -> "SearchSpace":
+        """This space in a sweep run with --seed: every trial splits the data with it, and trains with it unless the space sets seed itself."""
+        fixed = dict(self.fixed)
+        for key in ("split_seed", "seed"):
+            if key not in self.fixed and key not in self.params:
+                fixed[key] = seed
+        return dataclasses.replace(self, fixed=fixed)
 
     def config(self, sampled: dict[str, Any]) -> TrialConfig:
         """The TrialConfig of one trial: defaults, then fixed settings, then the sampled ones."""

@@ -1,18 +1,26 @@
-"""Where the Optuna study of a sweep is stored: study.db (SQLite) in the sweep's folder.
+"""The sweep's Optuna study: where it is stored (study.db, SQLite), and the searcher that keeps it in step with Tune.
 
 Tune pickles the searcher, with its storage, into the run's experiment state, and `asl-tune resume`
 unpickles it. A plain RDBStorage keeps the absolute path it was opened with; for a sweep whose
 `--results` is a URI that path is a staging folder on the first driver's machine, so `StagedStudyStorage`
 finds the study in this process's staging folder again when it is unpickled.
+
+The study is written as events happen, Tune's experiment state about once a second, so a driver
+killed in between leaves the two out of step; `StudySearch` reconciles them when Tune restores it.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from optuna.storages import RDBStorage
+from optuna.trial import Trial, TrialState, create_trial
+from ray.tune.search.optuna import OptunaSearch
 
 from asl_tune.remote import Mirror
+
+log = logging.getLogger(__name__)
 
 
 def sqlite_url(path: Path) -> str:
@@ -37,3 +45,77 @@ def study_storage(folder: Path, study_file: str, mirror: Mirror | None = None) -
     if mirror is not None:
         return StagedStudyStorage(mirror, study_file)
     return RDBStorage(sqlite_url(folder / study_file))
+
+
+class StudySearch(OptunaSearch):
+    """Ray's OptunaSearch, made to survive a driver killed between a study write and Tune saving its state.
+
+    - Study ahead of Tune (it finished a trial that Tune restores as running, and re-runs from its last
+      checkpoint): reports and completions for a trial the study already finished are ignored; the study
+      keeps what it was told first.
+    - Study behind Tune (results at a URI, where study.db is copied up after Tune's state): a completion
+      Tune's state holds but the study lacks is told again from what this searcher saved with that state.
+    - A trial the study started after Tune's last save (Tune forgot it): put back in the study's queue,
+      so the next trial Tune asks for takes its settings, and the study ends with as many trials as Tune ran.
+    """
+
+    def _told_trials(self) -> dict[str, tuple[str, list[float] | None]]:
+        # Saved with Tune's state (OptunaSearch pickles __dict__); absent in a searcher pickled before it existed.
+        return self.__dict__.setdefault("_told", {})
+
+    def _study_trial(self, trial_id: str):
+        """The study's current record of a Tune trial, or None when the study has no such trial."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return None
+        try:
+            return self._ot_study._storage.get_trial(ot_trial._trial_id)
+        except KeyError:
+            return None
+
+    def _finished_in_study(self, trial_id: str) -> bool:
+        frozen = self._study_trial(trial_id)
+        return frozen is not None and frozen.state.is_finished()
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self._finished_in_study(trial_id):
+            log.debug("trial %s is already finished in the study; result not reported again", trial_id)
+            return
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._finished_in_study(trial_id):
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
+        frozen = self._study_trial(trial_id)
+        if frozen is not None and frozen.state.is_finished():
+            self._told_trials()[trial_id] = (frozen.state.name, frozen.values)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.reconcile()
+
+    def reconcile(self) -> dict[str, int]:
+        """Bring the study in step with the Tune state this searcher was restored with; return what was done."""
+        storage, study_id = self._ot_study._storage, self._ot_study._study_id
+        done = {"recreated": 0, "requeued": 0, "retold": 0}
+        for trial_id, ot_trial in list(self._ot_trials.items()):
+            if self._study_trial(trial_id) is None and trial_id not in self._completed_trials:
+                # The study was copied before it recorded this trial: record it again, with the settings Tune runs.
+                template = create_trial(state=TrialState.RUNNING, params=ot_trial._cached_frozen_trial.params, distributions=ot_trial._cached_frozen_trial.distributions)
+                self._ot_trials[trial_id] = Trial(self._ot_study, storage.create_new_trial(study_id, template_trial=template))
+                done["recreated"] += 1
+        known = {t._trial_id for t in self._ot_trials.values()}
+        for frozen in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen._trial_id not in known:  # asked after Tune's last save: Tune will ask again
+                storage.set_trial_state_values(frozen._trial_id, TrialState.WAITING)
+                done["requeued"] += 1
+        for trial_id, (state, values) in self._told_trials().items():
+            frozen = self._study_trial(trial_id)
+            if frozen is not None and not frozen.state.is_finished():
+                storage.set_trial_state_values(frozen._trial_id, TrialState[state], values)
+                done["retold"] += 1
+        if any(done.values()):
+            log.warning("study.db was out of step with Tune's saved state: %(recreated)d trial(s) recorded again, %(requeued)d put back in the queue, %(retold)d completion(s) told again", done)
+        return done

@@ -48,11 +48,10 @@ def run_sweep(req: SweepRequest) -> Path:
         storage = req.storage or (mirror.uri if mirror else None)  # results at a URI: Ray's runs go there too
         state = SweepState(name, str(data_dir), str(Path(req.external).resolve()) if req.external else None, req.cpus_per_trial, req.gpus_per_trial, req.max_concurrent, req.seed, req.address, storage=storage)
     num_samples = int(req.num_samples or space.num_samples)
-    created = not folder.exists()
-    _make_folder(folder)
+    created = _make_folder(folder)
     where = mirror.remote if mirror else folder
-    try:
-        with exclusive(folder, name):
+    with exclusive(folder, name):  # refused here, touching nothing, while another driver holds the sweep
+        try:
             if mirror:
                 mirror.pull()  # the URI is the record: this machine's copy may be empty or stale
             if not req.extend and (folder / SWEEP_FILE).exists():  # another process started it meanwhile
@@ -72,12 +71,12 @@ def run_sweep(req: SweepRequest) -> Path:
                     mirror.sync(final=True)
                 shown = f"{where} (working copy {folder})" if mirror else where
                 print(f"sweep {name!r}: {num_samples} trials of {space.source} on {data_dir}; results in {shown}", file=sys.stderr)
-                tuner = _new_tuner(space, folder, run_dir, num_samples, datasets, externals, state, gpus, first_run=len(state.runs) == 1, mirror=mirror)
+                tuner = _new_tuner(space.seeded(state.seed), folder, run_dir, num_samples, datasets, externals, state, gpus, first_run=len(state.runs) == 1, mirror=mirror)
                 return _fit(tuner, folder, state, name, mirror)
-    except BaseException:
-        if created and not (folder / SWEEP_FILE).exists():  # refused before it began: leave nothing behind
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
+        except BaseException:
+            if created and not (folder / SWEEP_FILE).exists():  # ours, and refused before it began: leave nothing behind
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
 
 
 def resume_sweep(name: str, results: Path | str = Path("results"), address: str | None = None) -> Path:
@@ -85,6 +84,7 @@ def resume_sweep(name: str, results: Path | str = Path("results"), address: str 
     space, folder, mirror, state, address = check_resume(name, results, address)
     data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, image_sizes(space))
     run = state.runs[-1]
+    space = space.seeded(state.seed)
     from ray import tune
 
     _make_folder(folder)
@@ -111,9 +111,14 @@ def resume_sweep(name: str, results: Path | str = Path("results"), address: str 
             return _fit(tuner, folder, state, name, mirror)
 
 
-def _make_folder(folder: Path) -> None:
+def _make_folder(folder: Path) -> bool:
+    """Create the sweep's folder if need be; True when this process created it (then, and only then, may it remove it)."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir()
+        return True
+    except FileExistsError:
+        return False
     except OSError as e:
         raise AslTuneError(f"--results: cannot write to {folder}: {e.strerror or e}") from None
 
@@ -144,16 +149,15 @@ def _trainable(space: SearchSpace, datasets: dict, externals: dict, cpus: float,
 def _searcher(space: SearchSpace, folder: Path, name: str, seed: int, max_concurrent: int | None, first_run: bool, mirror: Mirror | None = None):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
-    from asl_tune.study import study_storage
+    from asl_tune.study import StudySearch, study_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metrics = [m for m, _ in space.objectives]
     modes = [m for _, m in space.objectives]
     multi = len(metrics) > 1
     sampler = optuna.samplers.RandomSampler(seed=seed) if space.sampler == "random" else optuna.samplers.TPESampler(seed=seed, constant_liar=True)
-    searcher = OptunaSearch(
+    searcher = StudySearch(
         space={k: p.to_optuna() for k, p in space.params.items()},
         metric=metrics if multi else metrics[0],
         mode=modes if multi else modes[0],
@@ -190,7 +194,7 @@ def _new_tuner(space, folder: Path, run_dir: str, num_samples: int, datasets, ex
     from asl_tune.record import ParquetRecorder
 
     any_ds = next(iter(datasets.values()))
-    n_train = len(make_splits(any_ds.labels, any_ds.frames, space.fixed.get("split", "blocked"), state.seed).train)
+    n_train = len(make_splits(any_ds.labels, any_ds.frames, space.fixed.get("split", "blocked"), space.fixed.get("split_seed", state.seed)).train)
     return tune.Tuner(
         _trainable(space, datasets, externals, state.cpus_per_trial, gpus),
         tune_config=tune.TuneConfig(

@@ -128,7 +128,9 @@ def load_trained(where: str | Path) -> Trained:
         raise AslTuneError(f"{where}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or "config" not in state or "classes" not in state:
         raise AslTuneError(f"{where}: this checkpoint does not record its settings and classes (written before asl-tune saved them); retrain to load it")
-    config = TrialConfig(**state["config"])
+    settings = dict(state["config"])
+    settings.setdefault("split_seed", settings.get("seed", 0))  # written before the split had a seed of its own
+    config = TrialConfig(**settings)
     model = DexNet(config.head_width, config.image_size, len(state["classes"]), config.dropout)
     model.load_state_dict(state["model"])
     return Trained(model.eval(), list(state["classes"]), config, where)
@@ -160,7 +162,7 @@ def train_trial(
     on_gpu = device.type == "cuda"
     started = time.perf_counter()
 
-    splits = make_splits(dataset.labels, dataset.frames, config.split, config.seed)
+    splits = make_splits(dataset.labels, dataset.frames, config.split, config.split_seed)
     train_rows = subsample(splits.train, dataset.labels, config.data_fraction, config.seed)
     if len(train_rows) == 0 or len(splits.val) == 0:
         raise AslTuneError(f"--data: too few images to split ({len(dataset.labels)}); each class needs at least 3")

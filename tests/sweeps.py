@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import yaml
@@ -32,15 +34,37 @@ def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess
     )
 
 
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver, then whatever Ray processes it left in its process group."""
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+@contextmanager
+def cli(args: list[str], cwd: Path, env: dict | None = None) -> Iterator[subprocess.Popen]:
+    """`asl-tune ARGS` as a child for the block; after it, however the block ends, the child and its Ray are gone."""
+    proc = start_cli(args, cwd, env)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    time.sleep(1)
+        yield proc
+    finally:
+        kill_group(proc)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver, then whatever Ray processes it left in its process group; return once all are gone."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes of group {proc.pid} outlived SIGKILL for 30 s")
+
+
+def wait_for_saved_state(run: Path, since: float, timeout: float = 60, proc: subprocess.Popen | None = None) -> None:
+    """Wait until Tune has saved its experiment state in run (a run-K folder) after `since` (time.time())."""
+    def saved() -> bool:
+        return any(p.stat().st_mtime > since for p in Path(run).glob("experiment_state-*.json"))
+
+    wait_for(saved, timeout, proc, f"Tune to save its state in {run}")
 
 
 def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = "condition") -> None:
@@ -66,6 +90,12 @@ def run_to_end(proc: subprocess.Popen, timeout: float) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float, env: dict | None = None) -> str:
+    """`asl-tune ARGS` to the end (exit 0), its process group gone afterwards; return its output."""
+    with cli(args, cwd, env) as proc:
+        return run_to_end(proc, timeout)
 
 
 def assert_consistent(folder: Path, n_trials: int) -> tuple[pd.DataFrame, pd.DataFrame]:

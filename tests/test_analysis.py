@@ -5,8 +5,11 @@ import pytest
 from asl_tune.alphabet import ASL_CLASSES
 from asl_tune.analysis import (
     DEFAULT_OBJECTIVES,
+    finished_pair_rates,
     hypervolume,
     importance_problem,
+    pair_rates,
+    pair_summary,
     param_importance,
     parse_objectives,
     pareto_front,
@@ -15,7 +18,7 @@ from asl_tune.analysis import (
 )
 from asl_tune.errors import AslTuneError
 from asl_tune.report import analyze
-from asl_tune.results import ResultsStore, trial_row
+from asl_tune.results import ResultsStore, trial_row, write_atomic
 
 MAX2 = [("val_accuracy", "max"), ("infer_img_per_s", "max")]
 
@@ -329,3 +332,142 @@ def test_refusals_are_one_line(tmp_path):
     with pytest.raises(AslTuneError, match="no such sweep folder"):
         analyze(["quick", "nope"], tmp_path, DEFAULT_OBJECTIVES)
     assert not (tmp_path / "quick" / "report").exists()
+
+
+# --- confusion-pair rates ----------------------------------------------------------------------
+
+# Two completed trials' test counts by hand (true, predicted, count); 4 images per class.
+# a: every G taken for H, one U for R.  b: one H taken for G, two R for U.
+COUNTS = {
+    "a": [("G", "H", 4), ("H", "H", 4), ("U", "U", 3), ("U", "R", 1), ("R", "R", 4)],
+    "b": [("G", "G", 4), ("H", "H", 3), ("H", "G", 1), ("U", "U", 4), ("R", "R", 2), ("R", "U", 2)],
+}
+# What each trial recorded in trials.parquet: the watch list present, plus its own worst pairs only.
+RECORDED = {
+    "a": {"pair_U_as_R": 0.25, "pair_R_as_U": 0.0, "pair_G_as_H": 1.0},
+    "b": {"pair_U_as_R": 0.0, "pair_R_as_U": 0.5, "pair_H_as_G": 0.25},
+}
+
+
+def counts_frame(counts: dict = COUNTS) -> pd.DataFrame:
+    """confusion.parquet's long form, by hand: one row per non-zero (trial, true, predicted) cell."""
+    rows = [(tid, t, p, n) for tid, cells in counts.items() for t, p, n in cells]
+    return pd.DataFrame(rows, columns=["trial_id", "true_label", "pred_label", "count"])
+
+
+def pair_trials() -> pd.DataFrame:
+    """a and b completed (a more accurate), c stopped early and d diverged: neither has test counts."""
+    rows = [
+        {"trial_id": "a", "status": "completed", "val_accuracy": 0.8, "infer_img_per_s": 100.0, **RECORDED["a"]},
+        {"trial_id": "b", "status": "completed", "val_accuracy": 0.7, "infer_img_per_s": 100.0, **RECORDED["b"]},
+        {"trial_id": "c", "status": "stopped_early", "val_accuracy": 0.5, "infer_img_per_s": 100.0},
+        {"trial_id": "d", "status": "diverged", "val_accuracy": None, "infer_img_per_s": 100.0},
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_pair_rates_cover_every_confused_pair_for_every_trial_from_the_counts():
+    counts = pd.concat([counts_frame(), counts_frame({"e": [("H", "H", 2)]})], ignore_index=True)  # e's test split has no G, U or R
+    rates = pair_rates(counts).set_index("trial_id")
+    # The watch-list pairs whose classes occur come first, then every pair any trial confused.
+    assert list(rates.columns) == ["pair_U_as_R", "pair_R_as_U", "pair_G_as_H", "pair_H_as_G"]
+    assert rates.loc["a"].tolist() == [0.25, 0.0, 1.0, 0.0]  # a never took R for U: 0, not missing
+    assert rates.loc["b"].tolist() == [0.0, 0.5, 0.0, 0.25]
+    assert rates.loc["e"].isna().tolist() == [True, True, True, False] and rates.loc["e", "pair_H_as_G"] == 0.0
+    asked = pair_rates(counts_frame(), [("G", "U")]).set_index("trial_id")["pair_G_as_U"]  # a pair asked for by name
+    assert asked.tolist() == [0.0, 0.0]
+
+
+def test_pair_table_averages_every_finished_trial_not_only_those_that_recorded_the_pair():
+    pairs = finished_pair_rates(pair_trials(), counts_frame())
+    assert pairs.from_counts and list(pairs.rates["trial_id"]) == ["a", "b"] and pairs.left_out == 1  # c has no counts
+    table = pair_summary(pairs, worst=4).set_index("pair")
+    # G->H is in a's recorded top pairs only (1.0); b's counts say 0.0 for it.
+    assert table.loc["G->H", ["mean", "worst", "trials"]].tolist() == [0.5, 1.0, 2]
+    assert list(table.index) == ["U->R", "R->U", "G->H", "H->G"]  # the watch list first, then by mean rate
+    assert pair_summary(pairs, worst=1)["pair"].tolist() == ["U->R", "R->U", "G->H"]
+    # Without counts (a sweep from before confusion.parquet) the recorded columns are all there is.
+    old = finished_pair_rates(pair_trials(), counts_frame().iloc[0:0])
+    assert not old.from_counts and pair_summary(old, worst=4).set_index("pair").loc["G->H", ["mean", "trials"]].tolist() == [1.0, 1]
+
+
+def write_pair_sweep(folder, with_counts: bool = True):
+    """pair_trials() as a sweep folder; confusion.parquet only when with_counts."""
+    store = ResultsStore(folder)
+    for row in pair_trials().to_dict("records"):
+        tid, status = row.pop("trial_id"), row.pop("status")
+        store.put_trial(trial_row(tid, status, {"lr": {"a": 0.01, "b": 0.02, "c": 0.03, "d": 1.0}[tid]}, {k: v for k, v in row.items() if pd.notna(v)}))
+    store.flush()
+    if with_counts:
+        write_atomic(counts_frame(), folder / "confusion.parquet")
+    return folder
+
+
+def test_report_pair_table_is_computed_from_the_confusion_counts_of_every_finished_trial(tmp_path):
+    write_pair_sweep(tmp_path / "pairs")
+    report, _ = analyze(["pairs"], tmp_path, DEFAULT_OBJECTIVES)
+    md = report.read_text()
+    expected = """Rates from each trial's full test confusion matrix (`confusion.parquet`: true X predicted as Y, over X's test images), over the 2 finished trials that have one: the seed's watch list, then the sweep's most confused other pairs by mean rate. 1 finished trial has no test counts (stopped before the test evaluation) and is left out.
+
+| pair (true->predicted) | mean rate | worst rate |
+|---|---|---|
+| U->R | 0.125 | 0.25 |
+| R->U | 0.25 | 0.5 |
+| G->H | 0.5 | 1 |
+| H->G | 0.125 | 0.25 |
+"""
+    assert expected in md
+    assert_png(tmp_path / "pairs" / "report" / "pairs.png")
+
+
+def test_pair_objectives_rank_every_trial_on_its_rate_from_the_counts(tmp_path):
+    write_pair_sweep(tmp_path / "pairs")
+    report, text = analyze(["pairs"], tmp_path, [("pair_G_as_H", "min"), ("val_accuracy", "max")])
+    md = report.read_text()
+    # b never took G for H (0 of 4), though only a recorded the pair: b ranks first, and joins a (more accurate) on the front.
+    assert "## Best trial: b" in md and "2 finished trials are on the front" in md
+    assert "  b  pair_G_as_H 0  val_accuracy 0.7  [front]" in text and "  a  pair_G_as_H 1  val_accuracy 0.8  [front]\n" in text
+    assert set(pd.read_parquet(tmp_path / "pairs" / "report" / "pareto_front.parquet")["trial_id"]) == {"a", "b"}
+
+
+def test_report_without_confusion_counts_falls_back_to_the_recorded_pair_columns_and_says_so(tmp_path):
+    write_pair_sweep(tmp_path / "old", with_counts=False)
+    report, _ = analyze(["old"], tmp_path, DEFAULT_OBJECTIVES)
+    expected = """No finished trial has confusion counts (`confusion.parquet`; a sweep from an older version), so these rates are trials.parquet's `pair_*` columns, which hold the watch list and each trial's own five most confused pairs: a pair's mean and worst cover only the trials that recorded it (`trials`, of 2), and the other pairs are ranked by mean with unrecorded rates taken as 0.
+
+| pair (true->predicted) | mean rate | worst rate | trials |
+|---|---|---|---|
+| U->R | 0.125 | 0.25 | 2 |
+| R->U | 0.25 | 0.5 | 2 |
+| G->H | 1 | 1 | 1 |
+| H->G | 0.25 | 0.25 | 1 |
+"""
+    assert expected in report.read_text()
+
+
+# --- the best trial's weights ------------------------------------------------------------------
+
+
+def set_checkpoint(folder, trial_id: str, location: str) -> None:
+    store = ResultsStore(folder)
+    store.put_trial({"trial_id": trial_id, "checkpoint": location})
+    store.flush()
+
+
+def test_report_names_weights_inside_the_sweep_folder_relative_to_the_results_folder(tmp_path, monkeypatch):
+    real = tmp_path / "real"
+    folder = make_sweep(real / "quick")
+    inside = folder / "ray" / "run-1" / "run_trial_t0" / "checkpoint_000003"  # Ray records absolute paths
+    set_checkpoint(folder, "t0", str(inside))
+    load = "(`asl_tune.train.load_trained(path)` gives the network, ready to `classify` images)"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to(real)
+    for results in ("real", tmp_path / "real", "link"):  # named relatively, absolutely, through a symlink
+        report, text = analyze(["quick"], results, DEFAULT_OBJECTIVES)
+        assert f"- weights: `quick/ray/run-1/run_trial_t0/checkpoint_000003`, relative to the results folder {load}" in report.read_text()
+        assert str(tmp_path) not in report.read_text().split("## Best trial")[1]
+        assert f"best trial's weights: {inside}\n" in text  # the terminal: the path as recorded, to copy
+    for outside in ("s3://bucket/runs/quick/run-1/run_trial_t0/checkpoint_000003", str(tmp_path / "elsewhere" / "checkpoint_000003")):
+        set_checkpoint(folder, "t0", outside)
+        report, text = analyze(["quick"], "real", DEFAULT_OBJECTIVES)
+        assert f"- weights: `{outside}` {load}" in report.read_text() and f"best trial's weights: {outside}\n" in text

@@ -41,6 +41,28 @@ def test_data_path_prints_the_three_throughputs(tiny_dataset):
     assert figures["trainer_vs_bare"] == pytest.approx(figures["trainer_img_per_s"] / figures["bare_img_per_s"])
 
 
+
+def test_inference_prints_throughput_and_latency(tiny_dataset):
+    figures = run_script("inference.py", "--data", str(tiny_dataset), "--image-size", "32", "--head-width", "32", "--device", "cpu",
+                         "--repeats", "2", "--budget-s", "0.2", timeout=300)
+    for key in ("infer_img_per_s", "latency_ms_p50", "latency_ms_p95", "n_parameters", "wall_s"):
+        assert positive(figures[key]), (key, figures[key])
+    assert figures["latency_ms_p50"] <= figures["latency_ms_p95"]
+    assert isinstance(figures["keeps_up_30fps"], bool)
+    assert figures["keeps_up_30fps"] == (figures["latency_ms_p95"] <= 1000 / 30)
+    assert len(figures["infer_img_per_s_rounds"]) == 2 and all(positive(v) for v in figures["infer_img_per_s_rounds"])
+    assert figures["infer_img_per_s"] == pytest.approx(sorted(figures["infer_img_per_s_rounds"])[0] / 2 + sorted(figures["infer_img_per_s_rounds"])[1] / 2)
+    assert (figures["image_size"], figures["head_width"], figures["batch_size"], figures["device"]) == (32, 32, 64, "cpu")
+
+
+def test_inference_refuses_bad_settings_in_one_line(tiny_dataset):
+    for args, message in ((["--repeats", "0"], "--repeats and --threads must be >= 1"),
+                          (["--image-size", "16"], "--image-size: must be >= 32"),
+                          (["--data", str(tiny_dataset / "none")], "--data: ")):
+        done = subprocess.run([sys.executable, str(BENCH / "inference.py"), *args, "--json"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert message in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+
 def test_overhead_runs_a_real_sweep_and_the_same_trials_alone(tiny_dataset):
     figures = run_script("overhead.py", "--data", str(tiny_dataset), "--image-size", "32", "--head-width", "32", "--epochs", "1",
                          "--trials", "2", "--alone-runs", "1")

@@ -14,15 +14,17 @@ import textwrap
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import ray
 
 from asl_tune import cluster
 from asl_tune.results import ResultsStore, read_epochs, read_trials, trial_row
+from asl_tune.study import sqlite_url
 from asl_tune.trial import WORK_PREFIX
 from conftest import make_dataset
-from sweeps import assert_consistent, kill_group, read, run_to_end, start_cli, wait_for, write_space
+from sweeps import assert_consistent, cli, kill_group, read, run_cli, run_to_end, wait_for, wait_for_saved_state, write_space
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -53,16 +55,15 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, data):
     scratch = tmp_path / "tmp"  # the workers' temp folder, where each trial keeps its scratch checkpoints
     scratch.mkdir()
     env = {"TMPDIR": str(scratch), "RAY_TMPDIR": tempfile.gettempdir()}  # Ray's sockets stay at their short usual path
-    driver = start_cli(["sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results"), "--max-concurrent", "1"], cwd=tmp_path, env=env)
-    wait_for(lambda: (read(folder, "epochs")["epoch"] >= 2).any(), 240, driver, "a trial's second epoch")
-    assert list(scratch.glob(f"{WORK_PREFIX}*")), "no trial scratch folder where the test looks"
-    time.sleep(1.0)
-    victims = trial_workers(driver.pid)
-    assert victims, "no trial worker found to kill"
-    seen = read(folder, "epochs")
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
-    out = run_to_end(driver, 400)
+    with cli(["sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results"), "--max-concurrent", "1"], cwd=tmp_path, env=env) as driver:
+        wait_for(lambda: (read(folder, "epochs")["epoch"] >= 2).any(), 240, driver, "a trial's second epoch")
+        assert list(scratch.glob(f"{WORK_PREFIX}*")), "no trial scratch folder where the test looks"
+        victims = trial_workers(driver.pid)
+        assert victims, "no trial worker found to kill"
+        seen = read(folder, "epochs")
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        out = run_to_end(driver, 400)
     trials, epochs = assert_consistent(folder, 2)
     assert set(trials["status"]) == {"completed"}, out[-3000:]
     # The killed trial continued: the epochs it finished before the kill were not trained again.
@@ -84,18 +85,20 @@ def test_chaos_three_driver_kills_then_resume(tmp_path, data):
     folder = tmp_path / "results" / "chaos"
     command = ["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "2", *results]
     kills = 0
+    finished = False
     for _ in range(3):
-        driver = start_cli(command, cwd=tmp_path)
-        time.sleep(rng.uniform(7.0, 14.0))
-        if driver.poll() is not None:  # it finished before the kill: nothing left to interrupt
-            assert driver.returncode == 0, driver.stdout.read()[-3000:]
-            break
-        kill_group(driver)
+        with cli(command, cwd=tmp_path) as driver:
+            time.sleep(rng.uniform(7.0, 14.0))  # a random moment: the point of the drill
+            if driver.poll() is not None:  # it finished before the kill: nothing left to interrupt
+                assert driver.returncode == 0, driver.stdout.read()[-3000:]
+                finished = True
+                break
+            kill_group(driver)
         kills += 1
         command = ["resume", "chaos", *results]
         assert (folder / "sweep.json").exists()
-    if kills == 3 or driver.returncode != 0:
-        run_to_end(start_cli(command, cwd=tmp_path), 400)
+    if not finished:
+        run_cli(command, tmp_path, 400)
     assert kills >= 2
     trials, _ = assert_consistent(folder, 4)
     assert set(trials["status"]) == {"completed"}
@@ -104,22 +107,64 @@ def test_chaos_three_driver_kills_then_resume(tmp_path, data):
     assert complete == 4
 
 
+def test_resume_reconciles_a_study_ahead_of_tunes_saved_state_and_a_trial_tune_forgot(tmp_path, data):
+    """The two windows a driver SIGKILL can hit, forced: the study finished a trial that Tune's saved state still
+    runs (it is re-run from its checkpoint and reports again), and the study and the Parquet files hold a trial
+    started after Tune's last save (Tune restores without it)."""
+    space = write_space(tmp_path / "window.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 4}, early_stopping=False)
+    results = ["--results", str(tmp_path / "results")]
+    folder = tmp_path / "results" / "window"
+    with cli(["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "1", *results], cwd=tmp_path) as driver:
+        wait_for(lambda: (read(folder, "epochs")["epoch"] >= 2).any(), 240, driver, "the first trial's second epoch")
+        wait_for_saved_state(folder / "ray" / "run-1", time.time(), proc=driver)
+        kill_group(driver)
+    study = optuna.load_study(study_name="window", storage=sqlite_url(folder / "study.db"))
+    (running,) = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    study.tell(running.number, 0.125)  # what the driver told the study just before the kill
+    orphan = study.ask(fixed_distributions={"head_width": optuna.distributions.CategoricalDistribution([16, 32])})
+    store = ResultsStore(folder)  # ... and the trial it started then, whose first rows the recorder wrote
+    store.put_trial(trial_row("forgotten", "running", {"head_width": orphan.params["head_width"]}, {}))
+    store.put_epoch("forgotten", {"epoch": 1, "images_seen": 10})
+    store.flush()
+
+    out = run_cli(["resume", "window", *results], tmp_path, 400)
+    assert "trial forgotten started after Tune last saved its state" in out
+    trials, _ = assert_consistent(folder, 2)
+    assert "forgotten" not in set(trials["trial_id"]) and set(trials["status"]) == {"completed"}
+    study = optuna.load_study(study_name="window", storage=sqlite_url(folder / "study.db"))
+    assert len(study.trials) == 2 and {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
+    assert study.trials[running.number].value == 0.125  # the study keeps what it was told first
+    assert study.trials[orphan.number].params == orphan.params  # Tune's next trial took the orphan's settings
+    assert sorted(trials["params_head_width"]) == sorted(t.params["head_width"] for t in study.trials)
+
+
 def test_a_second_driver_on_a_running_sweep_is_refused(tmp_path, data):
     space = write_space(tmp_path / "busy.yaml", 1, params={"head_width": {"type": "categorical", "choices": [16]}}, fixed={"epochs": 3}, early_stopping=False)
     results = ["--results", str(tmp_path / "results")]
     folder = tmp_path / "results" / "busy"
-    driver = start_cli(["sweep", "--space", str(space), "--data", str(data), *results], cwd=tmp_path)
-    try:
+    with cli(["sweep", "--space", str(space), "--data", str(data), *results], cwd=tmp_path) as driver:
         wait_for(lambda: (folder / "sweep.json").exists(), 120, driver, "the sweep to start")
         for args in (["resume", "busy"], ["sweep", "--name", "busy", "--extend", "--num-samples", "1"], ["sweep", "--space", str(space)]):
             proc = subprocess.run([sys.executable, "-m", "asl_tune", *args, *results], capture_output=True, text=True, cwd=tmp_path, timeout=120)
             assert proc.returncode == 2, proc.stderr
             assert ("being run by another asl-tune process" in proc.stderr) or ("already exists" in proc.stderr), proc.stderr
         run_to_end(driver, 300)
-    finally:
-        if driver.poll() is None:
-            kill_group(driver)
     assert_consistent(folder, 1)
+
+
+def test_two_sweeps_started_under_one_name_at_once_one_runs_and_the_other_touches_nothing(tmp_path, data):
+    """The loser of the lock used to delete the folder, the winner's lock file with it, while the winner started Ray."""
+    space = write_space(tmp_path / "race.yaml", 1, params={"head_width": {"type": "categorical", "choices": [16]}}, fixed={"epochs": 1}, early_stopping=False)
+    command = ["sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results")]
+    with cli(command, cwd=tmp_path) as first, cli(command, cwd=tmp_path) as second:
+        outs = [p.communicate(timeout=300)[0] for p in (first, second)]
+        codes = sorted(p.returncode for p in (first, second))
+    assert codes == [0, 2], outs
+    loser = outs[[first.returncode, second.returncode].index(2)]
+    last = loser.strip().splitlines()[-1]  # after the data's decoding progress
+    assert "Traceback" not in loser and ("being run by another asl-tune process" in last or "already exists" in last), loser
+    trials, _ = assert_consistent(tmp_path / "results" / "race", 1)
+    assert set(trials["status"]) == {"completed"}
 
 
 def test_readers_see_whole_files_while_a_writer_rewrites_them(tmp_path):
@@ -187,7 +232,7 @@ def test_same_seed_gives_the_same_configurations_and_metrics(tmp_path, data):
     space = write_space(tmp_path / "again.yaml", 3, params={"head_width": {"type": "categorical", "choices": [16, 24, 32]}, "lr": {"type": "float", "low": 0.005, "high": 0.05, "log": True}}, fixed={"epochs": 2}, early_stopping=False)
     runs = []
     for name in ("first", "second"):
-        run_to_end(start_cli(["sweep", "--space", str(space), "--name", name, "--data", str(data), "--results", str(tmp_path), "--max-concurrent", "1", "--seed", "7"], cwd=tmp_path), 300)
+        run_cli(["sweep", "--space", str(space), "--name", name, "--data", str(data), "--results", str(tmp_path), "--max-concurrent", "1", "--seed", "7"], tmp_path, 300)
         with sqlite3.connect(tmp_path / name / "study.db") as db:
             params = db.execute("select t.number, p.param_name, p.param_value from trials t join trial_params p using (trial_id) order by t.number, p.param_name").fetchall()
         trials = read_trials(tmp_path / name)

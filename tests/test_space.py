@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -102,3 +104,32 @@ def test_yaml_is_never_evaluated_as_code(tmp_path):
 def test_unknown_space_name_lists_the_known_ones():
     with pytest.raises(AslTuneError, match=r"--space: no file 'nope' .*known: .*cpu-quick"):
         resolve("nope")
+
+
+def test_the_spaces_folder_holds_the_top_level_files_themselves():
+    """Installed or not, the shipped spaces are the repository's search_spaces/*.yaml, byte for byte (never copies that drift)."""
+    top = Path(__file__).resolve().parent.parent / "search_spaces"
+    shipped = sorted(p.name for p in top.glob("*.yaml"))
+    assert shipped and sorted(p.name for p in SPACES_DIR.glob("*.yaml")) == shipped
+    for name in shipped:
+        assert (SPACES_DIR / name).read_bytes() == (top / name).read_bytes(), name
+    assert resolve("default") == SPACES_DIR / "default.yaml"
+
+
+def test_the_spaces_are_found_as_package_data_and_in_an_uninstalled_source_tree(monkeypatch, tmp_path):
+    """importlib.resources' asl_tune.search_spaces when the package maps it; the source tree's folder when nothing does."""
+    import importlib.resources
+
+    from asl_tune import space
+
+    installed = tmp_path / "site-packages" / "asl_tune" / "search_spaces"
+    installed.mkdir(parents=True)
+    real_files = importlib.resources.files
+    monkeypatch.setattr(importlib.resources, "files", lambda pkg: installed if pkg == space.SPACES_PACKAGE else real_files(pkg))
+    assert space._spaces_dir() == installed
+
+    def not_installed(pkg):
+        raise ModuleNotFoundError(f"No module named {pkg!r}")
+
+    monkeypatch.setattr(importlib.resources, "files", not_installed)
+    assert space._spaces_dir() == Path(space.__file__).resolve().parent.parent / "search_spaces"

@@ -23,7 +23,7 @@ from asl_tune.sweep import run_sweep
 from asl_tune.train import load_trained
 from asl_tune.trial import FAULT_ENV
 from conftest import make_dataset
-from sweeps import assert_consistent, kill_group, read, run_to_end, start_cli, wait_for, write_space
+from sweeps import assert_consistent, cli, kill_group, read, run_cli, wait_for, wait_for_saved_state, write_space
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -91,7 +91,7 @@ def test_each_trial_records_its_last_checkpoint_and_it_loads_as_the_trained_netw
     assert net.config.head_width == healthy.params_head_width and net.config.lr == healthy.params_lr and net.config.epochs == 2
     # The weights are the final ones: on the trial's own validation split they score what the trial reported.
     dataset = load_dataset(data, net.config.image_size)
-    val = make_splits(dataset.labels, dataset.frames, net.config.split, net.config.seed).val
+    val = make_splits(dataset.labels, dataset.frames, net.config.split, net.config.split_seed).val
     predicted = net.classify(dataset.images[val])
     accuracy = np.mean([p == dataset.classes[label] for p, label in zip(predicted, dataset.labels[val])])
     assert accuracy == pytest.approx(healthy.val_accuracy)
@@ -144,18 +144,18 @@ def test_resume_after_sigkill_of_the_driver_continues_interrupted_trials(tmp_pat
     space = write_space(tmp_path / "killed.yaml", 3, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 6}, early_stopping=False)
     args = ["--results", str(tmp_path / "results")]
     folder = tmp_path / "results" / "killed"
-    driver = start_cli(["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "1", *args], cwd=tmp_path)
-    # Kill mid-way through the first trial: two epochs recorded, and time for Tune to save that state.
-    wait_for(lambda: (read(folder, "epochs")["epoch"] >= 2).any(), 240, driver, "the first trial's second epoch")
-    time.sleep(1.5)
-    kill_group(driver)
+    with cli(["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "1", *args], cwd=tmp_path) as driver:
+        # Kill mid-way through the first trial: two epochs recorded, and Tune's state saved after that.
+        wait_for(lambda: (read(folder, "epochs")["epoch"] >= 2).any(), 240, driver, "the first trial's second epoch")
+        wait_for_saved_state(folder / "ray" / "run-1", time.time(), proc=driver)
+        kill_group(driver)
     trials_then, seen = read(folder, "trials"), read(folder, "epochs")
     running = set(trials_then.loc[trials_then.status == "running", "trial_id"])
     assert running, "the kill came too late: no trial was mid-way"
     interrupted = seen[seen.trial_id.isin(running)].groupby("trial_id")["epoch"].max().idxmax()
     kept = seen[seen.trial_id == interrupted].set_index("epoch")
 
-    out = run_to_end(start_cli(["resume", "killed", *args], cwd=tmp_path), 400)
+    out = run_cli(["resume", "killed", *args], tmp_path, 400)
     assert "resuming sweep 'killed'" in out
     trials, epochs = assert_consistent(folder, 3)
     assert set(trials["status"]) == {"completed"}
@@ -186,7 +186,7 @@ def test_analyze_renders_every_plot_from_a_real_sweep(faulty_sweep, capsys):
     assert "pareto.png" in text and "learning_curves.png" in text
     trials = read(folder, "trials")
     best = trials.set_index("trial_id").loc[re.search(r"## Best trial: (\w+)", text).group(1)]
-    assert f"- weights: `{best.checkpoint}`" in text and f"best trial's weights: {best.checkpoint}" in out
+    assert f"- weights: `{Path(best.checkpoint).relative_to(folder.parent).as_posix()}`, relative to the results folder" in text and f"best trial's weights: {best.checkpoint}" in out
     front = pd.read_parquet(report / "pareto_front.parquet")
     assert set(front["trial_id"]) <= set(trials.loc[trials.status.isin(["completed", "stopped_early"]), "trial_id"]) and len(front) >= 1
 
@@ -266,11 +266,11 @@ def test_resume_on_another_machine_pulls_an_interrupted_sweep_from_the_uri(tmp_p
     space = write_space(tmp_path / "moved.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 3}, early_stopping=False)
     uri = (tmp_path / "bucket").as_uri()
     remote = tmp_path / "bucket" / "moved"
-    driver = start_cli(["sweep", "--space", str(space), "--data", str(data), "--results", uri, "--max-concurrent", "1"], cwd=tmp_path, env={"ASL_TUNE_CACHE": str(tmp_path / "cache-a")})
-    # The first epoch at the URI: the mirror copies results up while the sweep runs.
-    wait_for(lambda: len(read(remote, "epochs")) >= 1, 240, driver, "the first epoch at the URI")
-    time.sleep(1.5)  # time for Tune to save its state there
-    kill_group(driver)
+    with cli(["sweep", "--space", str(space), "--data", str(data), "--results", uri, "--max-concurrent", "1"], cwd=tmp_path, env={"ASL_TUNE_CACHE": str(tmp_path / "cache-a")}) as driver:
+        # The first epoch at the URI: the mirror copies results up while the sweep runs.
+        wait_for(lambda: len(read(remote, "epochs")) >= 1, 240, driver, "the first epoch at the URI")
+        wait_for_saved_state(remote / "run-1", time.time(), proc=driver)  # Tune's state there, from after that epoch
+        kill_group(driver)
     assert not json.loads((remote / "sweep.json").read_text())["runs"][0]["finished"], "the kill came too late"
     started = set(read(remote, "trials")["trial_id"])
     (old_copy,) = (tmp_path / "cache-a" / "sweeps").glob("*/moved")

@@ -1,0 +1,155 @@
+"""Joining a Ray cluster with --address from the command line: a real two-node cluster started outside asl-tune
+(`ray start --head` and a second node), on loopback, and addresses where no Ray answers (refused, silent, timing out) refused within seconds."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from asl_tune.cluster import CONNECT_TIMEOUT_S
+from conftest import make_dataset
+from sweeps import assert_consistent, run_cli, wait_for, write_space
+
+pytestmark = pytest.mark.timeout(600)
+RAY = str(Path(sys.executable).with_name("ray"))  # the venv's `ray` command
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# A second node joining the head, as `ray start --address` would start it. This Ray's `ray start --address`
+# refuses a cluster kept on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) and, allowed, rewrites 127.0.0.1 to
+# the machine's outward address; ray.cluster_utils.Cluster starts its nodes this same way.
+JOIN_NODE = """
+import signal, sys
+import ray._private.node, ray._private.parameter
+params = ray._private.parameter.RayParams(node_ip_address="127.0.0.1", gcs_address=sys.argv[1], num_cpus=1, num_gpus=0,
+    object_store_memory=150 * 2**20, min_worker_port=0, max_worker_port=0, include_log_monitor=False, node_manager_port=0)
+params.dashboard_agent_listen_port = None
+ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+signal.sigwait({signal.SIGTERM, signal.SIGINT})
+"""
+
+
+@contextmanager
+def process_group(command: list[str], env: dict) -> Iterator[subprocess.Popen]:
+    """A command in its own process group for the block; every process of the group is gone after it."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # SIGTERM first: Ray's processes clean up their sockets
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+
+
+def alive_nodes(address: str) -> int:
+    """Nodes alive in the cluster, asked by a driver of its own (it reads the token from the environment at start)."""
+    done = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={address!r}, logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"],
+                          capture_output=True, text=True, timeout=60)
+    return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
+
+
+def test_a_sweep_joins_a_two_node_cluster_started_outside_it(tmp_path, monkeypatch):
+    """`ray start --head` as a subprocess, a second node joining it, then `asl-tune sweep --address` as a subprocess."""
+    data = make_dataset(tmp_path / "data", per_class=30, size=32)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    # Token authentication, Ray's default for a cluster it starts: every process is given the same token.
+    for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}.items():
+        monkeypatch.setenv(key, value)
+    env = dict(os.environ)
+    space = write_space(tmp_path / "joined.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 2}, early_stopping=False)
+    head_command = [RAY, "start", "--block", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"]
+    with process_group(head_command, env) as head:
+        wait_for(lambda: _answers(address), 120, head, "the head node to listen")
+        with process_group([sys.executable, "-c", JOIN_NODE, address], env) as node:
+            wait_for(lambda: alive_nodes(address) == 2, 120, node, "the second node to join")
+            out = run_cli(["sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results"), "--address", address], tmp_path, 400)
+    trials, _ = assert_consistent(tmp_path / "results" / "joined", 2)
+    assert set(trials["status"]) == {"completed"}, out[-3000:]
+    assert trials["node_id"].nunique() == 2, trials[["trial_id", "node_id"]]
+    assert "sweep 'joined' done" in out
+
+
+def _answers(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def refuse(address: str, tmp_path: Path) -> tuple[list[str], float]:
+    """Run `asl-tune sweep --address ADDRESS`; return its stderr lines and how long it took to be refused."""
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "asl_tune", "sweep", "--results", str(tmp_path / "results"), "--address", address],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
+    return proc.stderr.strip().splitlines(), elapsed
+
+
+# Python's start-up and imports come on top of the 5 s the address is given; Ray's own join waits 60 s.
+DEADLINE_S = CONNECT_TIMEOUT_S + 15
+
+
+def test_a_port_that_accepts_and_says_nothing_is_refused_within_the_connect_timeout(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens; the kernel accepts; nobody ever answers
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        lines, elapsed = refuse(address, tmp_path)
+    assert lines == [f"asl-tune: error: --address: no Ray cluster answers at {address} (it accepted the connection but never answered; gave up after at most 5 s); start one with `ray start --head` or `ray up CLUSTER.yaml`"], lines
+    assert elapsed < DEADLINE_S
+
+
+def test_a_connection_that_times_out_is_refused_within_the_connect_timeout(tmp_path):
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)  # an accept queue of one, filled below, so the next connection's SYN goes unanswered
+        address = f"127.0.0.1:{full.getsockname()[1]}"
+        fillers = []
+        for _ in range(3):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(full.getsockname())
+            fillers.append(s)
+        time.sleep(0.2)
+        try:
+            lines, elapsed = refuse(address, tmp_path)
+        finally:
+            for s in fillers:
+                s.close()
+    assert "no Ray cluster answers" in lines[-1] and "timed out connecting" in lines[-1], lines
+    assert elapsed < DEADLINE_S
+
+
+def test_a_closed_port_is_refused_at_once(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    lines, elapsed = refuse(address, tmp_path)
+    assert f"--address: no Ray cluster answers at {address} (Connection refused" in lines[-1], lines
+    assert elapsed < DEADLINE_S
