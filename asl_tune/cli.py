@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -11,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from asl_tune.config import TrialConfig, check_value
+from asl_tune.config import SPLITS, TrialConfig, check_value
 from asl_tune.errors import AslTuneError
 from asl_tune.synth import DEFAULT_PER_CLASS
 
-# CPU-friendly defaults for a single `train`: the seed's optimiser, at 64 px for a few epochs.
+# CPU-friendly defaults for a single `train`: the seed's optimiser, at 64 px for a few epochs (the rest: TrialConfig's).
 TRAIN_DEFAULTS = {"image_size": 64, "epochs": 3}
 
 
@@ -41,19 +42,12 @@ def _trial_config(args: argparse.Namespace) -> TrialConfig:
 
 
 def _add_trial_options(p: argparse.ArgumentParser) -> None:
-    d = TrialConfig()
-    p.add_argument("--head-width", dest="head_width", type=int, default=d.head_width, help=f"width of the head's first layer (default {d.head_width}; the seed also tried 128)")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"SGD learning rate (default {d.lr}, the seed's)")
-    p.add_argument("--momentum", type=float, default=d.momentum, help=f"SGD momentum (default {d.momentum}, the seed's)")
-    p.add_argument("--weight-decay", dest="weight_decay", type=float, default=d.weight_decay, help=f"SGD L2 penalty (default {d.weight_decay}, the seed's)")
-    p.add_argument("--dropout", type=float, default=d.dropout, help=f"dropout in the head, in [0, 1) (default {d.dropout}, the seed's; short CPU runs learn far faster with 0)")
-    p.add_argument("--epochs", type=int, default=TRAIN_DEFAULTS["epochs"], help="training epochs (default %(default)s; the seed ran 10-17 on a GPU)")
-    p.add_argument("--data-fraction", dest="data_fraction", type=float, default=d.data_fraction, help="share of the training split to use, in (0, 1]; val and test stay whole (default 1)")
-    p.add_argument("--image-size", dest="image_size", type=int, default=TRAIN_DEFAULTS["image_size"], help="input side in px (default %(default)s for CPUs; the seed used 200)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=d.batch_size, help=f"training batch size (default {d.batch_size})")
-    p.add_argument("--split", choices=["blocked", "random"], default=d.split, help="blocked (default): contiguous frame blocks per class, honest; random: the seed's, flattered by near-duplicate frames")
-    p.add_argument("--seed", type=int, default=d.seed, help="seeds the weights, the shuffling and the --data-fraction subsample (default 0)")
-    p.add_argument("--split-seed", dest="split_seed", type=int, default=d.split_seed, help="seeds which frames go to train/val/test with --split random (default 0)")
+    """One option per TrialConfig field, named, typed, documented and defaulted by the field itself."""
+    for f in dataclasses.fields(TrialConfig):
+        default = TRAIN_DEFAULTS.get(f.name, f.default)
+        kind = TrialConfig.field_type(f.name)
+        choices = SPLITS if f.name == "split" else None
+        p.add_argument(_option(f.name), dest=f.name, type=kind, choices=choices, default=default, help=f"{TrialConfig.field_help(f.name)} (default {default})")
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:

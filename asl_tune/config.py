@@ -14,22 +14,32 @@ from typing import Any, Callable
 SPLITS = ("blocked", "random")
 
 
+def _setting(default: Any, help: str) -> Any:
+    """A TrialConfig field: its default and what it is, in words (the CLI's --help is made from these)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     """Everything that decides what one trial trains and how; defaults are the seed notebook's."""
 
-    head_width: int = 512  # width of the head's first Linear layer; the second is head_width // 2
-    lr: float = 0.008  # SGD learning rate
-    momentum: float = 0.0  # SGD momentum (the seed used none)
-    weight_decay: float = 0.0  # SGD L2 penalty
-    dropout: float = 0.5  # dropout probability in the head
-    epochs: int = 10  # passes over the (possibly subsampled) training split
-    data_fraction: float = 1.0  # share of the training split used, in (0, 1]; val and test stay whole
-    batch_size: int = 64  # training batch size, in images
-    image_size: int = 200  # square input side, in pixels (the seed: 200; use 32-64 on CPU)
-    split: str = "blocked"  # "blocked" (contiguous frame blocks per class) or "random" (the seed's)
-    seed: int = 0  # seeds the weights, the shuffling and the data_fraction subsample
-    split_seed: int = 0  # seeds which frames go to train/val/test (a random split); a sweep holds it for every trial
+    head_width: int = _setting(512, "width of the head's first Linear layer; the second is head_width // 2 (the seed also tried 128)")
+    lr: float = _setting(0.008, "SGD learning rate")
+    momentum: float = _setting(0.0, "SGD momentum, in [0, 1) (the seed used none)")
+    weight_decay: float = _setting(0.0, "SGD L2 penalty")
+    dropout: float = _setting(0.5, "dropout probability in the head, in [0, 1) (short CPU runs learn far faster with 0)")
+    epochs: int = _setting(10, "passes over the (possibly subsampled) training split (the seed ran 10-17 on a GPU)")
+    data_fraction: float = _setting(1.0, "share of the training split used, in (0, 1]; val and test stay whole")
+    batch_size: int = _setting(64, "training batch size, in images")
+    image_size: int = _setting(200, "square input side in px (the seed: 200; use 32-64 on a CPU)")
+    split: str = _setting("blocked", "blocked: contiguous frame blocks per class, honest; random: the seed's, flattered by near-duplicate frames")
+    seed: int = _setting(0, "seeds the weights, the shuffling and the data_fraction subsample")
+    split_seed: int = _setting(0, "seeds which frames go to train/val/test with split random; a sweep holds it for every trial")
+
+    @classmethod
+    def field_help(cls, name: str) -> str:
+        """What setting `name` is, in words."""
+        return cls.__dataclass_fields__[name].metadata["help"]
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from asl_tune.config import config_problems
 from asl_tune.errors import AslTuneError
 
 
@@ -30,11 +31,10 @@ class DexNet(nn.Module):
 
     def __init__(self, head_width: int = 512, image_size: int = 200, num_classes: int = 29, dropout: float = 0.5):
         super().__init__()
+        problems = config_problems({"head_width": head_width, "image_size": image_size, "dropout": dropout})  # the rules live in config
+        if problems:
+            raise AslTuneError("; ".join(f"{name}: {why}, got {value!r}" for name, why, value in problems))
         side = feature_side(image_size)
-        if side < 1:
-            raise AslTuneError(f"image_size: DexNet needs at least 32 px, got {image_size}")
-        if head_width < 2:
-            raise AslTuneError(f"head_width: must be >= 2, got {head_width}")
         self.features = nn.Sequential(
             nn.Conv2d(3, 96, kernel_size=11, stride=4, padding=2),
             nn.ReLU(inplace=True),

@@ -200,22 +200,7 @@ def parse_space(raw: dict, src: str, default_name: str) -> SearchSpace:
     metric, mode = raw.get("metric", "val_accuracy"), raw.get("mode", "max")
     _check_metric(bad, "metric", metric)
     _check_mode(bad, "mode", mode)
-    objectives: list[tuple[str, str]] = []
-    if "objectives" in raw:
-        objs = raw["objectives"]
-        if not isinstance(objs, list) or not objs:
-            bad.add("objectives", "must be a non-empty list of {metric, mode}", objs)
-        else:
-            for i, o in enumerate(objs):
-                if not isinstance(o, dict) or set(o) - {"metric", "mode"} or "metric" not in o:
-                    bad.add(f"objectives[{i}]", "must be a mapping {metric: ..., mode: max|min}", o)
-                    continue
-                ok = _check_metric(bad, f"objectives[{i}].metric", o["metric"])
-                ok &= _check_mode(bad, f"objectives[{i}].mode", o.get("mode", "max"))
-                if ok:
-                    objectives.append((o["metric"], o.get("mode", "max")))
-    if not objectives and isinstance(metric, str) and isinstance(mode, str):
-        objectives = [(metric, mode)]
+    objectives = _parse_objectives(bad, raw, metric, mode)
 
     num_samples = raw.get("num_samples", 8)
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
@@ -229,41 +214,14 @@ def parse_space(raw: dict, src: str, default_name: str) -> SearchSpace:
         if (why := check_value(k, v)) is not None:
             bad.add(f"fixed.{k}", why, v)
 
-    params_raw = raw.get("params")
-    params: dict[str, Param] = {}
-    if not params_raw:
-        bad.add("params", "must name at least one setting to search", params_raw)
-    elif not isinstance(params_raw, dict):
-        bad.add("params", "must be a mapping of setting: distribution", params_raw)
-    else:
-        for k, spec in params_raw.items():
-            p = _parse_param(bad, str(k), spec)
-            if p is not None:
-                params[k] = p
-            if k in fixed:
-                bad.add(f"params.{k}", "is also under fixed; a setting is either searched or fixed", show_value=False)
+    params = _parse_params(bad, raw.get("params"), fixed)
 
     points = _parse_points(bad, raw.get("points", []), params, num_samples)
 
     sampler = raw.get("sampler", "tpe")
     if sampler not in SAMPLERS:
         bad.add("sampler", f"must be one of {', '.join(SAMPLERS)}", sampler)
-    reduction_factor, grace = 3.0, 1.0
-    es = raw.get("early_stopping", True)
-    if es is False:
-        reduction_factor = 0.0
-    elif isinstance(es, dict):
-        for k in es:
-            if k not in EARLY_STOPPING_KEYS:
-                bad.add(f"early_stopping.{k}", f"unknown key (known: {', '.join(EARLY_STOPPING_KEYS)})", show_value=False)
-        reduction_factor = es.get("reduction_factor", reduction_factor)
-        grace = es.get("grace_epochs", grace)
-        if not _is_number(reduction_factor) or reduction_factor <= 1:
-            bad.add("early_stopping.reduction_factor", "must be a number > 1", reduction_factor)
-        if not _is_number(grace) or grace <= 0:
-            bad.add("early_stopping.grace_epochs", "must be a number > 0", grace)
-    elif es is not True:
-        bad.add("early_stopping", "must be true, false or a mapping {reduction_factor, grace_epochs}", es)
+    reduction_factor, grace = _parse_early_stopping(bad, raw.get("early_stopping", True))
     description = raw.get("description", "")
     if not isinstance(description, str):
         bad.add("description", "must be a string", description)
@@ -283,6 +241,64 @@ def parse_space(raw: dict, src: str, default_name: str) -> SearchSpace:
         grace_epochs=float(grace),
         description=description,
     )
+
+
+def _parse_objectives(bad: _Problems, raw: dict, metric: Any, mode: Any) -> list[tuple[str, str]]:
+    """`objectives`: (metric, mode) pairs; without the key, the space's one metric and mode."""
+    objectives: list[tuple[str, str]] = []
+    if "objectives" in raw:
+        objs = raw["objectives"]
+        if not isinstance(objs, list) or not objs:
+            bad.add("objectives", "must be a non-empty list of {metric, mode}", objs)
+            return objectives
+        for i, o in enumerate(objs):
+            if not isinstance(o, dict) or set(o) - {"metric", "mode"} or "metric" not in o:
+                bad.add(f"objectives[{i}]", "must be a mapping {metric: ..., mode: max|min}", o)
+                continue
+            ok = _check_metric(bad, f"objectives[{i}].metric", o["metric"])
+            ok &= _check_mode(bad, f"objectives[{i}].mode", o.get("mode", "max"))
+            if ok:
+                objectives.append((o["metric"], o.get("mode", "max")))
+    if not objectives and isinstance(metric, str) and isinstance(mode, str):
+        objectives = [(metric, mode)]
+    return objectives
+
+
+def _parse_params(bad: _Problems, params_raw: Any, fixed: dict) -> dict[str, Param]:
+    """`params`: each searched setting as a Param; none may also be fixed."""
+    params: dict[str, Param] = {}
+    if not params_raw:
+        bad.add("params", "must name at least one setting to search", params_raw)
+    elif not isinstance(params_raw, dict):
+        bad.add("params", "must be a mapping of setting: distribution", params_raw)
+    else:
+        for k, spec in params_raw.items():
+            p = _parse_param(bad, str(k), spec)
+            if p is not None:
+                params[k] = p
+            if k in fixed:
+                bad.add(f"params.{k}", "is also under fixed; a setting is either searched or fixed", show_value=False)
+    return params
+
+
+def _parse_early_stopping(bad: _Problems, es: Any) -> tuple[float, float]:
+    """`early_stopping`: true (defaults), false (off: reduction factor 0) or {reduction_factor, grace_epochs}."""
+    reduction_factor, grace = 3.0, 1.0
+    if es is False:
+        return 0.0, grace
+    if isinstance(es, dict):
+        for k in es:
+            if k not in EARLY_STOPPING_KEYS:
+                bad.add(f"early_stopping.{k}", f"unknown key (known: {', '.join(EARLY_STOPPING_KEYS)})", show_value=False)
+        reduction_factor = es.get("reduction_factor", reduction_factor)
+        grace = es.get("grace_epochs", grace)
+        if not _is_number(reduction_factor) or reduction_factor <= 1:
+            bad.add("early_stopping.reduction_factor", "must be a number > 1", reduction_factor)
+        if not _is_number(grace) or grace <= 0:
+            bad.add("early_stopping.grace_epochs", "must be a number > 0", grace)
+    elif es is not True:
+        bad.add("early_stopping", "must be true, false or a mapping {reduction_factor, grace_epochs}", es)
+    return reduction_factor, grace
 
 
 def _is_number(v: Any) -> bool:
@@ -368,17 +384,16 @@ def _parse_param(bad: _Problems, name: str, spec: Any) -> Param | None:
             bad.add(f"{key}.{k}", f"must be {'an integer' if kind == 'int' else 'a number'}", v)
     if len(bad.items) > n:
         return None
-    if low > high:
-        bad.add(key, f"`low <= high` must hold, but got (low={low}, high={high})", show_value=False)
     if not isinstance(log, bool):
         bad.add(f"{key}.log", "must be true or false", log)
-    elif log and low <= 0:
-        bad.add(f"{key}.low", "must be > 0 when log is true", low)
-    if step is not None:
-        if not isinstance(step, want) or isinstance(step, bool) or step <= 0:
-            bad.add(f"{key}.step", "must be a positive number", step)
-        elif log:
-            bad.add(f"{key}.step", "cannot be combined with log: true (Optuna's rule)", step)
+    elif step is not None and (not isinstance(step, want) or isinstance(step, bool)):
+        bad.add(f"{key}.step", f"must be {'an integer' if kind == 'int' else 'a number'}", step)
+    else:  # the distribution's own rules (low <= high, low > 0 with log, step > 0, no step with log): Optuna's words
+        cast = int if kind == "int" else float
+        try:
+            Param(kind, low=cast(low), high=cast(high), log=log, step=None if step is None else cast(step)).to_optuna()
+        except ValueError as e:
+            bad.add(key, str(e).rstrip("."), show_value=False)
     if TrialConfig.field_type(name) is int and kind == "float":
         bad.add(f"{key}.type", f"{name} is an integer setting: use type int or categorical", kind)
     if TrialConfig.field_type(name) is str:

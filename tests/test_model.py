@@ -28,3 +28,10 @@ def test_head_has_no_relu_after_second_linear():
 def test_too_small_head_refused():
     with pytest.raises(AslTuneError, match="head_width: must be >= 2, got 1"):
         DexNet(head_width=1, image_size=64)
+
+
+@pytest.mark.parametrize("size", [16, 31])
+def test_an_image_too_small_for_the_conv_stack_is_refused_by_the_configs_rule(size):
+    """The conv arithmetic leaves a map of 2 or more even below 32 px; forward then fails. The config's rule decides."""
+    with pytest.raises(AslTuneError, match=rf"image_size: must be >= 32 .*got {size}"):
+        DexNet(head_width=8, image_size=size)
