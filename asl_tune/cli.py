@@ -128,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     """asl-tune train: one trial, printed and optionally written as Parquet."""
     from asl_tune.data import load_dataset, load_external
     from asl_tune.results import save_trial
-    from asl_tune.train import PREVIOUS, train_trial
+    from asl_tune.train import train_trial
 
     config = _trial_config(args)
     if args.threads is not None and args.threads < 1:
@@ -144,7 +144,6 @@ def cmd_train(args: argparse.Namespace) -> None:
             shutil.rmtree(weights if not made_out else args.out, ignore_errors=True)
         raise
     if args.out:
-        (weights / PREVIOUS).unlink(missing_ok=True)  # the epoch before the last: only a fallback while training
         path = save_trial(args.out, result, trial_id=weights.name, checkpoint=str(weights.resolve()))
         print(f"results written to {path}; weights in {weights}", file=sys.stderr)
     print_result(result.final, as_json=args.json)
@@ -217,9 +216,9 @@ def print_pairs(metrics: dict) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     """asl-tune sweep: validate, then run (or extend) a sweep."""
-    from asl_tune.request import SweepRequest
-    from asl_tune.space import resolve
-    from asl_tune.sweep import run_sweep
+    from asl_tune.sweep.request import SweepRequest
+    from asl_tune.sweep.space import resolve
+    from asl_tune.sweep.run import run_sweep
 
     if args.extend and args.name is None:
         raise AslTuneError("--extend: needs --name, the sweep to add trials to")
@@ -233,15 +232,15 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def cmd_resume(args: argparse.Namespace) -> None:
     """asl-tune resume: finish an interrupted sweep."""
-    from asl_tune.sweep import resume_sweep
+    from asl_tune.sweep.run import resume_sweep
 
     resume_sweep(args.name, args.results, args.address)
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     """asl-tune analyze: reports from Parquet results."""
-    from asl_tune.analysis import parse_objectives
-    from asl_tune.report import analyze
+    from asl_tune.analysis.compute import parse_objectives
+    from asl_tune.analysis.report import analyze
 
     objectives = parse_objectives(args.objectives) if args.objectives else None
     _, text = analyze(args.names, args.results, objectives)

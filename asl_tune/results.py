@@ -25,6 +25,7 @@ PARAM_PREFIX = "params_"  # settings columns, as Optuna's trials_dataframe names
 PAIR_PREFIX = "pair_"  # pair_<X>_as_<Y>: share of true X predicted as Y on the test split
 STATUSES = ("completed", "stopped_early", "diverged", "errored", "running")
 FINISHED = ("completed", "stopped_early")  # trials whose accuracy can be compared
+FRAME_BUDGET_MS = 1000 / 30  # keeps_up_30fps: batch-1 latency p95 within one frame of 30 fps video
 
 TRIAL_COLUMNS = [
     "trial_id",
@@ -113,6 +114,18 @@ def read_epochs(folder: Path) -> pd.DataFrame:
 def read_confusion(folder: Path) -> pd.DataFrame:
     """confusion.parquet: test-split counts per (trial_id, true_label, pred_label)."""
     return _read(folder, CONFUSION, CONFUSION_COLUMNS)
+
+
+def confusion_counts(rows: pd.DataFrame, classes: list[str] | tuple[str, ...]) -> "np.ndarray":
+    """(K, K) counts, row = true class, from one trial's confusion.parquet rows (the inverse of put_confusion's long form)."""
+    import numpy as np
+
+    index = {c: i for i, c in enumerate(classes)}
+    matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    for true, pred, count in zip(rows["true_label"], rows["pred_label"], rows["count"]):
+        if true in index and pred in index:
+            matrix[index[true], index[pred]] += int(count)
+    return matrix
 
 
 def read_per_class(folder: Path) -> pd.DataFrame:

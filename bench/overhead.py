@@ -64,7 +64,7 @@ def write_space(folder: Path, args: argparse.Namespace) -> Path:
 def time_alone(space_path: Path, data: Path, runs: int, threads: int) -> list[float]:
     """train_seconds of `runs` trials of the space's one configuration, trained one after another in this process."""
     from asl_tune.data import load_dataset
-    from asl_tune.space import load_space
+    from asl_tune.sweep.space import load_space
     from asl_tune.train import train_trial
 
     space = load_space(space_path)
@@ -80,10 +80,10 @@ def time_alone(space_path: Path, data: Path, runs: int, threads: int) -> list[fl
 
 def time_sweep(space_path: Path, data: Path, results: Path, args: argparse.Namespace) -> dict:
     """Wall seconds of a whole sweep, Ray start included, and what its trials recorded."""
-    from asl_tune import cluster
+    from asl_tune.sweep import cluster
     from asl_tune.results import read_trials
-    from asl_tune.request import SweepRequest
-    from asl_tune.sweep import run_sweep
+    from asl_tune.sweep.request import SweepRequest
+    from asl_tune.sweep.run import run_sweep
 
     req = SweepRequest(space_path=space_path, data=data, results=results, name=f"{SPACE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}", num_samples=args.trials,
                        max_concurrent=args.concurrency, cpus_per_trial=args.cpus_per_trial, seed=0)

@@ -113,8 +113,8 @@ def space_yaml(name: str, meta: dict, trials: int, sampler: str, early_stopping:
 
 def run_real_sweep(space_text: str, name: str, data: Path, trials: int, concurrency: int, seed: int, parent: Path) -> tuple[Path, float]:
     """Run asl_tune's own sweep on the space; return (its folder, wall seconds)."""
-    from asl_tune.request import SweepRequest
-    from asl_tune.sweep import run_sweep
+    from asl_tune.sweep.request import SweepRequest
+    from asl_tune.sweep.run import run_sweep
 
     parent.mkdir(parents=True, exist_ok=True)
     space_path = parent / f"{name}.yaml"

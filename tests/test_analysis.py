@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from asl_tune.alphabet import ASL_CLASSES
-from asl_tune.analysis import (
+from asl_tune.analysis.compute import (
     DEFAULT_OBJECTIVES,
     finished_pair_rates,
     hypervolume,
@@ -17,7 +17,7 @@ from asl_tune.analysis import (
     summary,
 )
 from asl_tune.errors import AslTuneError
-from asl_tune.report import analyze
+from asl_tune.analysis.report import analyze
 from asl_tune.results import ResultsStore, trial_row, write_atomic
 
 MAX2 = [("val_accuracy", "max"), ("infer_img_per_s", "max")]

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from asl_tune.cluster import CONNECT_TIMEOUT_S
+from asl_tune.sweep.cluster import CONNECT_TIMEOUT_S
 from conftest import make_dataset
 from sweeps import assert_consistent, run_cli, wait_for, write_space
 

@@ -78,7 +78,7 @@ def test_an_installed_copy_resolves_and_loads_the_default_space(installed, tmp_p
         """
         import json, sys
         import asl_tune
-        from asl_tune.space import SPACES_DIR, load_space, resolve
+        from asl_tune.sweep.space import SPACES_DIR, load_space, resolve
 
         default = resolve(None)
         print(json.dumps({

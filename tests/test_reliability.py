@@ -19,10 +19,10 @@ import pandas as pd
 import pytest
 import ray
 
-from asl_tune import cluster
+from asl_tune.sweep import cluster
 from asl_tune.results import ResultsStore, read_epochs, read_trials, trial_row
-from asl_tune.study import sqlite_url
-from asl_tune.trial import WORK_PREFIX
+from asl_tune.sweep.study import sqlite_url
+from asl_tune.sweep.trainable import WORK_PREFIX
 from conftest import make_dataset
 from sweeps import assert_consistent, cli, kill_group, read, run_cli, run_to_end, wait_for, wait_for_saved_state, write_space
 

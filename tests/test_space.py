@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from asl_tune.errors import AslTuneError
-from asl_tune.space import SPACES_DIR, load_space, resolve
+from asl_tune.sweep.space import SPACES_DIR, load_space, resolve
 
 BASE = {
     "name": "t",
@@ -121,7 +121,7 @@ def test_the_spaces_are_found_as_package_data_and_in_an_uninstalled_source_tree(
     """importlib.resources' asl_tune.search_spaces when the package maps it; the source tree's folder when nothing does."""
     import importlib.resources
 
-    from asl_tune import space
+    from asl_tune.sweep import space
 
     installed = tmp_path / "site-packages" / "asl_tune" / "search_spaces"
     installed.mkdir(parents=True)

@@ -14,7 +14,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from asl_tune.study import StudySearch, study_storage
+from asl_tune.sweep.study import StudySearch, study_storage
 
 SPACE = {"lr": FloatDistribution(1e-3, 1e-1, log=True), "head_width": CategoricalDistribution([16, 32])}
 

@@ -18,10 +18,10 @@ from ray.cluster_utils import Cluster
 
 from asl_tune.cli import main
 from asl_tune.data import load_dataset, make_splits
-from asl_tune.request import SweepRequest
-from asl_tune.sweep import run_sweep
+from asl_tune.sweep.request import SweepRequest
+from asl_tune.sweep.run import run_sweep
 from asl_tune.train import load_trained
-from asl_tune.trial import FAULT_ENV
+from asl_tune.sweep.trainable import FAULT_ENV
 from conftest import make_dataset
 from sweeps import assert_consistent, cli, kill_group, read, run_cli, wait_for, wait_for_saved_state, write_space
 
@@ -285,3 +285,29 @@ def test_resume_on_another_machine_pulls_an_interrupted_sweep_from_the_uri(tmp_p
     assert _study_trials(remote / "study.db") == (2, {"COMPLETE"})
     assert json.loads((remote / "sweep.json").read_text())["runs"][0]["finished"]
     assert (old_copy / "trials.parquet").stat().st_mtime_ns == old_mtime  # the first machine's copy was left alone
+
+
+def _assert_train_img_per_s_means_one_thing(trial, epochs) -> None:
+    """epochs.parquet: that epoch's images / its seconds of training; trials.parquet: images_seen / all of them."""
+    rows = epochs.sort_values("epoch")
+    images = np.diff([0, *rows["images_seen"]])  # each epoch's own training images
+    own_seconds = images / rows["train_img_per_s"].to_numpy()
+    assert trial.images_seen == images.sum() and (images > 0).all()
+    assert trial.train_img_per_s == pytest.approx(images.sum() / own_seconds.sum(), rel=1e-9)
+    assert rows["train_img_per_s"].iloc[-1] != trial.train_img_per_s  # the last epoch's own figure, not the trial's average
+
+
+def test_train_img_per_s_means_the_same_in_a_sweep_and_in_train_out(faulty_sweep, data, tmp_path):
+    from asl_tune.sweep.recorder import EPOCH_ROW as recorded
+    from asl_tune.train import EPOCH_ROW
+
+    assert recorded == EPOCH_ROW  # the recorder names the trainer's key without importing torch
+    folder, before, _ = faulty_sweep
+    trials, epochs = before["trials"], before["epochs"]
+    healthy = trials[trials.status == "completed"].iloc[0]
+    assert healthy.epochs_completed == 2
+    _assert_train_img_per_s_means_one_thing(healthy, epochs[epochs.trial_id == healthy.trial_id])
+    out = tmp_path / "one"
+    assert main(["train", "--data", str(data), "--image-size", "32", "--head-width", "32", "--batch-size", "16", "--epochs", "2", "--threads", "1", "--out", str(out)]) == 0
+    one = pd.read_parquet(out / "trials.parquet").iloc[0]
+    _assert_train_img_per_s_means_one_thing(one, pd.read_parquet(out / "epochs.parquet"))

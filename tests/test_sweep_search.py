@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from asl_tune import cluster
+from asl_tune.sweep import cluster
 from asl_tune.cli import main
 from asl_tune.data import load_dataset, make_splits
-from asl_tune.space import load_space, resolve
-from asl_tune.study import sqlite_url
+from asl_tune.sweep.space import load_space, resolve
+from asl_tune.sweep.study import sqlite_url
 from asl_tune.train import load_trained
 from conftest import class_image, make_dataset
 from sweeps import assert_consistent, read, write_space

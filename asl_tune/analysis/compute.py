@@ -1,6 +1,6 @@
 """The numbers in a sweep's Parquet results: the Pareto front, hypervolume, the top trials, importance.
 
-Every function here returns plain values or DataFrames and draws nothing; `asl_tune.report` turns
+Every function here returns plain values or DataFrames and draws nothing; `asl_tune.analysis.report` turns
 them into plots and a report. Only the Parquet files are read (through `asl_tune.results`), never
 Ray's or Optuna's own state, so a sweep that is still running, was resumed, or was copied back from
 a cluster gives the same numbers.
@@ -14,7 +14,7 @@ Choices worth knowing:
   0 for a maximised metric (accuracy and throughput are >= 0; a negative value seen moves it
   lower), 1 for a minimised share (accuracies, pair_* rates). Minimised metrics with no upper bound
   (latency, seconds, parameters) take 1.1 x the worst value seen: the margin keeps the trials at
-  the worst end counted instead of adding zero. `asl_tune.report.analyze` takes that worst over
+  the worst end counted instead of adding zero. `asl_tune.analysis.report.analyze` takes that worst over
   every finished trial of every sweep it is given, so compared sweeps' hypervolumes share one reference.
 - Parameter importance is Optuna's PED-ANOVA, run on an in-memory study rebuilt from trials.parquet
   (so it needs no study.db and works on copied-back results).

@@ -11,7 +11,7 @@ A sweep lives in one folder, `<results>/<name>/`:
 
 `<results>` may also be a URI (s3://, gs://, file:///...): the sweep then runs in a local working copy
 of that folder and its small files are copied to `<URI>/<name>/` as they change, while Ray keeps its
-runs at `<URI>/<name>/run-<k>/` (see remote.py).
+runs at `<URI>/<name>/run-<k>/` (see mirror.py).
 
 Everything a user can get wrong is checked here, before the folder is created, any data is decoded,
 or Ray is started.
@@ -29,11 +29,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from asl_tune import cluster, remote
+from asl_tune.sweep import cluster
 from asl_tune.errors import AslTuneError
-from asl_tune.remote import Mirror
+from asl_tune.sweep.mirror import Mirror, is_uri, open_uri
+from asl_tune.sweep.mirror import join as join_uri
 from asl_tune.results import RESULT_FILES, is_plain_name
-from asl_tune.space import SearchSpace, load_space
+from asl_tune.sweep.space import SearchSpace, load_space
 
 SWEEP_FILE = "sweep.json"
 SPACE_FILE = "space.yaml"
@@ -79,7 +80,7 @@ class SweepState:
 
     def ray_root(self, folder: Path) -> str:
         """The folder or URI that holds this sweep's Ray runs."""
-        return remote.join(self.storage, self.name) if self.storage else str((folder / RAY_DIR).resolve())
+        return join_uri(self.storage, self.name) if self.storage else str((folder / RAY_DIR).resolve())
 
     def run_path(self, folder: Path, run: dict) -> str:
         """Where Ray keeps one run's experiment state and checkpoints."""
@@ -118,7 +119,7 @@ class Checked(NamedTuple):
 
 def place(results: Path | str, name: str) -> tuple[Path, Mirror | None]:
     """The sweep's local folder, and for results at a URI the mirror that copies it there."""
-    if remote.is_uri(results):
+    if is_uri(results):
         mirror = Mirror(str(results), name, MIRRORED)
         return mirror.folder, mirror
     return Path(results) / name, None
@@ -155,7 +156,7 @@ def check_request(req: SweepRequest) -> Checked:
         cluster.check_reachable(req.address)  # before any decoding: a dead address fails in seconds
     if req.storage is not None and "://" not in req.storage:
         raise AslTuneError(f"--storage: must be a URI Ray's storage supports, such as s3://bucket/path or gs://bucket/path, got {req.storage!r}")
-    uri_fs = remote.open_uri(str(req.results)) if remote.is_uri(req.results) else None  # refuses a scheme pyarrow cannot open
+    uri_fs = open_uri(str(req.results)) if is_uri(req.results) else None  # refuses a scheme pyarrow cannot open
     space = None if req.extend and req.name else load_space(req.space_path)  # extending keeps the sweep's own space
     name = req.name or space.name
     if not is_plain_name(name):
@@ -241,8 +242,8 @@ class Resumable(NamedTuple):
 
 def check_resume(name: str, results: Path | str, address: str | None) -> Resumable:
     """Validate `asl-tune resume NAME`: the sweep exists and its last run did not finish; nothing is created."""
-    if remote.is_uri(results):
-        remote.open_uri(str(results))  # refuses a scheme pyarrow cannot open
+    if is_uri(results):
+        open_uri(str(results))  # refuses a scheme pyarrow cannot open
     if not is_plain_name(name):
         raise AslTuneError(f"NAME: must be a plain folder name, got {name!r}")
     folder, mirror = place(results, name)

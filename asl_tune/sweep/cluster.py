@@ -30,7 +30,7 @@ LOCAL_ENV = {
     "RAY_DEDUP_LOGS": "1",
 }
 # Run in every worker Ray starts for us: imports the trainer (torch) before the first trial asks for it.
-WARM_UP = "asl_tune.trial.warm_up"
+WARM_UP = "asl_tune.sweep.trainable.warm_up"
 # Bound how long joining a dead cluster may take (Ray's default retries for minutes).
 JOIN_ENV = {"RAY_NUM_REDIS_GET_RETRIES": "2", "RAY_py_gcs_connect_timeout_s": "5", "RAY_gcs_rpc_server_connect_timeout_s": "5"}
 

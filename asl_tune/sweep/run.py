@@ -16,13 +16,13 @@ import time
 import warnings
 from pathlib import Path
 
-from asl_tune import cluster
+from asl_tune.sweep import cluster
 from asl_tune.data import DecodedDataset, load_dataset, load_external, make_splits
 from asl_tune.errors import AslTuneError
-from asl_tune.remote import Mirror
-from asl_tune.request import RAY_DIR, SPACE_FILE, STUDY_FILE, SWEEP_FILE, SweepRequest, SweepState, check_request, check_resume, exclusive, image_sizes
+from asl_tune.sweep.mirror import Mirror
+from asl_tune.sweep.request import RAY_DIR, SPACE_FILE, STUDY_FILE, SWEEP_FILE, SweepRequest, SweepState, check_request, check_resume, exclusive, image_sizes
 from asl_tune.results import FINISHED, read_trials
-from asl_tune.space import SearchSpace
+from asl_tune.sweep.space import SearchSpace
 
 MAX_FAILURES = 2  # an errored trial is retried from its last checkpoint this many times
 
@@ -139,7 +139,7 @@ def _trainable(space: SearchSpace, datasets: dict, externals: dict, cpus: float,
     """The trial function with the decoded arrays put into Ray's object store once, and its resources."""
     from ray import tune
 
-    from asl_tune.trial import run_trial
+    from asl_tune.sweep.trainable import run_trial
 
     # with_parameters: one ray.put per sweep; trials on a node map the same read-only memory.
     fn = tune.with_parameters(run_trial, space=space, datasets=datasets, externals=externals or None)
@@ -150,7 +150,7 @@ def _searcher(space: SearchSpace, folder: Path, name: str, seed: int, max_concur
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
-    from asl_tune.study import StudySearch, study_storage
+    from asl_tune.sweep.study import StudySearch, study_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metrics = [m for m, _ in space.objectives]
@@ -191,7 +191,7 @@ def _scheduler(space: SearchSpace, n_train: int):
 def _new_tuner(space, folder: Path, run_dir: str, num_samples: int, datasets, externals, state: SweepState, gpus: float, first_run: bool, mirror: Mirror | None = None):
     from ray import tune
 
-    from asl_tune.record import ParquetRecorder
+    from asl_tune.sweep.recorder import ParquetRecorder
 
     any_ds = next(iter(datasets.values()))
     n_train = len(make_splits(any_ds.labels, any_ds.frames, space.fixed.get("split", "blocked"), space.fixed.get("split_seed", state.seed)).train)

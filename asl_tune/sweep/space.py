@@ -57,7 +57,7 @@ def _spaces_dir() -> Path:
             return folder
     except (ImportError, TypeError, ValueError):  # not installed: no such package; or not a plain folder
         pass
-    return Path(__file__).resolve().parent.parent / "search_spaces"
+    return Path(__file__).resolve().parents[2] / "search_spaces"
 
 
 SPACES_DIR = _spaces_dir()

@@ -18,7 +18,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import Trial, TrialState, create_trial
 from ray.tune.search.optuna import OptunaSearch
 
-from asl_tune.remote import Mirror
+from asl_tune.sweep.mirror import Mirror
 
 log = logging.getLogger(__name__)
 

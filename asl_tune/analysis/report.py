@@ -10,7 +10,7 @@ Each `plot_*` function draws on a matplotlib Axes it is given and never shows or
   to `<results>/compare-<a>-<b>.../report/`, so no sweep's own report is overwritten.
 - Results at a URI (s3://, gs://, file:///...): the Parquet files are copied to the cache folder,
   `<cache>/sweeps/<hash of the URI>/.analyze/<name>/`, and the report is written there, not to the URI
-  (remote.fetch_for_analysis); its path is printed as for a folder.
+  (sweep.mirror.fetch_for_analysis); its path is printed as for a folder.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from asl_tune.alphabet import ASL_CLASSES, WATCH_PAIRS
-from asl_tune.analysis import (
+from asl_tune.analysis.compute import (
     DEFAULT_OBJECTIVES,
     MODES,
     Objectives,
@@ -48,10 +48,9 @@ from asl_tune.analysis import (
     summary,
 )
 from asl_tune.errors import AslTuneError
-from asl_tune.remote import fetch_for_analysis, is_uri
-from asl_tune.results import FINISHED, PAIR_PREFIX, PARAM_PREFIX, RESULT_FILES, write_atomic
+from asl_tune.sweep.mirror import fetch_for_analysis, is_uri
+from asl_tune.results import FINISHED, FRAME_BUDGET_MS, PAIR_PREFIX, PARAM_PREFIX, RESULT_FILES, confusion_counts, write_atomic
 
-FRAME_BUDGET_MS = 1000 / 30  # one frame of 30 fps video, as the trainer's keeps_up_30fps uses
 REPORT_DIR = "report"
 FRONT_FILE = "pareto_front.parquet"
 IMPORTANCE_FILE = "importance.parquet"
@@ -144,21 +143,11 @@ def plot_learning_curves(ax, trials: pd.DataFrame, epochs: pd.DataFrame) -> None
     ax.legend(fontsize=7, ncol=2)
 
 
-def confusion_matrix(confusion: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
-    """(C, C) counts, rows true and columns predicted, from one trial's long-format confusion rows."""
-    index = {c: i for i, c in enumerate(classes)}
-    matrix = np.zeros((len(classes), len(classes)))
-    for true, pred, count in zip(confusion["true_label"], confusion["pred_label"], confusion["count"]):
-        if true in index and pred in index:
-            matrix[index[true], index[pred]] += count
-    return matrix
-
-
 def plot_confusion(ax, confusion: pd.DataFrame, classes: Sequence[str]) -> None:
     """One trial's confusion matrix, each row divided by its support, with the watch-list cells outlined in red."""
     from matplotlib.patches import Rectangle
 
-    counts = confusion_matrix(confusion, classes)
+    counts = confusion_counts(confusion, classes).astype(float)
     support = counts.sum(axis=1, keepdims=True)
     rates = np.divide(counts, support, out=np.zeros_like(counts), where=support > 0)
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
@@ -372,17 +361,7 @@ def _sweep_markdown(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, v
         "",
         f"Most accurate trial (val_accuracy): {accurate['trial_id'] if accurate is not None else 'none'}.",
         "",
-        f"## Best trial: {best['trial_id']}",
-        "",
-        f"- status: {best['status']}",
-        f"- val accuracy: {_fmt(best['val_accuracy'])}, test accuracy: {_fmt(best['test_accuracy'])}",
-        "- external accuracy: " + (_fmt(best["external_accuracy"]) if pd.notna(best["external_accuracy"]) else "no external set attached"),
-        f"- keeps up with 30 fps video at batch 1: {_thirty_fps(best)}",
-        f"- inference: {_fmt(best['infer_img_per_s'])} img/s at batch 64; {_fmt(best['n_parameters'])} parameters; trained {_fmt(best['train_seconds'])} s on {_fmt(best.get('device'))}",
-        "- weights: " + (_weights(best["checkpoint"], sweep) if pd.notna(best.get("checkpoint")) else "no checkpoint recorded"),
-        "",
-        markdown_table(_config_table(best)),
-        "",
+        *_best_trial_lines(best, sweep),
         "## Learning curves",
         "",
         "![Validation accuracy against images seen](learning_curves.png)",
@@ -408,17 +387,36 @@ def _sweep_markdown(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, v
         "PED-ANOVA (Optuna) on a study rebuilt from trials.parquet: how much each setting's distribution among the best trials differs from its distribution overall.",
         "",
     ]
+    return "\n".join(lines + _importance_lines(trials, importances))
+
+
+def _best_trial_lines(best: pd.Series, sweep: Sweep) -> list[str]:
+    """report.md's section on the best trial: its figures, where its weights are, and its settings."""
+    return [
+        f"## Best trial: {best['trial_id']}",
+        "",
+        f"- status: {best['status']}",
+        f"- val accuracy: {_fmt(best['val_accuracy'])}, test accuracy: {_fmt(best['test_accuracy'])}",
+        "- external accuracy: " + (_fmt(best["external_accuracy"]) if pd.notna(best["external_accuracy"]) else "no external set attached"),
+        f"- keeps up with 30 fps video at batch 1: {_thirty_fps(best)}",
+        f"- inference: {_fmt(best['infer_img_per_s'])} img/s at batch 64; {_fmt(best['n_parameters'])} parameters; trained {_fmt(best['train_seconds'])} s on {_fmt(best.get('device'))}",
+        "- weights: " + (_weights(best["checkpoint"], sweep) if pd.notna(best.get("checkpoint")) else "no checkpoint recorded"),
+        "",
+        markdown_table(_config_table(best)),
+        "",
+    ]
+
+
+def _importance_lines(trials: pd.DataFrame, importances: dict) -> list[str]:
+    """report.md's importance tables, one per objective, and the settings no finished trial varied."""
+    lines = []
     for objective, table in importances.items():
-        lines.append(f"### {objective[0]} ({objective[1]})")
-        lines.append("")
         problem = importance_problem(trials, objective)
-        lines.append(markdown_table(table) if problem is None else f"Not computed: {problem}.")
-        lines.append("")
+        lines += [f"### {objective[0]} ({objective[1]})", "", markdown_table(table) if problem is None else f"Not computed: {problem}.", ""]
     held = fixed_params(finished(trials))
     if held:
-        lines.append("Held at one value in every finished trial: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in held.items()) + ".")
-        lines.append("")
-    return "\n".join(lines)
+        lines += ["Held at one value in every finished trial: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in held.items()) + ".", ""]
+    return lines
 
 
 def _confusion_note(best_id: str, confusion_id: str | None) -> str:

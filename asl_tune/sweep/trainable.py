@@ -1,8 +1,10 @@
 """One sweep trial inside a Ray worker: the shared trainer, fed from the object store, reporting to Tune.
 
 This is the only place the trainer meets Ray. Each epoch's metrics go to `tune.report` with the
-epoch's checkpoint; a trial Ray restarts (a retry after a crash, or `asl-tune resume`) picks up
-from the last checkpoint Ray kept.
+epoch's checkpoint, written into a fresh folder as Ray's own examples do; a trial Ray restarts (a
+retry after a crash, or `asl-tune resume`) picks up from the newest checkpoint Ray kept, which
+`tune.get_checkpoint()` hands back. That is the only one it restores: when it is unreadable, the
+trial starts over (logged by train.load_checkpoint).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from asl_tune.data import DecodedDataset
-from asl_tune.space import SearchSpace
+from asl_tune.sweep.space import SearchSpace
 
 # Fault drills (tests, chaos runs): "raise@<epoch>" makes every trial raise once it has reported that epoch;
 # "raise@<epoch>:<setting>=<value>" only the trials with that setting, e.g. "raise@1:head_width=16".
@@ -51,7 +53,7 @@ def run_trial(config: dict, space: SearchSpace, datasets: dict[int, DecodedDatas
     import ray
     from ray import tune
 
-    from asl_tune.train import CHECKPOINT, train_trial
+    from asl_tune.train import EPOCH_ROW, load_checkpoint, save_checkpoint, train_trial
 
     trial_config = space.config(config)
     dataset = datasets[trial_config.image_size]
@@ -60,31 +62,33 @@ def run_trial(config: dict, space: SearchSpace, datasets: dict[int, DecodedDatas
     where = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": platform.node()}
     fail_at = _fault_epoch(trial_config)
 
+    restored = None
+    if (checkpoint := tune.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as folder:  # local storage: the folder itself; else a copy, removed after
+            restored = load_checkpoint(Path(folder))
+
     _reap_work_folders()
+    # The folders each report's checkpoint is written into live here, named for this worker, so that what a
+    # SIGKILLed worker leaves mid-report (tens of MB) is found and removed by the next trial on this host.
     work = Path(tempfile.mkdtemp(prefix=_work_prefix(os.getpid())))
     try:
-        restored = None
-        if (checkpoint := tune.get_checkpoint()) is not None:
-            restored = work / "restored"
-            checkpoint.to_directory(str(restored))
 
-        def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        def report(metrics: dict, state: dict | None) -> None:
+            epoch = metrics[EPOCH_ROW]["epoch"]
             out = {**metrics, **where, "peak_rss_mb": _peak_rss_mb()}
             for metric, mode in {(space.metric, space.mode), *space.objectives}:
                 out[metric] = searcher_value(out.get(metric), mode)
-            snapshot = None
-            if checkpoint_dir is not None:
-                # Hand Tune only the newest checkpoint; it copies the folder into the trial's storage.
-                snapshot = work / f"report-{metrics['epoch']}"
-                snapshot.mkdir()
-                os.link(checkpoint_dir / CHECKPOINT, snapshot / CHECKPOINT)
-            tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(snapshot)) if snapshot else None)
-            if snapshot is not None:
-                shutil.rmtree(snapshot, ignore_errors=True)
-            if fail_at is not None and metrics["epoch"] >= fail_at:
-                raise RuntimeError(f"fault drill: {FAULT_ENV} asked this trial to fail after epoch {metrics['epoch']}")
+            if state is None:
+                tune.report(out)
+            else:
+                # A fresh folder per report; Tune copies it into the trial's storage before report returns.
+                with tempfile.TemporaryDirectory(dir=work) as folder:
+                    save_checkpoint(Path(folder), state)
+                    tune.report(out, checkpoint=tune.Checkpoint.from_directory(folder))
+            if fail_at is not None and epoch >= fail_at:
+                raise RuntimeError(f"fault drill: {FAULT_ENV} asked this trial to fail after epoch {epoch}")
 
-        train_trial(trial_config, dataset, external, report=report, checkpoint_dir=work / "current", resume_from=restored, threads=max(1, int(cpus)))
+        train_trial(trial_config, dataset, external, report=report, resume=restored, threads=max(1, int(cpus)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -99,7 +103,7 @@ def _host_prefix() -> str:
 
 
 def _reap_work_folders() -> None:
-    """Delete the scratch folders (checkpoint copies, tens of MB each) of this host's trial workers that have died.
+    """Delete the scratch folders (a checkpoint on its way to Tune, tens of MB) of this host's trial workers that have died.
 
     A worker removes its trial's folder itself; one that was SIGKILLed (a crash, a killed driver taking its
     workers with it, a lost node) cannot, and the retried or resumed trial starts here in a new worker.

@@ -2,7 +2,7 @@
 
 Rows are keyed by trial and epoch (see results.ResultsStore), so an epoch that a resumed trial
 reports again replaces its row; every file is rewritten atomically, so a reader or a kill never
-sees a torn file. When the sweep's results are at a URI, each change is then copied there (remote.Mirror).
+sees a torn file. When the sweep's results are at a URI, each change is then copied there (mirror.Mirror).
 """
 
 from __future__ import annotations
@@ -14,9 +14,14 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from asl_tune.remote import Mirror
+from asl_tune.sweep.mirror import Mirror
 from asl_tune.results import ResultsStore, trial_row
-from asl_tune.space import SearchSpace
+from asl_tune.sweep.space import SearchSpace
+
+# The key of a report's own epochs.parquet row (train.EPOCH_ROW; not imported, so the driver never loads torch).
+# The rest of a report is the trial's metrics so far, its trials.parquet row: one meaning per name in each file.
+EPOCH_ROW = "epoch_row"
+NOT_TRIAL_COLUMNS = (EPOCH_ROW, "confusion", "per_class")  # nested parts of a report, stored in files of their own
 
 
 def _finite_or_nan(metrics: dict) -> dict:
@@ -38,7 +43,7 @@ class ParquetRecorder(Callback):
         self._folder = Path(folder)
         self.space = space
         self.total = total  # trials this run of the sweep will have, for progress lines
-        self.mirror = mirror  # results at a URI: copy the files there as they change (see remote.py)
+        self.mirror = mirror  # results at a URI: copy the files there as they change (see mirror.py)
         self._store: ResultsStore | None = None
         self._checked = False  # whether rows of trials Tune no longer knows were looked for (once per driver)
 
@@ -66,7 +71,7 @@ class ParquetRecorder(Callback):
         return dataclasses.asdict(self.space.config(trial.config))
 
     def _put(self, trial, status: str, result: dict, error: str | None = None) -> None:
-        metrics = _finite_or_nan({k: v for k, v in result.items() if k not in ("confusion", "per_class")})
+        metrics = _finite_or_nan({k: v for k, v in result.items() if k not in NOT_TRIAL_COLUMNS})
         row = trial_row(trial.trial_id, status, self._params(trial), metrics)
         if error is not None:
             row["error"] = error
@@ -108,10 +113,9 @@ class ParquetRecorder(Callback):
             self._flush()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "epoch" not in result:
+        if EPOCH_ROW not in result:  # not one of the trainer's reports
             return
-        clean = _finite_or_nan(result)
-        self.store.put_epoch(trial.trial_id, clean)
+        self.store.put_epoch(trial.trial_id, _finite_or_nan(result[EPOCH_ROW]))
         self._put(trial, "diverged" if result.get("status") == "diverged" else "running", result)
         if result.get("confusion") is not None:
             classes = [r["class_name"] for r in result["per_class"]]
