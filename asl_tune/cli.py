@@ -128,17 +128,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     """asl-tune train: one trial, printed and optionally written as Parquet."""
     from asl_tune.data import load_dataset, load_external
     from asl_tune.results import save_trial
-    from asl_tune.train import train_trial
+    from asl_tune.train import pick_device, train_trial
 
     config = _trial_config(args)
     if args.threads is not None and args.threads < 1:
         raise AslTuneError(f"--threads: must be >= 1, got {args.threads}")
+    device = pick_device()  # refuses a bad ASL_TUNE_DEVICE before anything is decoded or created
     made_out = bool(args.out) and not args.out.exists()
     weights = _weights_folder(args.out, time.strftime("train-%Y%m%d-%H%M%S")) if args.out else None
     try:
         dataset = load_dataset(_dataset_dir(args), config.image_size)
         external = load_external(args.external, dataset.classes, config.image_size) if args.external else None
-        result = train_trial(config, dataset, external, threads=args.threads, checkpoint_dir=weights)
+        result = train_trial(config, dataset, external, threads=args.threads, checkpoint_dir=weights, device=device)
     except BaseException:
         if weights is not None:  # leave --out as it was: no weights folder without its results row
             shutil.rmtree(weights if not made_out else args.out, ignore_errors=True)

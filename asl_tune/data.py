@@ -2,8 +2,9 @@
 
 A dataset folder is read once: every image is decoded, converted to RGB, resized to
 `image_size` and stored in one uint8 array in a cache keyed by the folder's fingerprint
-and the size. Later runs memory-map that array, so no trial decodes a JPEG.
-This module does not import torch, so `asl-tune data check` starts fast.
+and the size. Later runs memory-map that array, so no trial decodes a JPEG. A Batcher then
+cuts normalised float batches from that array on the device, for training and evaluation alike.
+This module imports torch only when a Batcher is made, so `asl-tune data check` starts fast.
 """
 
 from __future__ import annotations
@@ -13,15 +14,20 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from asl_tune.config import check_value
 from asl_tune.errors import AslTuneError
+from asl_tune.files import write_atomically
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 KAGGLE_TRAIN = "asl_alphabet_train"
@@ -29,6 +35,9 @@ KAGGLE_TEST = "asl_alphabet_test"
 SPLIT_FRACTIONS = (0.7, 0.2, 0.1)  # train / val / test, as in the seed
 CACHE_VERSION = 1  # bump when the decoded format changes
 DECODE_CHUNK = 64  # images per task handed to a decode worker
+# The seed's normalisation (per-channel mean and std of the Kaggle images).
+MEAN = (0.5119, 0.5042, 0.5128)
+STD = (0.2499, 0.2398, 0.2451)
 
 
 @dataclass
@@ -218,42 +227,40 @@ def fingerprint(root: Path, entries: list[tuple[Path, int, int]], classes: list[
 
 
 def _build(root: Path, classes: list[str], entries: list[tuple[Path, int, int]], size: int, key: str, workers: int, progress: bool) -> Path:
-    """Decode into a temporary folder and rename it into place, so a killed build never looks finished."""
+    """Decode into a temporary folder and rename it into place (files.write_atomically), so a killed build never looks finished."""
     final = cache_root() / "decoded" / f"{key}-{size}px"
-    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        failures = _decode_all([p for p, _, _ in entries], size, tmp / "all.npy", workers, progress)
-        keep = [i for i in range(len(entries)) if i not in failures]
-        if failures:  # rare: copy the good rows into a compact array
-            allrows = np.load(tmp / "all.npy", mmap_mode="r")
-            out = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(keep), size, size, 3))
-            for s in range(0, len(keep), 1024):
-                out[s : s + 1024] = allrows[keep[s : s + 1024]]
-            out.flush()
-            del out, allrows
-            (tmp / "all.npy").unlink()
-        else:
-            (tmp / "all.npy").rename(tmp / "images.npy")
-        meta = {
-            "root": str(root),
-            "classes": classes,
-            "labels": [entries[i][1] for i in keep],
-            "frames": [entries[i][2] for i in keep],
-            "paths": [str(entries[i][0].relative_to(root)) for i in keep],
-            "skipped": [[str(entries[i][0].relative_to(root)), why] for i, why in sorted(failures.items())],
-            "fingerprint": key,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished the same cache first: theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_atomically(final, lambda tmp: _decode_into(tmp, root, classes, entries, size, key, workers, progress))
+    except FileExistsError:
+        pass  # another process finished the same cache first: theirs is as good as ours
     return final
+
+
+def _decode_into(tmp: Path, root: Path, classes: list[str], entries: list[tuple[Path, int, int]], size: int, key: str, workers: int, progress: bool) -> None:
+    """Decode every entry into the new folder tmp: images.npy (the readable ones) and meta.json."""
+    tmp.mkdir(parents=True)
+    failures = _decode_all([p for p, _, _ in entries], size, tmp / "all.npy", workers, progress)
+    keep = [i for i in range(len(entries)) if i not in failures]
+    if failures:  # rare: copy the good rows into a compact array
+        allrows = np.load(tmp / "all.npy", mmap_mode="r")
+        out = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(keep), size, size, 3))
+        for s in range(0, len(keep), 1024):
+            out[s : s + 1024] = allrows[keep[s : s + 1024]]
+        out.flush()
+        del out, allrows
+        (tmp / "all.npy").unlink()
+    else:
+        (tmp / "all.npy").rename(tmp / "images.npy")
+    meta = {
+        "root": str(root),
+        "classes": classes,
+        "labels": [entries[i][1] for i in keep],
+        "frames": [entries[i][2] for i in keep],
+        "paths": [str(entries[i][0].relative_to(root)) for i in keep],
+        "skipped": [[str(entries[i][0].relative_to(root)), why] for i, why in sorted(failures.items())],
+        "fingerprint": key,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta))
 
 
 def _load_cached(folder: Path) -> DecodedDataset:
@@ -339,8 +346,8 @@ def _split_counts(n: int) -> tuple[int, int]:
 
 def make_splits(labels: np.ndarray, frames: np.ndarray, mode: str, seed: int) -> Splits:
     """Stratified 70/20/10 splits. "blocked": each class's frames in order, cut into contiguous blocks; "random": a seeded shuffle per class."""
-    if mode not in ("blocked", "random"):
-        raise AslTuneError(f"split: must be blocked or random, got {mode!r}")
+    if (why := check_value("split", mode)) is not None:  # the rule lives in config
+        raise AslTuneError(f"split: {why}, got {mode!r}")
     rng = np.random.default_rng(seed)
     parts: tuple[list, list, list] = ([], [], [])
     for c in np.unique(labels):
@@ -360,8 +367,8 @@ def make_splits(labels: np.ndarray, frames: np.ndarray, mode: str, seed: int) ->
 
 def subsample(train: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """A seeded, stratified share of the training indices (at least one per class); val and test are never touched."""
-    if not 0 < fraction <= 1:
-        raise AslTuneError(f"data_fraction: must be in (0, 1], got {fraction}")
+    if (why := check_value("data_fraction", float(fraction))) is not None:
+        raise AslTuneError(f"data_fraction: {why}, got {fraction}")
     if fraction == 1:
         return train
     rng = np.random.default_rng([seed, 1])
@@ -383,3 +390,61 @@ def describe(ds: DecodedDataset, split: str = "blocked", seed: int = 0) -> str:
     for path, why in ds.skipped:
         lines.append(f"skipped {path}: {why}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- batches
+
+
+class Batcher:
+    """Turns rows of a (N, S, S, 3) uint8 image array into normalised (B, 3, S, S) float batches on a device.
+
+    On a GPU the array either lives on it (to_device, when it fits) or stays in host memory, and each
+    batch's rows are gathered into pinned memory and copied over without waiting (non_blocking).
+    """
+
+    def __init__(self, images: np.ndarray, device: torch.device, channels_last: bool):
+        import warnings
+
+        import torch  # here, not at the top: reading and splitting data needs no torch
+
+        with warnings.catch_warnings():  # the array is read-only (memory map, Ray's object store); we never write it
+            warnings.simplefilter("ignore", UserWarning)
+            self.images = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+        self.device, self.channels_last = device, channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+        self.scale, self.shift = 1 / (255 * std), mean / std
+
+    @property
+    def pinned(self) -> bool:
+        """Whether batches cross to a GPU through pinned host memory (the array stays on the host); never on the CPU."""
+        return self.device.type == "cuda" and self.images.device.type == "cpu"
+
+    @property
+    def rows_device(self) -> torch.device:
+        """Where batch() wants its row indices: beside the array, so no index crosses the bus (and waits) per batch."""
+        return self.images.device
+
+    def to_device(self) -> None:
+        """Keep the whole uint8 array on the device, so batches never cross the bus (GPU, when it fits)."""
+        self.images = self.images.to(self.device)
+
+    def batch(self, rows: torch.Tensor) -> torch.Tensor:
+        """Normalised batch for the given row indices."""
+        x = self._gather(rows)  # (B, S, S, 3) uint8, on the device
+        # (B, S, S, 3) uint8 -> (B, 3, S, S) float, normalised
+        x = x.permute(0, 3, 1, 2).float().mul_(self.scale).sub_(self.shift)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if not self.pinned:
+            return self.images[rows.to(self.images.device)].to(self.device)
+        # A fresh pinned buffer per batch: torch's pinned-memory cache hands a block out again only once
+        # the copies that read it have finished, so the next batch cannot overwrite one still in flight.
+        rows = rows.cpu()
+        staged = torch.empty((len(rows), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
+        torch.index_select(self.images, 0, rows, out=staged)
+        return staged.to(self.device, non_blocking=True)

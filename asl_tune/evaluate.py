@@ -9,58 +9,37 @@ import torch
 from torch import nn
 
 from asl_tune.alphabet import WATCH_PAIRS
+from asl_tune.data import Batcher
+from asl_tune.results import FRAME_BUDGET_MS
 
-# The seed's normalisation (per-channel mean and std of the Kaggle images).
-MEAN = (0.5119, 0.5042, 0.5128)
-STD = (0.2499, 0.2398, 0.2451)
-FRAME_BUDGET_MS = 1000 / 30  # one frame of 30 fps video
 TOP_PAIRS = 5  # most-confused pairs reported per trial
 EVAL_BATCH = 256
 
 
-class Batcher:
-    """Turns rows of a (N, S, S, 3) uint8 image array into normalised (B, 3, S, S) float batches on a device."""
-
-    def __init__(self, images: np.ndarray, device: torch.device, channels_last: bool):
-        import warnings
-
-        with warnings.catch_warnings():  # the array is read-only (memory map, Ray's object store); we never write it
-            warnings.simplefilter("ignore", UserWarning)
-            self.images = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
-        self.device, self.channels_last = device, channels_last
-        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-        self.scale, self.shift = 1 / (255 * std), mean / std
-
-    def to_device(self) -> None:
-        """Keep the whole uint8 array on the device, so batches never cross the bus (GPU, when it fits)."""
-        self.images = self.images.to(self.device)
-
-    def batch(self, rows: torch.Tensor) -> torch.Tensor:
-        """Normalised batch for the given row indices."""
-        x = self.images[rows.to(self.images.device)].to(self.device, non_blocking=True)
-        # (B, S, S, 3) uint8 -> (B, 3, S, S) float, normalised
-        x = x.permute(0, 3, 1, 2).float().mul_(self.scale).sub_(self.shift)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return x.contiguous(memory_format=fmt)
+def autocast_to(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """A context that runs the network at dtype (torch.bfloat16, torch.float16) on device, or at full precision for None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, batcher: Batcher, rows: np.ndarray, labels: np.ndarray, autocast: bool = False) -> tuple[np.ndarray, float]:
-    """(predicted class per row, mean cross-entropy) in eval mode."""
+def predict(model: nn.Module, batcher: Batcher, rows: np.ndarray, labels: np.ndarray, autocast: torch.dtype | None = None) -> tuple[np.ndarray, float]:
+    """(predicted class per row, mean cross-entropy) in eval mode, under autocast to that dtype (None: full precision).
+
+    Losses and predictions stay on the device until the end: one wait for a GPU, not one per batch.
+    """
     model.eval()
-    preds, loss_sum = [], 0.0
     rows_t = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-    labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    image_rows = rows_t.to(batcher.rows_device)
+    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))[rows_t].to(batcher.device)  # (N,) the rows' classes
+    preds, loss_sum = [], torch.zeros((), dtype=torch.float64, device=batcher.device)
     for s in range(0, len(rows_t), EVAL_BATCH):
-        x = batcher.batch(rows_t[s : s + EVAL_BATCH])
-        y = labels_t[rows_t[s : s + EVAL_BATCH]].to(batcher.device)
-        with torch.autocast(batcher.device.type, dtype=torch.bfloat16, enabled=autocast):
+        x = batcher.batch(image_rows[s : s + EVAL_BATCH])
+        with autocast_to(batcher.device, autocast):
             logits = model(x)
-        loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
-        preds.append(logits.argmax(1).cpu().numpy())
+        loss_sum += nn.functional.cross_entropy(logits.float(), y_all[s : s + EVAL_BATCH], reduction="sum")
+        preds.append(logits.argmax(1))
     n = max(len(rows_t), 1)
-    return (np.concatenate(preds) if preds else np.array([], dtype=np.int64)), loss_sum / n
+    return (torch.cat(preds).cpu().numpy() if preds else np.array([], dtype=np.int64)), float(loss_sum) / n
 
 
 def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -120,14 +99,17 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def measure_speed(model: nn.Module, batcher: Batcher, rows: np.ndarray, autocast: bool = False, budget_s: float = 1.0) -> dict[str, float]:
-    """Inference img/s at batch 64 and batch-1 latency p50/p95 (ms) on real images, uint8 -> logits, after warm-up."""
+def measure_speed(model: nn.Module, batcher: Batcher, rows: np.ndarray, autocast: torch.dtype | None = None, budget_s: float = 1.0) -> dict[str, float]:
+    """Inference img/s at batch 64 and batch-1 latency p50/p95 (ms) on real images, uint8 -> logits, after warm-up.
+
+    autocast: the dtype the trial runs at (None: full precision), so speed is measured at the trial's precision.
+    """
     model.eval()
-    rows_t = torch.from_numpy(np.resize(np.asarray(rows, dtype=np.int64), 64))
+    rows_t = torch.from_numpy(np.resize(np.asarray(rows, dtype=np.int64), 64)).to(batcher.rows_device)
     dev = batcher.device
 
     def run(r: torch.Tensor) -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+        with autocast_to(dev, autocast):
             model(batcher.batch(r))
 
     run(rows_t)  # warm-up: first-call allocation and kernel selection stay out of the figures

@@ -1,19 +1,19 @@
 """The only module that writes or reads Parquet: one row per trial, per epoch, per confusion cell, per class.
 
-Every write goes to a temporary file beside the target and is renamed over it, so a reader
-(or a crash) only ever sees a whole file, old or new, never a torn one.
+Every write goes to a temporary file beside the target and is renamed over it (files.write_atomically),
+so a reader (or a crash) only ever sees a whole file, old or new, never a torn one.
 """
 
 from __future__ import annotations
 
 import errno
 import io
-import os
 from pathlib import Path
 
 import pandas as pd
 
 from asl_tune.errors import AslTuneError
+from asl_tune.files import write_atomically
 
 TRIALS = "trials.parquet"
 EPOCHS = "epochs.parquet"
@@ -46,13 +46,17 @@ TRIAL_COLUMNS = [
     "node_id",
     "hostname",
     "device",
+    "precision",
+    "started_at",
+    "ended_at",
     "checkpoint",
     "error",
+    "log",
 ]
 EPOCH_COLUMNS = ["trial_id", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "train_img_per_s", "images_seen", "seconds"]
 CONFUSION_COLUMNS = ["trial_id", "true_label", "pred_label", "count"]
 PER_CLASS_COLUMNS = ["trial_id", "class_name", "support", "precision", "recall", "fpr", "fnr"]
-METRICS = [c for c in TRIAL_COLUMNS if c not in ("trial_id", "status", "node_id", "hostname", "device", "checkpoint", "error", "keeps_up_30fps")]
+METRICS = [c for c in TRIAL_COLUMNS if c not in ("trial_id", "status", "node_id", "hostname", "device", "precision", "started_at", "ended_at", "checkpoint", "error", "log", "keeps_up_30fps")]
 
 
 def is_plain_name(name: str) -> bool:
@@ -73,14 +77,12 @@ def trial_row(trial_id: str, status: str, params: dict, metrics: dict, **where: 
 def write_atomic(df: pd.DataFrame, path: Path) -> None:
     """Write df to path as Parquet through a temporary file and a rename; on failure the old file stays whole."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
+
+    def refused(e: OSError) -> AslTuneError:
         why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise AslTuneError(f"results: cannot write {path}: {why}; the previous file is left intact") from e
+        return AslTuneError(f"results: cannot write {path}: {why}; the previous file is left intact")
+
+    write_atomically(path, lambda tmp: df.to_parquet(tmp, index=False), error=refused)
 
 
 def read_snapshot(path: Path) -> pd.DataFrame:

@@ -14,11 +14,8 @@ import functools
 import io
 import math
 import multiprocessing
-import os
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from asl_tune.alphabet import ASL_CLASSES
 from asl_tune.data import cache_root
 from asl_tune.errors import AslTuneError
+from asl_tune.files import write_atomically
 
 # Bump when the renderer's output changes, so a cached default dataset is never silently stale.
 SYNTH_VERSION = "v3"
@@ -451,32 +449,31 @@ def _run_tasks(tasks: list[tuple], progress: bool) -> None:
         sys.stderr.write("\n")
 
 
+def _render_into(tmp: Path, per_class: int, seed: int, image_px: int, progress: bool, classes: tuple[str, ...]) -> None:
+    """Render the dataset, in the Kaggle layout, into the new folder tmp."""
+    tasks = []
+    for class_name in classes:
+        class_dir = tmp / TRAIN_SUBDIR / class_name
+        class_dir.mkdir(parents=True)
+        tasks += [(class_name, n, per_class, seed, image_px, str(class_dir / f"{class_name}{n}.jpg"))
+                  for n in range(1, per_class + 1)]
+    (tmp / TEST_SUBDIR).mkdir(parents=True)
+    # The real test images are extra frames of the same videos; here, the frame just after the last.
+    tasks += [(c, per_class + 1, per_class, seed, image_px, str(tmp / TEST_SUBDIR / f"{c}_test.jpg"))
+              for c in TEST_CLASSES if c in classes]
+    _run_tasks(tasks, progress)
+
+
 def _render_atomically(out_dir: Path, per_class: int, seed: int, image_px: int, progress: bool,
                        reuse_existing: bool, classes: tuple[str, ...] = ASL_CLASSES) -> Path:
     out_dir = Path(out_dir)
-    # A hidden sibling on the same filesystem, so the final rename is atomic.
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        tasks = []
-        for class_name in classes:
-            class_dir = tmp / TRAIN_SUBDIR / class_name
-            class_dir.mkdir(parents=True)
-            tasks += [(class_name, n, per_class, seed, image_px, str(class_dir / f"{class_name}{n}.jpg"))
-                      for n in range(1, per_class + 1)]
-        (tmp / TEST_SUBDIR).mkdir(parents=True)
-        # The real test images are extra frames of the same videos; here, the frame just after the last.
-        tasks += [(c, per_class + 1, per_class, seed, image_px, str(tmp / TEST_SUBDIR / f"{c}_test.jpg"))
-                  for c in TEST_CLASSES if c in classes]
-        _run_tasks(tasks, progress)
-        try:
-            os.replace(tmp, out_dir)  # succeeds onto a missing or empty folder
-        except OSError:
-            if reuse_existing and out_dir.is_dir():
-                return out_dir  # another process finished the same dataset first
-            raise AslTuneError(f"{out_dir}: already exists and is not empty; choose a new folder") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Renamed onto a missing or empty folder; a non-empty one is in the way.
+        write_atomically(out_dir, lambda tmp: _render_into(tmp, per_class, seed, image_px, progress, classes))
+    except FileExistsError:
+        if reuse_existing and out_dir.is_dir():
+            return out_dir  # another process finished the same dataset first
+        raise AslTuneError(f"{out_dir}: already exists and is not empty; choose a new folder") from None
     return out_dir
 
 

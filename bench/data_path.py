@@ -165,7 +165,7 @@ def bare_throughput(setup: Setup, ds, rows, device) -> float:
     """img/s of training steps on batches already normalised and in memory: no data path at all."""
     import torch
 
-    from asl_tune.evaluate import Batcher
+    from asl_tune.data import Batcher
 
     batcher = Batcher(ds.images, device, channels_last=device.type == "cuda")
     rows_t = torch.from_numpy(rows)
@@ -189,8 +189,7 @@ def seed_loader(data: Path, image_size: int, n_images: int, batch_size: int, wor
     import torch
     from torchvision import datasets, transforms
 
-    from asl_tune.data import find_class_root
-    from asl_tune.evaluate import MEAN, STD
+    from asl_tune.data import MEAN, STD, find_class_root
 
     tf = transforms.Compose([transforms.Resize(image_size), transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
     folder = datasets.ImageFolder(str(find_class_root(data)), transform=tf)

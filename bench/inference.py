@@ -66,11 +66,12 @@ def measure(args: argparse.Namespace) -> dict:
     """Load the images, build the network as the trainer does, and time it --repeats times."""
     import torch
 
-    from asl_tune.data import load_dataset, make_splits
-    from asl_tune.evaluate import FRAME_BUDGET_MS, Batcher, measure_speed
+    from asl_tune.data import Batcher, load_dataset, make_splits
+    from asl_tune.evaluate import measure_speed
+    from asl_tune.results import FRAME_BUDGET_MS
     from asl_tune.model import DexNet
     from asl_tune.synth import ensure_default_dataset
-    from asl_tune.train import GPU_RESIDENT_SHARE, device_name
+    from asl_tune.train import AUTOCAST, device_name, keeps_on_device, pick_precision
 
     figures: dict = {**machine()}
     torch.set_num_threads(args.threads)
@@ -80,14 +81,14 @@ def measure(args: argparse.Namespace) -> dict:
     ds = load_dataset(data, args.image_size, progress=False)
     rows = make_splits(ds.labels, ds.frames, "blocked", args.seed).val
 
-    # The trainer's set-up (asl_tune.train.train_trial): channels-last and bf16 autocast on a GPU,
+    # The trainer's set-up (asl_tune.train.set_up): channels-last and bf16 autocast on a GPU,
     # the uint8 array kept on the GPU when it fits.
     torch.manual_seed(args.seed)
     model = DexNet(args.head_width, args.image_size, len(ds.classes)).to(device)
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
     batcher = Batcher(ds.images, device, channels_last=on_gpu)
-    if on_gpu and ds.images.nbytes < GPU_RESIDENT_SHARE * torch.cuda.get_device_properties(device).total_memory:
+    if on_gpu and keeps_on_device(ds.images.nbytes, torch.cuda.get_device_properties(device).total_memory, 1.0):
         batcher.to_device()
     say(f"DexNet head {args.head_width} at {args.image_size} px on {device_name(device)}, {args.threads} threads; "
         f"{len(rows)} validation images of {data}; {args.repeats} rounds of ~{2 * args.budget_s:g} s")
@@ -95,7 +96,7 @@ def measure(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     rounds = []
     for r in range(args.repeats):
-        speed = measure_speed(model, batcher, rows, autocast=on_gpu, budget_s=args.budget_s)
+        speed = measure_speed(model, batcher, rows, autocast=AUTOCAST[pick_precision(device)], budget_s=args.budget_s)
         rounds.append(speed)
         say(f"round {r + 1}: {speed['infer_img_per_s']:.1f} img/s at batch 64; batch 1 p50 {speed['latency_ms_p50']:.2f} ms, p95 {speed['latency_ms_p95']:.2f} ms")
     wall_s = time.perf_counter() - started

@@ -37,7 +37,9 @@ def test_data_path_prints_the_three_throughputs(tiny_dataset):
     for key in ("trainer_img_per_s", "bare_img_per_s", "seed_pipeline_img_per_s"):
         assert positive(figures[key]), (key, figures[key])
     assert figures["image_size"] == 32
-    assert figures["device"] == "cpu"
+    from asl_tune.train import device_name, pick_device
+
+    assert figures["device"] == device_name(pick_device())  # the trainer's choice, as the script makes it
     assert figures["trainer_vs_bare"] == pytest.approx(figures["trainer_img_per_s"] / figures["bare_img_per_s"])
 
 
@@ -121,3 +123,23 @@ def test_the_simulated_asha_decides_as_rays_own_bracket(rf, min_t, max_t):
             if not keep or progress[trial] >= max_t:
                 running.discard(trial)
         assert decisions > 12
+
+
+def test_gpu_script_smoke_runs_every_section_and_names_every_headline_key():
+    """bench/gpu.py --smoke: every section at tiny sizes here; those that need CUDA say so, none fails."""
+    figures = run_script("gpu.py", "--smoke")
+    for key in ("device", "torch", "train_img_per_s", "seed_pipeline_img_per_s", "trainer_vs_seed", "mfu", "packed_aggregate_img_per_s", "sweep_trials_completed"):
+        assert key in figures, key
+    assert figures["smoke"] is True and figures["torch"] == __import__("torch").__version__
+    for section in ("trainer", "seed", "compute", "packing", "sweep"):
+        assert "error" not in figures[section], figures[section].get("traceback")
+        assert figures[section]["section_s"] >= 0
+    assert set(figures["train_img_per_s"]) == {"fp32", "bf16", "bf16_channels_last", "bf16_channels_last_compile"}
+    for mode in ("fp32", "bf16", "bf16_channels_last"):
+        assert positive(figures["train_img_per_s"][mode]), mode
+    assert positive(figures["seed_pipeline_img_per_s"]) and positive(figures["trainer"]["trainer_train_img_per_s"])
+    assert figures["trainer_vs_seed"] == pytest.approx(figures["trainer"]["trainer_train_img_per_s"] / figures["seed_pipeline_img_per_s"])
+    assert figures["compute"]["flops_per_train_image"] > 2 * figures["compute"]["flops_per_infer_image"] > 0  # backward costs about twice forward
+    if figures["device"] == "cpu":
+        assert figures["packing"] == {"skipped": "needs CUDA", "section_s": 0.0}
+        assert "skipped" in figures["sweep"] and figures["sweep_trials_completed"] is None and figures["mfu"] is None

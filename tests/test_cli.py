@@ -239,3 +239,10 @@ def test_analyze_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
         assert needle in one_error_line(capsys), args
     assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["trials.parquet"]  # no report/ left behind
     assert not (tmp_path / "nope").exists()
+
+
+def test_train_refuses_a_bad_device_choice_before_decoding_or_creating_anything(tiny_dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ASL_TUNE_DEVICE", "tpu")
+    assert main(["train", "--data", str(tiny_dataset), "--image-size", "32", "--out", str(tmp_path / "out")]) == 2
+    assert "ASL_TUNE_DEVICE: must be cpu or cuda" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists() and not list(Path(os.environ["ASL_TUNE_CACHE"]).glob("decoded/*"))

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import ray
 
-from asl_tune.sweep.cluster import CONNECT_TIMEOUT_S
+from asl_tune.errors import AslTuneError
+from asl_tune.sweep.cluster import CONNECT_TIMEOUT_S, JOIN_ENV, LOCAL_ENV, ray_session
 from conftest import make_dataset
 from sweeps import assert_consistent, run_cli, wait_for, write_space
 
@@ -153,3 +155,39 @@ def test_a_closed_port_is_refused_at_once(tmp_path):
     lines, elapsed = refuse(address, tmp_path)
     assert f"--address: no Ray cluster answers at {address} (Connection refused" in lines[-1], lines
     assert elapsed < DEADLINE_S
+
+
+# ---------------------------------------------------------------- what a session leaves behind in this process
+
+
+def _environ_without_session_settings(monkeypatch) -> dict[str, str]:
+    """os.environ with none of the settings a Ray session sets, but the loopback one that conftest sets for every test."""
+    for key in {**LOCAL_ENV, **JOIN_ENV}:
+        if key != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER":
+            monkeypatch.delenv(key, raising=False)
+    return dict(os.environ)
+
+
+def _as_before(before: dict[str, str]) -> bool:
+    """Every variable set before is as it was, and none of ours is left; Ray may add its own (kept: see scoped_environment)."""
+    ours = set(LOCAL_ENV) | set(JOIN_ENV)
+    return {k: os.environ.get(k) for k in before} == before and not [k for k in ours - set(before) if k in os.environ]
+
+
+def test_a_ray_session_sets_rays_settings_for_its_block_only_even_when_the_block_raises(monkeypatch):
+    before = _environ_without_session_settings(monkeypatch)
+    with pytest.raises(RuntimeError, match="the sweep failed"):
+        with ray_session(num_cpus=1):
+            assert ray.is_initialized()
+            assert {key: os.environ.get(key) for key in LOCAL_ENV} == LOCAL_ENV  # Ray read them as it started
+            raise RuntimeError("the sweep failed")
+    assert not ray.is_initialized()
+    assert _as_before(before)
+
+
+def test_a_join_that_is_refused_leaves_the_environment_as_it_was(monkeypatch):
+    before = _environ_without_session_settings(monkeypatch)
+    with pytest.raises(AslTuneError, match="no Ray cluster answers"):
+        with ray_session(f"127.0.0.1:{free_port()}"):
+            pass
+    assert _as_before(before)

@@ -160,3 +160,52 @@ def test_external_with_unknown_class_refused(tiny_dataset, tmp_path):
     other = make_dataset(tmp_path / "other", per_class=1, classes=["Q"])
     with pytest.raises(AslTuneError, match="--external: class folder\\(s\\) not among the training classes: Q"):
         load_external(other, ds.classes, 32, progress=False)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def _images(n: int = 6, size: int = 8) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)  # (N, S, S, 3)
+
+
+def test_a_cpu_batcher_never_pins_memory(monkeypatch):
+    """Pinned memory needs CUDA: on the CPU the batch is cut from the array as it is."""
+    import torch
+
+    from asl_tune.data import Batcher
+
+    real_empty = torch.empty
+
+    def refuse_pinning(*args, pin_memory=False, **kwargs):
+        assert not pin_memory, "a CPU batch asked for pinned memory"
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", refuse_pinning)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pytest.fail("a CPU batch pinned memory"))
+    images = _images()
+    batcher = Batcher(images, torch.device("cpu"), channels_last=False)
+    assert not batcher.pinned
+    x = batcher.batch(torch.tensor([4, 1]))
+    assert x.shape == (2, 3, 8, 8) and x.device.type == "cpu"
+    expected = Batcher(images[[4, 1]], torch.device("cpu"), channels_last=False).batch(torch.arange(2))
+    assert torch.equal(x, expected)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_a_gpu_batcher_that_keeps_the_array_on_the_host_copies_through_pinned_memory():
+    import torch
+
+    from asl_tune.data import Batcher
+
+    images = _images(64)
+    device = torch.device("cuda")
+    streamed, resident = Batcher(images, device, channels_last=True), Batcher(images, device, channels_last=True)
+    resident.to_device()
+    assert streamed.pinned and not resident.pinned
+    batches = [torch.randperm(64)[:16] for _ in range(8)]
+    out = [streamed.batch(rows) for rows in batches]  # several in flight: none may overwrite another's staging buffer
+    torch.cuda.synchronize()
+    for rows, x in zip(batches, out):
+        assert x.device.type == "cuda" and x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x, resident.batch(rows))

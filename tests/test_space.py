@@ -133,4 +133,4 @@ def test_the_spaces_are_found_as_package_data_and_in_an_uninstalled_source_tree(
         raise ModuleNotFoundError(f"No module named {pkg!r}")
 
     monkeypatch.setattr(importlib.resources, "files", not_installed)
-    assert space._spaces_dir() == Path(space.__file__).resolve().parent.parent / "search_spaces"
+    assert space._spaces_dir() == Path(space.__file__).resolve().parents[2] / "search_spaces"  # asl_tune/sweep/space.py -> the checkout

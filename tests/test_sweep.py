@@ -20,7 +20,7 @@ from asl_tune.cli import main
 from asl_tune.data import load_dataset, make_splits
 from asl_tune.sweep.request import SweepRequest
 from asl_tune.sweep.run import run_sweep
-from asl_tune.train import load_trained
+from asl_tune.train import device_name, load_trained, pick_device
 from asl_tune.sweep.trainable import FAULT_ENV
 from conftest import make_dataset
 from sweeps import assert_consistent, cli, kill_group, read, run_cli, wait_for, wait_for_saved_state, write_space
@@ -64,8 +64,15 @@ def test_sweep_records_completed_diverged_and_errored_trials_and_goes_on(faulty_
     errored = trials[trials.params_head_width == 24].iloc[0]
     assert healthy.status == "completed" and 0 <= healthy.test_accuracy <= 1 and healthy.epochs_completed == 2
     assert diverging.status == "diverged"
-    assert errored.status == "errored" and "fault drill" in errored.error
-    assert healthy.node_id and healthy.hostname and healthy.device == "cpu"
+    assert errored.status == "errored" and errored.error.startswith("RuntimeError: fault drill") and errored.error.endswith("after epoch 2")  # the last try's
+    # Its full log: settings, the traceback, and the trial's own output (the trainer's log lines), named in its row.
+    assert errored.log == f"logs/{errored.trial_id}.log"
+    log = (folder / errored.log).read_text()
+    assert "head_width': 24" in log and 'raise RuntimeError(f"fault drill' in log  # the traceback's source lines
+    assert "the trial's own output" in log and "epoch 1/2" in log.split("the trial's own output", 1)[1]
+    assert healthy.log is None or pd.isna(healthy.log)
+    assert (pd.to_datetime(trials["started_at"]) <= pd.to_datetime(trials["ended_at"])).all()  # the driver's clock, each trial's span
+    assert healthy.node_id and healthy.hostname and healthy.device == device_name(pick_device())  # a GPU host's trials run on its GPU
     for col in ("pair_U_as_R", "pair_R_as_U", "pair_K_as_V", "pair_V_as_K"):
         assert col not in trials.columns or trials[col].isna().all()  # the tiny data has no U, R, K or V
     # Every setting is recorded, searched or fixed.
@@ -311,3 +318,72 @@ def test_train_img_per_s_means_the_same_in_a_sweep_and_in_train_out(faulty_sweep
     assert main(["train", "--data", str(data), "--image-size", "32", "--head-width", "32", "--batch-size", "16", "--epochs", "2", "--threads", "1", "--out", str(out)]) == 0
     one = pd.read_parquet(out / "trials.parquet").iloc[0]
     _assert_train_img_per_s_means_one_thing(one, pd.read_parquet(out / "epochs.parquet"))
+
+
+# ---------------------------------------------------------------- what a sweep leaves behind in this process
+
+
+def _process_settings() -> dict:
+    """What a sweep changes for the whole process while it runs: the environment Ray reads, Optuna's verbosity,
+    the level of a Ray logger it quietens, and the warning filters."""
+    import logging
+    import os
+    import warnings
+
+    import optuna
+
+    from asl_tune.sweep.run import EXPERIMENT_ANALYSIS_LOGGER
+
+    from asl_tune.sweep.cluster import JOIN_ENV, LOCAL_ENV
+
+    # Ours, and every variable that was there before; Ray may add its own (see cluster.scoped_environment).
+    return {"environ": {k: os.environ.get(k) for k in [*LOCAL_ENV, *JOIN_ENV, *_ENVIRON_BEFORE]}, "optuna": optuna.logging.get_verbosity(), "logger": logging.getLogger(EXPERIMENT_ANALYSIS_LOGGER).level, "filters": list(warnings.filters)}
+
+
+_ENVIRON_BEFORE = dict(__import__("os").environ)  # as this module found it
+
+
+def test_a_sweep_leaves_the_process_settings_as_it_found_them_whether_it_finishes_or_is_refused(tmp_path, data, monkeypatch):
+    import logging
+
+    import optuna
+
+    from asl_tune.errors import AslTuneError
+    from asl_tune.sweep.cluster import LOCAL_ENV
+    from asl_tune.sweep.run import EXPERIMENT_ANALYSIS_LOGGER
+
+    for key in LOCAL_ENV:
+        if key != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER":  # conftest sets it for every test
+            monkeypatch.delenv(key, raising=False)
+    logger = logging.getLogger(EXPERIMENT_ANALYSIS_LOGGER)
+    verbosity, level = optuna.logging.get_verbosity(), logger.level
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # settings a sweep changes while it runs, set to what it does not use
+    logger.setLevel(logging.INFO)
+    try:
+        before = _process_settings()
+        space = write_space(tmp_path / "scoped.yaml", 1, params={"head_width": {"type": "categorical", "choices": [16]}}, fixed={"epochs": 1}, early_stopping=False)
+        folder = run_sweep(SweepRequest(space_path=space, data=data, results=tmp_path / "results"))
+        assert set(read(folder, "trials")["status"]) == {"completed"}
+        assert _process_settings() == before
+        with pytest.raises(AslTuneError, match="--cpus-per-trial: the cluster has"):  # refused once Ray has started
+            run_sweep(SweepRequest(space_path=space, data=data, name="refused", results=tmp_path / "results", cpus_per_trial=64))
+        assert _process_settings() == before
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+        logger.setLevel(level)
+
+
+def test_only_the_sweeps_own_warning_filter_is_taken_away_after_it():
+    """A filter a library adds as it is first imported, inside the sweep (Ray's and torch's are), stays."""
+    import warnings
+
+    from asl_tune.sweep.run import _quiet
+
+    before = list(warnings.filters)
+    with _quiet():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn("The reported value is ignored because this `step=3` is already reported.", UserWarning)
+        assert caught == []  # silenced during the sweep
+        warnings.filterwarnings("ignore", message="a library's own filter")
+        theirs = warnings.filters[0]
+    assert warnings.filters == [theirs, *before]

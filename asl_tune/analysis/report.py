@@ -10,7 +10,7 @@ Each `plot_*` function draws on a matplotlib Axes it is given and never shows or
   to `<results>/compare-<a>-<b>.../report/`, so no sweep's own report is overwritten.
 - Results at a URI (s3://, gs://, file:///...): the Parquet files are copied to the cache folder,
   `<cache>/sweeps/<hash of the URI>/.analyze/<name>/`, and the report is written there, not to the URI
-  (sweep.mirror.fetch_for_analysis); its path is printed as for a folder.
+  (sweep.mirror.sweep_folder(..., for_analysis=True)); its path is printed as for a folder.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from asl_tune.analysis.compute import (
     summary,
 )
 from asl_tune.errors import AslTuneError
-from asl_tune.sweep.mirror import fetch_for_analysis, is_uri
+from asl_tune.sweep.mirror import is_uri, sweep_folder
 from asl_tune.results import FINISHED, FRAME_BUDGET_MS, PAIR_PREFIX, PARAM_PREFIX, RESULT_FILES, confusion_counts, write_atomic
 
 REPORT_DIR = "report"
@@ -535,6 +535,19 @@ def terminal_summary(reports: list[SweepReport], objectives: Objectives, shown: 
     return "\n".join(lines)
 
 
+def _local_results(results: Path | str, names: Sequence[str]) -> Path:
+    """The folder holding the named sweeps' files on this machine: --results, or for a URI analyze's own copies of them.
+
+    Every sweep at a URI is checked before anything is copied; the reports are written beside the copies.
+    """
+    folders = [sweep_folder(results, name, RESULT_FILES, for_analysis=True) for name in names]
+    for folder in folders:
+        folder.check_present()
+    for folder in folders:
+        folder.pull()
+    return folders[0].root
+
+
 def analyze(names: Sequence[str], results: Path, objectives: Objectives | None = None) -> tuple[Path, str]:
     """Write each sweep's report (and, for several, a comparison); return the report.md to read and the terminal summary."""
     objectives = list(objectives) if objectives is not None else list(DEFAULT_OBJECTIVES)
@@ -543,13 +556,12 @@ def analyze(names: Sequence[str], results: Path, objectives: Objectives | None =
     for metric, mode in objectives:
         if not is_objective_metric(metric) or mode not in MODES:
             raise AslTuneError(f"--objectives: must be known metric:max|min pairs, got {metric}:{mode}")
-    if is_uri(results):  # copy the Parquet files down; the reports are written beside those copies
-        results = fetch_for_analysis(str(results), names, RESULT_FILES)
-    sweeps = [load_sweep(Path(results), name, objectives) for name in names]  # refuse before writing anything
+    results = _local_results(results, names)
+    sweeps = [load_sweep(results, name, objectives) for name in names]  # refuse before writing anything
     reference = reference_point(pd.concat([finished(s.trials) for s in sweeps], ignore_index=True), objectives)
     reports = [write_sweep_report(sweep, objectives, reference) for sweep in sweeps]
     text = terminal_summary(reports, objectives)
     if len(reports) == 1:
         return reports[0].report, text
-    path = write_comparison_report(reports, objectives, comparison_folder(Path(results), names))
+    path = write_comparison_report(reports, objectives, comparison_folder(results, names))
     return path, f"{text}\ncomparison: {path}"

@@ -76,43 +76,78 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
 
 
 @contextmanager
+def scoped_environment(defaults: dict[str, str]) -> Iterator[None]:
+    """os.environ with each of `defaults` set where it is unset, for the block; afterwards those as they were.
+
+    Only ours are put back. Ray's own start also sets some (RAY_AUTH_MODE, RAY_USAGE_STATS_ENABLED) to match
+    the configuration it keeps for the rest of this process; undoing those leaves the two out of step, and a
+    later Ray in the same process then cannot start its actors (seen: every trial "cancelled before it started").
+    """
+    before = {key: os.environ.get(key) for key in defaults}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = False) -> Iterator[None]:
-    """Ray, started or joined for the duration of the block; reuses an instance already running in this process."""
+    """Ray, started or joined for the duration of the block; reuses an instance already running in this process.
+
+    Ray reads LOCAL_ENV (and JOIN_ENV) as it starts its processes, and Tune as it runs: they are set before
+    ray.init, and os.environ is put back as it was after ray.shutdown (also when the block raises).
+    """
     import ray
 
     if ray.is_initialized():
         yield
         return
-    for key, value in LOCAL_ENV.items():
-        os.environ.setdefault(key, value)
-    if address:
-        check_reachable(address)
-        for key, value in JOIN_ENV.items():
-            os.environ.setdefault(key, value)
+    with scoped_environment({**LOCAL_ENV, **(JOIN_ENV if address else {})}):
+        if address:
+            _join(address)
+        else:
+            _start_local(num_cpus, num_gpus, dashboard)
         try:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError) as e:
-            # An explicit address never sends Ray's token unless asked to (Ray's rule): say so when it may be the cause.
-            hint = "" if os.environ.get("RAY_AUTH_MODE") else "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token) as for any Ray driver"
-            raise AslTuneError(f"--address: cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}{hint}") from None
-    else:
-        context = ray.init(
-            address="local",
-            runtime_env={"worker_process_setup_hook": WARM_UP},
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
-        if dashboard:
-            log.warning("Ray dashboard (no authentication, on 127.0.0.1 only): http://%s", context.dashboard_url)
+            yield
+        finally:
+            ray.shutdown()
+
+
+def _join(address: str) -> None:
+    import ray
+
+    check_reachable(address)
     try:
-        yield
-    finally:
-        ray.shutdown()
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError) as e:
+        # An explicit address never sends Ray's token unless asked to (Ray's rule): say so when it may be the cause.
+        hint = "" if os.environ.get("RAY_AUTH_MODE") else "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token) as for any Ray driver"
+        raise AslTuneError(f"--address: cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}{hint}") from None
+
+
+def _start_local(num_cpus: int | None, num_gpus: int | None, dashboard: bool) -> None:
+    """A private Ray on 127.0.0.1, its workers warmed up (WARM_UP), with a dashboard only when asked."""
+    import ray
+
+    context = ray.init(
+        address="local",
+        runtime_env={"worker_process_setup_hook": WARM_UP},
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    if dashboard:
+        log.warning("Ray dashboard (no authentication, on 127.0.0.1 only): http://%s", context.dashboard_url)
 
 
 def resources() -> dict[str, float]:

@@ -1,4 +1,8 @@
-"""Sweeps whose `--results` is a URI (s3://, gs://, file:///...): a local working copy, mirrored to the URI.
+"""Where a sweep's files live: its folder, or for a `--results` URI (s3://, gs://, file:///...) a local working copy mirrored there.
+
+`sweep_folder(results, name, files)` gives one object either way, with the same methods, so the sweep code
+never asks which it holds: `SweepFolder` is a folder on this machine, the record itself (pull and sync have
+nothing to do); `MirroredSweepFolder` keeps a working copy of `<URI>/<name>/` and copies it.
 
 A running sweep needs local files: the Optuna study is SQLite, which cannot live on object storage, and
 the lock is an flock. So when `--results` is a URI the sweep runs in a staging folder on the driver,
@@ -13,7 +17,8 @@ The URI is the record: `resume`, `sweep --extend` and `analyze` first copy the s
 so they work from a machine whose staging folder is empty or stale.
 
 Copies are whole files and a reader never sees a torn one: an object-store PUT is atomic, and on a
-filesystem (file://, hdfs://) the copy is written under a temporary name and moved over the target.
+filesystem (file://, hdfs://) the copy is written under a temporary name and moved over the target
+(files.write_atomically), as is every copy down.
 study.db is copied through SQLite's backup API, so each copy is a consistent snapshot.
 
 The lock only excludes a second driver on the same machine: two machines running the same URI sweep at
@@ -24,19 +29,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import sqlite3
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from asl_tune.errors import AslTuneError
+from asl_tune.files import write_atomically
 from asl_tune.results import is_plain_name
 
 log = logging.getLogger(__name__)
 
 OBJECT_STORES = ("s3", "gcs", "abfs")  # pyarrow filesystems where one PUT replaces an object atomically
 ANALYZE_DIR = ".analyze"  # analyze's own copies, beside (never inside) a running sweep's staging folder
+DEFAULT_RESULTS = "results"  # --results when not given: suggested commands leave it out
 _SQLITE_SIDE_FILES = ("-journal", "-wal", "-shm")
 
 
@@ -74,52 +82,181 @@ def staging_root(uri: str) -> Path:
     return cache_root() / "sweeps" / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:12]
 
 
-class Mirror:
-    """One sweep folder at `<uri>/<name>/` and its local working copy (staging folder).
+def sweep_folder(results: Path | str, name: str, files: tuple[str, ...], for_analysis: bool = False) -> "SweepFolder":
+    """The sweep `name` under --results: a SweepFolder, or for a URI a MirroredSweepFolder copying `files`.
 
-    The staging folder is worked out afresh in each process (it is not pickled), so a Tune callback or
-    study storage restored on another machine, under another cache folder, finds that machine's copy.
+    for_analysis: a URI's files are copied to analyze's own folder, never to a running sweep's working copy.
+    """
+    if is_uri(results):
+        return MirroredSweepFolder(str(results), name, files, ANALYZE_DIR if for_analysis else "")
+    return SweepFolder(Path(results), name)
+
+
+def as_sweep_folder(folder: "SweepFolder | Path | str") -> "SweepFolder":
+    """folder as a SweepFolder: a path is a sweep folder on this machine."""
+    if isinstance(folder, SweepFolder):
+        return folder
+    return SweepFolder(Path(folder).parent, Path(folder).name)
+
+
+class SweepFolder:
+    """A sweep's folder on this machine, `<results>/<name>/`: where its driver reads and writes, and the record itself.
+
+    MirroredSweepFolder has the same methods for results at a URI. Here there is nothing to copy: pull and
+    sync do nothing. Pickled (Tune keeps the recorder and the study's storage in its experiment state) as the
+    two paths it was given.
     """
 
-    def __init__(self, uri: str, name: str, files: tuple[str, ...]):
+    def __init__(self, results: Path, name: str):
+        self._results = Path(results)
+        self._name = name
+
+    @property
+    def path(self) -> Path:
+        """The folder the driver reads and writes."""
+        return self.root / self._name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def results(self) -> Path | str:
+        """--results: the folder, or the URI, that holds the sweep folders."""
+        return self._results
+
+    @property
+    def root(self) -> Path:
+        """The folder on this machine that holds `path` (and its sister sweeps' copies)."""
+        return self._results
+
+    @property
+    def location(self) -> str:
+        """The sweep folder as the user names it."""
+        return str(self.path)
+
+    @property
+    def described(self) -> str:
+        """Where the results go, for "results in ..."."""
+        return self.location
+
+    @property
+    def results_flag(self) -> str:
+        """` --results R` for commands suggested to the user, unless R is the default."""
+        return "" if str(self.results) == DEFAULT_RESULTS else f" --results {self.results}"
+
+    @property
+    def ray_storage(self) -> str | None:
+        """Where Ray keeps the sweep's runs unless --storage says otherwise; None: in the sweep folder."""
+        return None
+
+    def results_lines(self) -> list[str]:
+        """What a finished run prints about where its results are and what to run next."""
+        return [f"results: {self.location}/trials.parquet, epochs.parquet, confusion.parquet; next: asl-tune analyze {self.name}{self.results_flag}"]
+
+    def writable_places(self) -> list[tuple[Path, str]]:
+        """The folders a sweep will write, each with how to refuse it when it cannot be written."""
+        return [(Path(self.results), "--results: cannot write to")]
+
+    @contextmanager
+    def peek(self, names: tuple[str, ...]) -> Iterator[tuple[Path, str]]:
+        """A folder holding the named files as the record has them, and how to name it, for reading before the lock is held."""
+        yield self.path, self.location
+
+    def check_present(self) -> None:
+        """Refuse, in one line, a sweep that is not there (a folder is checked where it is read: analysis.compute.load_sweep)."""
+
+    def pull(self) -> None:
+        """Bring the local folder up to date with the record; a folder is the record."""
+
+    def sync(self, final: bool = False) -> None:
+        """Copy what changed locally to the record; a folder is the record."""
+
+
+class MirroredSweepFolder(SweepFolder):
+    """A sweep folder at `<uri>/<name>/` and its local working copy (staging folder), which is what `path` gives.
+
+    The working copy is worked out afresh in each process (only the URI, the name, the files and `copies` are
+    pickled), so a Tune callback or study storage restored on another machine, under another cache folder,
+    finds that machine's copy.
+    """
+
+    def __init__(self, uri: str, name: str, files: tuple[str, ...], copies: str = ""):
         self.uri = uri.rstrip("/")
-        self.name = name
+        self._name = name
         self.files = tuple(files)  # the small files that are mirrored
+        self.copies = copies  # the working copy's folder under the staging root: "" for a sweep's, ANALYZE_DIR for analyze's
         self._fs = None
-        self._path = ""
+        self._at_path = ""
         self._pushed: dict[str, tuple[int, int]] = {}  # name -> (mtime_ns, size) of the local file last copied up
         self._made_dir = False
         self._warned = False
 
     def __getstate__(self) -> dict:
-        return {"uri": self.uri, "name": self.name, "files": self.files}
+        return {"uri": self.uri, "name": self._name, "files": self.files, "copies": self.copies}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["uri"], state["name"], state["files"])
+        self.__init__(state["uri"], state["name"], state["files"], state.get("copies", ""))
 
     @property
-    def remote(self) -> str:
+    def root(self) -> Path:
+        """This process's staging folder for the URI (for analyze, its folder of copies there)."""
+        return staging_root(self.uri) / self.copies
+
+    @property
+    def results(self) -> str:
+        return self.uri
+
+    @property
+    def location(self) -> str:
         """The sweep folder's URI."""
-        return join(self.uri, self.name)
+        return join(self.uri, self._name)
 
     @property
-    def folder(self) -> Path:
-        """The local working copy, in this process's cache folder."""
-        return staging_root(self.uri) / self.name
+    def described(self) -> str:
+        return f"{self.location} (working copy {self.path})"
+
+    @property
+    def ray_storage(self) -> str:
+        """Ray's runs go to the URI too, at `<uri>/<name>/run-<k>/`."""
+        return self.uri
+
+    def results_lines(self) -> list[str]:
+        return [*super().results_lines(), f"(working copy: {self.path})"]
+
+    def writable_places(self) -> list[tuple[Path, str]]:
+        places = [(self.path.parent, "--results: cannot keep the working copy in")]
+        if self.fs.type_name == "local":  # file://: the "bucket" is a folder here
+            places.append((Path(self._at_path).parent, "--results: cannot write to"))
+        return places
+
+    @contextmanager
+    def peek(self, names: tuple[str, ...]) -> Iterator[tuple[Path, str]]:
+        """The named files copied to a temporary folder, so nothing is written to the working copy before the lock is held (nor when the request is refused)."""
+        with tempfile.TemporaryDirectory(prefix="asl-tune-peek-") as tmp:
+            self.fetch(names, Path(tmp))
+            yield Path(tmp), self.location
+
+    def check_present(self) -> None:
+        if not is_plain_name(self._name):
+            raise AslTuneError(f"{self.location}: no such sweep folder")
+        if not self.present():
+            raise AslTuneError(f"{self.location}: no such sweep folder (none of {', '.join(self.files)} there)")
 
     @property
     def fs(self):
+        """pyarrow's filesystem for the URI, opened on first use (a URI it cannot open is refused naming --results)."""
         if self._fs is None:
-            self._fs, self._path = open_uri(self.remote)
-            self._path = self._path.rstrip("/")
+            self._fs, base = open_uri(self.uri)
+            self._at_path = f"{base.rstrip('/')}/{self._name}"
         return self._fs
 
     def _at(self, name: str) -> str:
-        self.fs  # noqa: B018 (opens the filesystem, sets _path)
-        return f"{self._path}/{name}"
+        self.fs  # noqa: B018 (opens the filesystem, sets _at_path)
+        return f"{self._at_path}/{name}"
 
     def _fail(self, doing: str, e: BaseException) -> AslTuneError:
-        return AslTuneError(f"--results: cannot {doing} {self.remote}: {_why(e)}")
+        return AslTuneError(f"--results: cannot {doing} {self.location}: {_why(e)}")
 
     def present(self, names: tuple[str, ...] | list[str] | None = None) -> list[str]:
         """Which of the named files (default: all mirrored ones) exist at the URI."""
@@ -137,22 +274,23 @@ class Mirror:
         found = self.present(names)
         dest.mkdir(parents=True, exist_ok=True)
         for name in found:
-            tmp = dest / f".{name}.tmp{os.getpid()}"
             try:
-                with self.fs.open_input_stream(self._at(name)) as src, open(tmp, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                if name.endswith(".db"):  # a stale journal would be rolled back into the new file
-                    for side in _SQLITE_SIDE_FILES:
-                        (dest / f"{name}{side}").unlink(missing_ok=True)
-                os.replace(tmp, dest / name)
+                write_atomically(dest / name, lambda tmp: self._download(name, tmp))
             except (OSError, ValueError) as e:
-                tmp.unlink(missing_ok=True)
                 raise self._fail(f"copy {name} from", e) from None
         return found
 
+    def _download(self, name: str, to: Path) -> None:
+        """Copy the URI's file `name` to `to`, the temporary that is then renamed to `name` beside it."""
+        with self.fs.open_input_stream(self._at(name)) as src, open(to, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+        if name.endswith(".db"):  # a stale journal beside the old file would be rolled back into the new one
+            for side in _SQLITE_SIDE_FILES:
+                (to.parent / f"{name}{side}").unlink(missing_ok=True)
+
     def pull(self) -> None:
-        """Make the staging folder a copy of the URI's files: fetch those there, delete local ones that are not."""
-        folder = self.folder
+        """Make the working copy a copy of the URI's files: fetch those there, delete local ones that are not."""
+        folder = self.path
         found = self.fetch(self.files, folder)
         for name in self.files:
             if name in found:
@@ -173,13 +311,13 @@ class Mirror:
                 self._push(name)
         except (OSError, ValueError, sqlite3.Error) as e:
             if final:
-                raise AslTuneError(f"--results: cannot copy the results to {self.remote} ({_why(e)}); they are complete in {self.folder}") from None
+                raise AslTuneError(f"--results: cannot copy the results to {self.location} ({_why(e)}); they are complete in {self.path}") from None
             if not self._warned:
-                log.warning("results: cannot copy to %s now (%s); will retry", self.remote, _why(e))
+                log.warning("results: cannot copy to %s now (%s); will retry", self.location, _why(e))
                 self._warned = True
 
     def _push(self, name: str) -> None:
-        src = self.folder / name
+        src = self.path / name
         try:
             st = src.stat()
         except FileNotFoundError:
@@ -204,44 +342,14 @@ class Mirror:
     def _upload(self, src: Path, name: str) -> None:
         fs = self.fs
         if not self._made_dir:
-            fs.create_dir(self._path, recursive=True)
+            fs.create_dir(self._at_path, recursive=True)
             self._made_dir = True
-        target = self._at(name)
-        atomic = fs.type_name in OBJECT_STORES
-        dest = target if atomic else self._at(f".{name}.tmp{os.getpid()}")
-        try:
+
+        def put(dest: str) -> None:
             with open(src, "rb") as f, fs.open_output_stream(dest) as out:
                 shutil.copyfileobj(f, out, 1 << 20)
-            if not atomic:
-                fs.move(dest, target)  # a rename: a reader sees the old file or the new, never a torn one
-        except BaseException:
-            if not atomic:
-                try:
-                    fs.delete_file(dest)
-                except (OSError, ValueError):
-                    pass
-            raise
 
-
-def fetch_for_analysis(uri: str, names, files: tuple[str, ...]) -> Path:
-    """Copy the named sweeps' result files from `<uri>/<name>/` to `<staging>/.analyze/<name>/`; return `<staging>/.analyze`.
-
-    Every name is checked at the URI before anything is written. The copies are analyze's own, so they
-    never touch the working copy of a sweep this machine is running.
-    """
-    open_uri(uri)
-    mirrors = []
-    for name in names:
-        if not is_plain_name(name):
-            raise AslTuneError(f"{join(uri, name)}: no such sweep folder")
-        mirror = Mirror(uri, name, files)
-        if not mirror.present():
-            raise AslTuneError(f"{mirror.remote}: no such sweep folder (none of {', '.join(files)} there)")
-        mirrors.append(mirror)
-    root = staging_root(uri) / ANALYZE_DIR
-    for mirror in mirrors:
-        dest = root / mirror.name
-        for name in files:
-            (dest / name).unlink(missing_ok=True)
-        mirror.fetch(files, dest)
-    return root
+        if fs.type_name in OBJECT_STORES:
+            put(self._at(name))  # one PUT replaces the object whole
+        else:
+            write_atomically(self._at(name), put, fs=fs)  # a rename: a reader sees the old file or the new, never a torn one

@@ -2,7 +2,7 @@
 
 Rows are keyed by trial and epoch (see results.ResultsStore), so an epoch that a resumed trial
 reports again replaces its row; every file is rewritten atomically, so a reader or a kill never
-sees a torn file. When the sweep's results are at a URI, each change is then copied there (mirror.Mirror).
+sees a torn file. When the sweep's results are at a URI, each change is then copied there (mirror.SweepFolder.sync).
 """
 
 from __future__ import annotations
@@ -10,13 +10,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ray.tune import Callback
 
-from asl_tune.sweep.mirror import Mirror
+from asl_tune.sweep.mirror import SweepFolder, as_sweep_folder
+from asl_tune.files import write_atomically
 from asl_tune.results import ResultsStore, trial_row
+from asl_tune.sweep.request import LOGS_DIR
 from asl_tune.sweep.space import SearchSpace
+from asl_tune.sweep.trainable import TRIAL_OUTPUT
 
 # The key of a report's own epochs.parquet row (train.EPOCH_ROW; not imported, so the driver never loads torch).
 # The rest of a report is the trial's metrics so far, its trials.parquet row: one meaning per name in each file.
@@ -39,11 +43,10 @@ def final_status(result: dict, planned_epochs: int) -> str:
 class ParquetRecorder(Callback):
     """A Tune callback that writes trials/epochs/confusion/per_class Parquet in the sweep folder."""
 
-    def __init__(self, folder: Path, space: SearchSpace, total: int, mirror: Mirror | None = None):
-        self._folder = Path(folder)
+    def __init__(self, folder: SweepFolder | Path, space: SearchSpace, total: int):
+        self.sweep = as_sweep_folder(folder)  # at a URI, it copies the files there as they change (see mirror.py)
         self.space = space
         self.total = total  # trials this run of the sweep will have, for progress lines
-        self.mirror = mirror  # results at a URI: copy the files there as they change (see mirror.py)
         self._store: ResultsStore | None = None
         self._checked = False  # whether rows of trials Tune no longer knows were looked for (once per driver)
 
@@ -51,15 +54,10 @@ class ParquetRecorder(Callback):
         # Tune pickles callbacks with the experiment; a restored recorder re-reads the files instead.
         return {**self.__dict__, "_store": None, "_checked": False}
 
-    def __setstate__(self, state: dict) -> None:
-        if "folder" in state:  # pickled before results could be at a URI
-            state["_folder"] = state.pop("folder")
-        self.__dict__.update({"mirror": None, **state})
-
     @property
     def folder(self) -> Path:
         """The sweep folder written: for results at a URI, this machine's working copy of it."""
-        return self.mirror.folder if self.mirror is not None else self._folder
+        return self.sweep.path
 
     @property
     def store(self) -> ResultsStore:
@@ -79,8 +77,7 @@ class ParquetRecorder(Callback):
 
     def _flush(self) -> None:
         self.store.flush()
-        if self.mirror is not None:
-            self.mirror.sync()
+        self.sweep.sync()
 
     def on_step_begin(self, iteration, trials, **info):
         if not self.__dict__.get("_checked"):
@@ -104,12 +101,12 @@ class ParquetRecorder(Callback):
     def on_step_end(self, iteration, trials, **info):
         # The searcher writes study.db when it asks for a trial, before the trial starts: copy it up now,
         # so the study at the URI keeps up with the experiment state Tune saved there in this step.
-        if self.mirror is not None:
-            self.mirror.sync()
+        self.sweep.sync()
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if trial.trial_id not in self.store.trials:
             self._put(trial, "running", {})
+            self.store.put_trial({"trial_id": trial.trial_id, "started_at": _now()})
             self._flush()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -135,14 +132,31 @@ class ParquetRecorder(Callback):
         result = trial.last_result or {}
         status = final_status(result, self.space.config(trial.config).epochs)
         self._put(trial, status, result)
+        self.store.put_trial({"trial_id": trial.trial_id, "ended_at": _now()})
         self._flush()
         self._say(trials, trial, status, result)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        message = _error_message(trial)
+        text = _error_text(trial)
+        message = _error_message(text)
+        log = self._write_log(trial, text)
         self._put(trial, "errored", trial.last_result or {}, error=message)
+        self.store.put_trial({"trial_id": trial.trial_id, "ended_at": _now(), "log": log})
         self._flush()
-        self._say(trials, trial, "errored", {}, message)
+        self._say(trials, trial, "errored", {}, f"{message}; its log: {self.sweep.path / log}" if log else message)
+
+    def _write_log(self, trial, text: str) -> str | None:
+        """logs/<trial id>.log in the sweep folder: the trial's settings, where it ran, its traceback and output; its path relative to the folder."""
+        settings = dataclasses.asdict(self.space.config(trial.config))
+        where = {k: (trial.last_result or {}).get(k) for k in ("node_id", "hostname", "device")}
+        header = [f"trial {trial.trial_id}", f"settings: {settings}", f"ran on: {where}", ""]
+        relative = f"{LOGS_DIR}/{trial.trial_id}.log"
+        try:
+            (self.sweep.path / LOGS_DIR).mkdir(parents=True, exist_ok=True)
+            write_atomically(self.sweep.path / relative, lambda tmp: Path(tmp).write_text("\n".join(header) + (text or "Ray kept no traceback (the worker may have been killed).\n")))
+        except OSError:
+            return None  # the row and the driver's line still carry the error itself
+        return relative
 
     def _say(self, trials, trial, status: str, result: dict, message: str = "") -> None:
         done = sum(1 for t in trials if t.is_finished()) + (0 if trial.is_finished() else 1)
@@ -164,11 +178,29 @@ def checkpoint_location(checkpoint) -> str:
     return path if kind == "local" else f"{_SCHEMES.get(kind, kind)}://{path}"
 
 
-def _error_message(trial) -> str:
-    """The last line of the trial's traceback (its exception), or a generic note when Ray kept none."""
+def _error_text(trial) -> str:
+    """What Ray kept of a failed trial: its traceback, then (see trainable.TRIAL_OUTPUT) its own output; "" when none."""
     path = getattr(trial, "error_file", None)
     try:
-        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()] if path else []
+        return Path(path).read_text() if path else ""
     except OSError:
-        lines = []
+        return ""
+
+
+def _error_message(text: str) -> str:
+    """The last line of the trial's last traceback (its exception), or a generic note when Ray kept none.
+
+    Ray's error file holds one "Failure # N" section per try: a traceback, then the trial's own output.
+    """
+    lines, in_output = [], False
+    for line in text.splitlines():
+        if line.startswith(TRIAL_OUTPUT) or line.startswith("Failure # "):
+            in_output = line.startswith(TRIAL_OUTPUT)
+        elif line.strip() and not in_output:
+            lines.append(line.strip())
     return lines[-1] if lines else "the trial failed without an error message (its worker may have been killed)"
+
+
+def _now() -> str:
+    """The driver's clock, as trials.parquet's started_at and ended_at record it (ISO 8601, UTC)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

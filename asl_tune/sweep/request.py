@@ -7,11 +7,12 @@ A sweep lives in one folder, `<results>/<name>/`:
     study.db        the Optuna study (SQLite): the searcher's memory, shared by every run
     ray/run-<k>/    Ray Tune's experiment state and trial checkpoints for run k
     *.parquet       the results (see results.py), written as they arrive
+    logs/<trial>.log  a failed trial's settings, traceback and own output (stdout, stderr, asl_tune log)
     .lock           held (flock) by the one driver running the sweep
 
 `<results>` may also be a URI (s3://, gs://, file:///...): the sweep then runs in a local working copy
 of that folder and its small files are copied to `<URI>/<name>/` as they change, while Ray keeps its
-runs at `<URI>/<name>/run-<k>/` (see mirror.py).
+runs at `<URI>/<name>/run-<k>/`. Either way the sweep code holds one `mirror.SweepFolder` (see `place`).
 
 Everything a user can get wrong is checked here, before the folder is created, any data is decoded,
 or Ray is started.
@@ -23,7 +24,6 @@ import fcntl
 import json
 import math
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +31,8 @@ from typing import Iterator, NamedTuple
 
 from asl_tune.sweep import cluster
 from asl_tune.errors import AslTuneError
-from asl_tune.sweep.mirror import Mirror, is_uri, open_uri
+from asl_tune.files import write_atomically
+from asl_tune.sweep.mirror import SweepFolder, is_uri, open_uri, sweep_folder
 from asl_tune.sweep.mirror import join as join_uri
 from asl_tune.results import RESULT_FILES, is_plain_name
 from asl_tune.sweep.space import SearchSpace, load_space
@@ -41,6 +42,7 @@ SPACE_FILE = "space.yaml"
 STUDY_FILE = "study.db"
 RAY_DIR = "ray"
 LOCK_FILE = ".lock"
+LOGS_DIR = "logs"
 MIRRORED = (SWEEP_FILE, SPACE_FILE, STUDY_FILE, *RESULT_FILES)  # what a sweep at a URI copies there (not .lock)
 
 @dataclass
@@ -94,9 +96,8 @@ class SweepState:
             raise AslTuneError(f"{shown or folder / SWEEP_FILE}: unreadable sweep record ({e})") from None
 
     def write(self, folder: Path) -> None:
-        tmp = folder / f".{SWEEP_FILE}.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, folder / SWEEP_FILE)
+        text = json.dumps(asdict(self), indent=2) + "\n"
+        write_atomically(folder / SWEEP_FILE, lambda tmp: tmp.write_text(text))
 
 
 def _positive(option: str, value, allow_zero: bool = False) -> None:
@@ -108,36 +109,17 @@ def _positive(option: str, value, allow_zero: bool = False) -> None:
 
 
 class Checked(NamedTuple):
-    """A validated request: the space, the sweep's name, its local folder, its mirror (results at a URI), and its state (--extend)."""
+    """A validated request: the space, the sweep's name, its folder (local, or a working copy of one at a URI), and its state (--extend)."""
 
     space: SearchSpace
     name: str
-    folder: Path
-    mirror: Mirror | None
+    sweep: SweepFolder
     state: SweepState | None
 
 
-def place(results: Path | str, name: str) -> tuple[Path, Mirror | None]:
-    """The sweep's local folder, and for results at a URI the mirror that copies it there."""
-    if is_uri(results):
-        mirror = Mirror(str(results), name, MIRRORED)
-        return mirror.folder, mirror
-    return Path(results) / name, None
-
-
-@contextmanager
-def peek(folder: Path, mirror: Mirror | None) -> Iterator[tuple[Path, str]]:
-    """Where to read sweep.json and space.yaml before the sweep's lock is held, and how to name that place.
-
-    A folder is read where it is; from a URI the two files are copied to a temporary folder, so that
-    nothing is written to the staging folder before the lock is held (nor when the request is refused).
-    """
-    if mirror is None:
-        yield folder, str(folder)
-        return
-    with tempfile.TemporaryDirectory(prefix="asl-tune-peek-") as tmp:
-        mirror.fetch([SWEEP_FILE, SPACE_FILE], Path(tmp))
-        yield Path(tmp), mirror.remote
+def place(results: Path | str, name: str) -> SweepFolder:
+    """The sweep's folder: `<results>/<name>/`, or for results at a URI a working copy that copies the sweep's files there."""
+    return sweep_folder(results, name, MIRRORED)
 
 
 def check_request(req: SweepRequest) -> Checked:
@@ -156,42 +138,34 @@ def check_request(req: SweepRequest) -> Checked:
         cluster.check_reachable(req.address)  # before any decoding: a dead address fails in seconds
     if req.storage is not None and "://" not in req.storage:
         raise AslTuneError(f"--storage: must be a URI Ray's storage supports, such as s3://bucket/path or gs://bucket/path, got {req.storage!r}")
-    uri_fs = open_uri(str(req.results)) if is_uri(req.results) else None  # refuses a scheme pyarrow cannot open
+    if is_uri(req.results):
+        open_uri(str(req.results))  # refuses a scheme pyarrow cannot open
     space = None if req.extend and req.name else load_space(req.space_path)  # extending keeps the sweep's own space
     name = req.name or space.name
     if not is_plain_name(name):
         raise AslTuneError(f"--name: must be a plain folder name, got {name!r}")
-    folder, mirror = place(req.results, name)
-    with peek(folder, mirror) as (where, shown):
+    sweep = place(req.results, name)
+    with sweep.peek((SWEEP_FILE, SPACE_FILE)) as (where, shown):  # read before the lock is held
         exists = (where / SWEEP_FILE).exists()
         if space is None:
             space = load_space(where / SPACE_FILE) if (where / SPACE_FILE).is_file() else load_space(req.space_path)
         if exists and not req.extend:
             raise AslTuneError(
                 f"--name: a sweep named {name!r} already exists in {shown}; add --extend to add trials to it, "
-                f"or run `asl-tune resume {name}{results_flag(req.results)}` to finish an interrupted one"
+                f"or run `asl-tune resume {name}{sweep.results_flag}` to finish an interrupted one"
             )
         if req.extend and not exists:
             raise AslTuneError(f"--extend: there is no sweep named {name!r} in {req.results} to extend")
         state = SweepState.read(where, f"{shown}/{SWEEP_FILE}") if req.extend else None
     if state is not None and state.runs and not state.runs[-1]["finished"]:
-        if folder.is_dir():
-            with exclusive(folder, name):  # refused here when another driver is running it now
+        if sweep.path.is_dir():
+            with exclusive(sweep.path, name):  # refused here when another driver is running it now
                 pass
-        raise AslTuneError(f"--extend: the last run of {name!r} did not finish; run `asl-tune resume {name}{results_flag(req.results)}` first")
-    if mirror is None:
-        _check_writable(Path(req.results))
-    else:
-        _check_writable(folder.parent, "--results: cannot keep the working copy in")
-        if uri_fs[0].type_name == "local":
-            _check_writable(Path(uri_fs[1]))
+        raise AslTuneError(f"--extend: the last run of {name!r} did not finish; run `asl-tune resume {name}{sweep.results_flag}` first")
+    for folder, refusal in sweep.writable_places():
+        _check_writable(folder, refusal)
     image_sizes(space)  # refuses a searched image_size that is not categorical
-    return Checked(space, name, folder, mirror, state)
-
-
-def results_flag(results: Path | str) -> str:
-    """` --results R` for commands suggested to the user, unless R is the default."""
-    return "" if str(results) == "results" else f" --results {results}"
+    return Checked(space, name, sweep, state)
 
 
 def _check_writable(results: Path, what: str = "--results: cannot write to") -> None:
@@ -231,11 +205,10 @@ def exclusive(folder: Path, name: str) -> Iterator[None]:
 
 
 class Resumable(NamedTuple):
-    """A sweep `asl-tune resume` may continue: its space, local folder, mirror, state as last read, and Ray address."""
+    """A sweep `asl-tune resume` may continue: its space, folder, state as last read, and Ray address."""
 
     space: SearchSpace
-    folder: Path
-    mirror: Mirror | None
+    sweep: SweepFolder
     state: SweepState
     address: str | None
 
@@ -246,15 +219,15 @@ def check_resume(name: str, results: Path | str, address: str | None) -> Resumab
         open_uri(str(results))  # refuses a scheme pyarrow cannot open
     if not is_plain_name(name):
         raise AslTuneError(f"NAME: must be a plain folder name, got {name!r}")
-    folder, mirror = place(results, name)
-    with peek(folder, mirror) as (where, shown):
+    sweep = place(results, name)
+    with sweep.peek((SWEEP_FILE, SPACE_FILE)) as (where, shown):  # read before the lock is held
         if not (where / SWEEP_FILE).exists():
             raise AslTuneError(f"NAME: no sweep named {name!r} in {results} (no {shown}/{SWEEP_FILE})")
         state = SweepState.read(where, f"{shown}/{SWEEP_FILE}")
         if not state.runs or state.runs[-1]["finished"]:
-            raise AslTuneError(f"NAME: sweep {name!r} has nothing to resume: every run finished; add trials with `asl-tune sweep --name {name} --extend --num-samples K{results_flag(results)}`")
+            raise AslTuneError(f"NAME: sweep {name!r} has nothing to resume: every run finished; add trials with `asl-tune sweep --name {name} --extend --num-samples K{sweep.results_flag}`")
         space = load_space(where / SPACE_FILE)
     address = address or state.address
     if address:
         cluster.parse_address(address)
-    return Resumable(space, folder, mirror, state, address)
+    return Resumable(space, sweep, state, address)

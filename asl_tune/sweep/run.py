@@ -1,9 +1,13 @@
 """Sweeps: Optuna proposes settings, Ray Tune runs and early-stops the trials, Parquet keeps the results.
 
 `run_sweep` and `resume_sweep` take a request that request.py has checked, decode the data once,
-start or join Ray, and wire Tune: the trial function (trial.py) with the arrays in the object store,
+start or join Ray, and wire Tune: the trial function (trainable.py) with the arrays in the object store,
 Optuna as searcher (study.py keeps its SQLite study), ASHA on images seen, and the Parquet recorder
-(record.py) as a callback. The sweep's folder and what it holds are described in request.py.
+(recorder.py) as a callback. The sweep's folder and what it holds are described in request.py; the code
+here holds it as one mirror.SweepFolder, a folder or a working copy of one at a URI, and never asks which.
+
+What a sweep changes for the whole process (environment variables Ray reads, Optuna's verbosity, a
+logger's level, a warning filter) is changed for the sweep only and restored when it returns or raises.
 """
 
 from __future__ import annotations
@@ -14,17 +18,48 @@ import shutil
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from asl_tune.sweep import cluster
 from asl_tune.data import DecodedDataset, load_dataset, load_external, make_splits
 from asl_tune.errors import AslTuneError
-from asl_tune.sweep.mirror import Mirror
+from asl_tune.sweep.mirror import SweepFolder
 from asl_tune.sweep.request import RAY_DIR, SPACE_FILE, STUDY_FILE, SWEEP_FILE, SweepRequest, SweepState, check_request, check_resume, exclusive, image_sizes
 from asl_tune.results import FINISHED, read_trials
 from asl_tune.sweep.space import SearchSpace
 
 MAX_FAILURES = 2  # an errored trial is retried from its last checkpoint this many times
+# Results are read from our Parquet, not Ray's per-trial JSON (switched off), so this logger's requests for it are noise.
+EXPERIMENT_ANALYSIS_LOGGER = "ray.tune.analysis.experiment_analysis"
+# A trial resumed from a checkpoint older than its last report runs that epoch again; Optuna keeps the first
+# value and warns. Expected here (the Parquet row is keyed by epoch and replaced), so not shown.
+REPEATED_STEP_WARNING = r"The reported value is ignored because this `step=\d+` is already reported"
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Optuna's per-trial info lines, that logger and that warning silenced for the sweep, and restored after it.
+
+    Only our own warning filter is removed afterwards: warnings.catch_warnings would also drop the filters
+    that Ray and torch add when they are first imported, which happens inside the sweep.
+    """
+    import optuna
+
+    logger = logging.getLogger(EXPERIMENT_ANALYSIS_LOGGER)
+    verbosity, level, before = optuna.logging.get_verbosity(), logger.level, list(warnings.filters)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logger.setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=REPEATED_STEP_WARNING, category=UserWarning)
+    ours = warnings.filters[0]
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+        logger.setLevel(level)
+        if ours not in before and ours in warnings.filters:
+            warnings.filters.remove(ours)
 
 
 def _load_data(data: Path | None, external: Path | None, sizes: list[int]) -> tuple[Path, dict[int, DecodedDataset], dict[int, DecodedDataset]]:
@@ -39,40 +74,36 @@ def _load_data(data: Path | None, external: Path | None, sizes: list[int]) -> tu
 
 def run_sweep(req: SweepRequest) -> Path:
     """`asl-tune sweep`: start a new sweep, or extend one; return its (local) folder."""
-    space, name, folder, mirror, state = check_request(req)
+    space, name, sweep, state = check_request(req)
+    folder = sweep.path
     sizes = image_sizes(space)
     if state is not None:
         data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, sizes)
     else:
         data_dir, datasets, externals = _load_data(req.data, req.external, sizes)
-        storage = req.storage or (mirror.uri if mirror else None)  # results at a URI: Ray's runs go there too
+        storage = req.storage or sweep.ray_storage  # results at a URI: Ray's runs go there too
         state = SweepState(name, str(data_dir), str(Path(req.external).resolve()) if req.external else None, req.cpus_per_trial, req.gpus_per_trial, req.max_concurrent, req.seed, req.address, storage=storage)
     num_samples = int(req.num_samples or space.num_samples)
     created = _make_folder(folder)
-    where = mirror.remote if mirror else folder
     with exclusive(folder, name):  # refused here, touching nothing, while another driver holds the sweep
         try:
-            if mirror:
-                mirror.pull()  # the URI is the record: this machine's copy may be empty or stale
+            sweep.pull()  # the record may be at a URI: this machine's copy may be empty or stale
             if not req.extend and (folder / SWEEP_FILE).exists():  # another process started it meanwhile
-                raise AslTuneError(f"--name: a sweep named {name!r} already exists in {where}; add --extend to add trials to it")
-            with cluster.ray_session(req.address, dashboard=req.dashboard):
+                raise AslTuneError(f"--name: a sweep named {name!r} already exists in {sweep.location}; add --extend to add trials to it")
+            with _quiet(), cluster.ray_session(req.address, dashboard=req.dashboard):
                 if req.extend:
                     state = SweepState.read(folder)  # as it stands now that we hold the lock
                 gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
                 if not req.extend:
                     shutil.copyfile(req.space_path, folder / SPACE_FILE)
-                    if mirror:
-                        mirror.sync(final=True)  # refused here, before the sweep exists, when the URI cannot be written
+                    sweep.sync(final=True)  # refused here, before the sweep exists, when a URI cannot be written
                 run_dir = f"{RAY_DIR}/run-{len(state.runs) + 1}"
                 state.runs.append({"dir": run_dir, "num_samples": num_samples, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished": False})
                 state.write(folder)
-                if mirror:
-                    mirror.sync(final=True)
-                shown = f"{where} (working copy {folder})" if mirror else where
-                print(f"sweep {name!r}: {num_samples} trials of {space.source} on {data_dir}; results in {shown}", file=sys.stderr)
-                tuner = _new_tuner(space.seeded(state.seed), folder, run_dir, num_samples, datasets, externals, state, gpus, first_run=len(state.runs) == 1, mirror=mirror)
-                return _fit(tuner, folder, state, name, mirror)
+                sweep.sync(final=True)
+                print(f"sweep {name!r}: {num_samples} trials of {space.source} on {data_dir}; results in {sweep.described}", file=sys.stderr)
+                tuner = _new_tuner(space.seeded(state.seed), sweep, run_dir, num_samples, datasets, externals, state, gpus, first_run=len(state.runs) == 1)
+                return _fit(tuner, sweep, state)
         except BaseException:
             if created and not (folder / SWEEP_FILE).exists():  # ours, and refused before it began: leave nothing behind
                 shutil.rmtree(folder, ignore_errors=True)
@@ -81,7 +112,8 @@ def run_sweep(req: SweepRequest) -> Path:
 
 def resume_sweep(name: str, results: Path | str = Path("results"), address: str | None = None) -> Path:
     """`asl-tune resume`: finish a sweep whose driver died; finished trials are kept, interrupted ones continue."""
-    space, folder, mirror, state, address = check_resume(name, results, address)
+    space, sweep, state, address = check_resume(name, results, address)
+    folder = sweep.path
     data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, image_sizes(space))
     run = state.runs[-1]
     space = space.seeded(state.seed)
@@ -89,12 +121,11 @@ def resume_sweep(name: str, results: Path | str = Path("results"), address: str 
 
     _make_folder(folder)
     with exclusive(folder, name):
-        if mirror:
-            mirror.pull()  # the URI is the record: this machine's copy may be empty or stale
+        sweep.pull()  # the record may be at a URI: this machine's copy may be empty or stale
         state = SweepState.read(folder)  # as it stands now that we hold the lock
         if state.runs[-1]["finished"]:
             raise AslTuneError(f"NAME: sweep {name!r} has nothing to resume: another process finished it")
-        with cluster.ray_session(address):
+        with _quiet(), cluster.ray_session(address):
             gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
             run_path = state.run_path(folder, run)
             trainable = _trainable(space, datasets, externals, state.cpus_per_trial, gpus)
@@ -102,13 +133,13 @@ def resume_sweep(name: str, results: Path | str = Path("results"), address: str 
                 # The driver died before Tune saved any state: nothing ran, so start this run afresh.
                 if not state.storage:
                     shutil.rmtree(run_path, ignore_errors=True)
-                tuner = _new_tuner(space, folder, run["dir"], run["num_samples"], datasets, externals, state, gpus, first_run=len(state.runs) == 1, mirror=mirror)
+                tuner = _new_tuner(space, sweep, run["dir"], run["num_samples"], datasets, externals, state, gpus, first_run=len(state.runs) == 1)
             else:
-                # Tune restores our recorder and searcher as pickled; for results at a URI both find this
-                # machine's working copy themselves (record.ParquetRecorder.folder, study.StagedStudyStorage).
+                # Tune restores our recorder and searcher as pickled; each finds this machine's copy of the sweep
+                # folder itself (mirror.MirroredSweepFolder works out its working copy where it is unpickled).
                 tuner = tune.Tuner.restore(run_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
             print(f"resuming sweep {name!r} from {run_path}", file=sys.stderr)
-            return _fit(tuner, folder, state, name, mirror)
+            return _fit(tuner, sweep, state)
 
 
 def _make_folder(folder: Path) -> bool:
@@ -146,13 +177,12 @@ def _trainable(space: SearchSpace, datasets: dict, externals: dict, cpus: float,
     return tune.with_resources(fn, {"cpu": cpus, "gpu": gpus})
 
 
-def _searcher(space: SearchSpace, folder: Path, name: str, seed: int, max_concurrent: int | None, first_run: bool, mirror: Mirror | None = None):
+def _searcher(space: SearchSpace, sweep: SweepFolder, name: str, seed: int, max_concurrent: int | None, first_run: bool):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
     from asl_tune.sweep.study import StudySearch, study_storage
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     metrics = [m for m, _ in space.objectives]
     modes = [m for _, m in space.objectives]
     multi = len(metrics) > 1
@@ -164,7 +194,7 @@ def _searcher(space: SearchSpace, folder: Path, name: str, seed: int, max_concur
         points_to_evaluate=[dict(p) for p in space.points] if first_run and space.points else None,
         sampler=sampler,
         study_name=name,
-        storage=study_storage(folder, STUDY_FILE, mirror),
+        storage=study_storage(sweep, STUDY_FILE),
     )
     return ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
 
@@ -188,7 +218,7 @@ def _scheduler(space: SearchSpace, n_train: int):
     )
 
 
-def _new_tuner(space, folder: Path, run_dir: str, num_samples: int, datasets, externals, state: SweepState, gpus: float, first_run: bool, mirror: Mirror | None = None):
+def _new_tuner(space, sweep: SweepFolder, run_dir: str, num_samples: int, datasets, externals, state: SweepState, gpus: float, first_run: bool):
     from ray import tune
 
     from asl_tune.sweep.recorder import ParquetRecorder
@@ -198,15 +228,15 @@ def _new_tuner(space, folder: Path, run_dir: str, num_samples: int, datasets, ex
     return tune.Tuner(
         _trainable(space, datasets, externals, state.cpus_per_trial, gpus),
         tune_config=tune.TuneConfig(
-            search_alg=_searcher(space, folder, state.name, state.seed, state.max_concurrent, first_run, mirror),
+            search_alg=_searcher(space, sweep, state.name, state.seed, state.max_concurrent, first_run),
             scheduler=_scheduler(space, n_train),
             num_samples=num_samples,
             reuse_actors=True,  # one worker process runs trial after trial: no spawn, no re-import, data already mapped
         ),
         run_config=tune.RunConfig(
             name=Path(run_dir).name,
-            storage_path=state.ray_root(folder),
-            callbacks=[ParquetRecorder(folder, space, num_samples, mirror)],
+            storage_path=state.ray_root(sweep.path),
+            callbacks=[ParquetRecorder(sweep, space, num_samples)],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=1,
@@ -214,30 +244,23 @@ def _new_tuner(space, folder: Path, run_dir: str, num_samples: int, datasets, ex
     )
 
 
-def _fit(tuner, folder: Path, state: SweepState, name: str, mirror: Mirror | None = None) -> Path:
+def _fit(tuner, sweep: SweepFolder, state: SweepState) -> Path:
     """Run the tuner; mark the run finished when every trial ended; say where the results are."""
-    # Results are read from our Parquet, not Ray's per-trial JSON (switched off), so keep Ray from asking for it.
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    # A trial resumed from a checkpoint older than its last report runs that epoch again; Optuna keeps the
-    # first value and warns. Expected here (the Parquet row is keyed by epoch and replaced), so not shown.
-    warnings.filterwarnings("ignore", message=r"The reported value is ignored because this `step=\d+` is already reported", category=UserWarning)
+    name, folder = sweep.name, sweep.path
     try:
         grid = tuner.fit()
     finally:
-        if mirror:
-            mirror.sync()  # whatever the run left, the URI gets it
+        sweep.sync()  # whatever the run left, a URI gets it
     ended = grid.num_terminated + grid.num_errors
     wanted = state.runs[-1]["num_samples"]
     trials = read_trials(folder)
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
-    flag = f" --results {mirror.uri}" if mirror else ""
     if ended < wanted or counts.get("running", 0):
-        raise AslTuneError(f"sweep {name!r} was interrupted; run `asl-tune resume {name}{flag}` to finish it")
+        raise AslTuneError(f"sweep {name!r} was interrupted; run `asl-tune resume {name}{sweep.results_flag}` to finish it")
     state.runs[-1]["finished"] = True
     state.runs[-1]["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     state.write(folder)
-    if mirror:
-        mirror.sync(final=True)
+    sweep.sync(final=True)
     summary = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in sorted(counts.items()))
     best = trials[trials["status"].isin(FINISHED)].sort_values("val_accuracy", ascending=False).head(1)
     print(f"sweep {name!r} done: {len(trials)} trials ({summary})", file=sys.stderr)
@@ -245,8 +268,6 @@ def _fit(tuner, folder: Path, state: SweepState, name: str, mirror: Mirror | Non
         print(f"best val_accuracy {best['val_accuracy'].iloc[0]:.4f} (trial {best['trial_id'].iloc[0]})", file=sys.stderr)
         if "checkpoint" in best.columns and best["checkpoint"].notna().iloc[0]:
             print(f"its weights: {best['checkpoint'].iloc[0]} (asl-tune evaluate WEIGHTS --data DIR scores them on other images)", file=sys.stderr)
-    where = f"{mirror.remote}/" if mirror else f"{folder}/"
-    print(f"results: {where}trials.parquet, epochs.parquet, confusion.parquet; next: asl-tune analyze {name}{flag}", file=sys.stderr)
-    if mirror:
-        print(f"(working copy: {folder})", file=sys.stderr)
+    for line in sweep.results_lines():
+        print(line, file=sys.stderr)
     return folder

@@ -2,8 +2,9 @@
 
 Tune pickles the searcher, with its storage, into the run's experiment state, and `asl-tune resume`
 unpickles it. A plain RDBStorage keeps the absolute path it was opened with; for a sweep whose
-`--results` is a URI that path is a staging folder on the first driver's machine, so `StagedStudyStorage`
-finds the study in this process's staging folder again when it is unpickled.
+`--results` is a URI that path is a staging folder on the first driver's machine, so `SweepStudyStorage`
+keeps the sweep's folder (mirror.SweepFolder) instead and finds the study in this process's copy of it
+again when it is unpickled.
 
 The study is written as events happen, Tune's experiment state about once a second, so a driver
 killed in between leaves the two out of step; `StudySearch` reconciles them when Tune restores it.
@@ -18,7 +19,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import Trial, TrialState, create_trial
 from ray.tune.search.optuna import OptunaSearch
 
-from asl_tune.sweep.mirror import Mirror
+from asl_tune.sweep.mirror import SweepFolder, as_sweep_folder
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +28,22 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
-class StagedStudyStorage(RDBStorage):
-    """An RDBStorage on `<staging folder>/<study file>`, the staging folder worked out where it is unpickled."""
+class SweepStudyStorage(RDBStorage):
+    """An RDBStorage on `<sweep folder>/<study file>`, the folder worked out again where it is unpickled."""
 
-    def __init__(self, mirror: Mirror, study_file: str):
-        self._mirror = mirror
+    def __init__(self, sweep: SweepFolder, study_file: str):
+        self._sweep = sweep
         self._study_file = study_file
-        super().__init__(sqlite_url(mirror.folder / study_file))
+        super().__init__(sqlite_url(sweep.path / study_file))
 
     def __setstate__(self, state: dict) -> None:
-        state["url"] = sqlite_url(state["_mirror"].folder / state["_study_file"])
+        state["url"] = sqlite_url(state["_sweep"].path / state["_study_file"])
         super().__setstate__(state)
 
 
-def study_storage(folder: Path, study_file: str, mirror: Mirror | None = None) -> RDBStorage:
-    """The storage for a sweep's study: in its folder, or in its staging folder when its results are at a URI."""
-    if mirror is not None:
-        return StagedStudyStorage(mirror, study_file)
-    return RDBStorage(sqlite_url(folder / study_file))
+def study_storage(sweep: SweepFolder | Path, study_file: str) -> RDBStorage:
+    """The storage for a sweep's study: in its folder (for results at a URI, in this machine's working copy)."""
+    return SweepStudyStorage(as_sweep_folder(sweep), study_file)
 
 
 class StudySearch(OptunaSearch):

@@ -9,18 +9,29 @@ trial starts over (logged by train.load_checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
+import io
+import logging
 import math
 import os
 import platform
 import resource
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from asl_tune.data import DecodedDataset
 from asl_tune.sweep.space import SearchSpace
+
+# A failing trial's own output travels to the driver after this line, as a note on its exception; the
+# recorder writes it, with the traceback, to logs/<trial id>.log in the sweep folder.
+TRIAL_OUTPUT = "---- the trial's own output (stdout, stderr, asl_tune log), last part ----"
+OUTPUT_KEPT = 200_000  # characters of it
 
 # Fault drills (tests, chaos runs): "raise@<epoch>" makes every trial raise once it has reported that epoch;
 # "raise@<epoch>:<setting>=<value>" only the trials with that setting, e.g. "raise@1:head_width=16".
@@ -53,12 +64,16 @@ def run_trial(config: dict, space: SearchSpace, datasets: dict[int, DecodedDatas
     import ray
     from ray import tune
 
-    from asl_tune.train import EPOCH_ROW, load_checkpoint, save_checkpoint, train_trial
+    import torch
+
+    from asl_tune.train import EPOCH_ROW, load_checkpoint, pick_device, save_checkpoint, train_trial
 
     trial_config = space.config(config)
     dataset = datasets[trial_config.image_size]
     external = (externals or {}).get(trial_config.image_size)
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    resources = ray.get_runtime_context().get_assigned_resources()
+    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    device = pick_device() if gpus else torch.device("cpu")  # a trial Ray gave no GPU keeps off any it can see
     where = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": platform.node()}
     fail_at = _fault_epoch(trial_config)
 
@@ -88,9 +103,47 @@ def run_trial(config: dict, space: SearchSpace, datasets: dict[int, DecodedDatas
             if fail_at is not None and epoch >= fail_at:
                 raise RuntimeError(f"fault drill: {FAULT_ENV} asked this trial to fail after epoch {epoch}")
 
-        train_trial(trial_config, dataset, external, report=report, resume=restored, threads=max(1, int(cpus)))
+        with _output_kept() as output:
+            try:
+                train_trial(trial_config, dataset, external, report=report, resume=restored, threads=max(1, int(cpus)), device=device, gpu_share=min(gpus, 1.0) or 1.0)
+            except Exception as e:
+                # The traceback reaches the driver (Ray's error file); the output only does when it travels with it.
+                e.add_note(f"{TRIAL_OUTPUT}\n{output.getvalue()[-OUTPUT_KEPT:]}")
+                raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def _output_kept() -> Iterator[io.StringIO]:
+    """The trial's stdout, stderr and asl_tune log records, copied into a buffer while they still go where they went."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package = logging.getLogger("asl_tune")
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(_Tee(sys.stdout, buffer)), contextlib.redirect_stderr(_Tee(sys.stderr, buffer)):
+            yield buffer
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+
+
+class _Tee(io.TextIOBase):
+    """A text stream that writes to two others."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def write(self, text: str) -> int:
+        self.second.write(text)
+        return self.first.write(text)
+
+    def flush(self) -> None:
+        self.first.flush()
 
 
 def _work_prefix(pid: int) -> str:

@@ -1,0 +1,104 @@
+"""Judging a network: confusion counts, per-class and pair rates, predictions on the batches the input stage cuts."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from asl_tune.data import MEAN, STD, Batcher
+from asl_tune.evaluate import autocast_to, confusion_matrix, measure_speed, pair_rates, per_class_rates, predict
+
+CLASSES = ["K", "R", "U", "V"]
+# rows: true K, R, U, V; columns: predicted
+CM = np.array(
+    [
+        [4, 0, 0, 0],
+        [0, 3, 1, 0],
+        [0, 2, 2, 0],
+        [0, 0, 0, 0],  # no V in this test set
+    ]
+)
+
+
+def test_confusion_matrix_counts_true_classes_by_row():
+    true = np.array([0, 1, 1, 2, 2, 2])
+    pred = np.array([0, 1, 2, 1, 2, 2])
+    assert confusion_matrix(true, pred, 3).tolist() == [[1, 0, 0], [0, 1, 1], [0, 1, 2]]
+
+
+def test_per_class_rates_are_nan_where_a_class_is_absent():
+    rates = {r["class_name"]: r for r in per_class_rates(CM, CLASSES)}
+    assert rates["R"]["support"] == 4 and rates["R"]["recall"] == 0.75 and rates["R"]["fnr"] == 0.25
+    assert rates["R"]["precision"] == 3 / 5 and rates["U"]["fpr"] == pytest.approx(1 / 8)
+    assert rates["V"]["support"] == 0 and math.isnan(rates["V"]["recall"]) and math.isnan(rates["V"]["precision"])
+
+
+def test_pair_rates_hold_the_watch_list_then_the_most_confused_pairs():
+    rates = pair_rates(CM, CLASSES, top=1)
+    assert rates["pair_U_as_R"] == 0.5 and rates["pair_R_as_U"] == 0.25 and rates["pair_K_as_V"] == 0.0
+    assert math.isnan(rates["pair_V_as_K"])  # no true V: undefined, not 0
+    assert set(rates) == {"pair_U_as_R", "pair_R_as_U", "pair_K_as_V", "pair_V_as_K"}  # the top pair is already watched
+
+
+def test_predict_judges_the_normalised_batches_of_the_input_stage():
+    images = np.stack([np.full((8, 8, 3), v, dtype=np.uint8) for v in (0, 200, 255)])  # (3, 8, 8, 3) uint8
+    batcher = Batcher(images, torch.device("cpu"), channels_last=False)
+    x = batcher.batch(torch.tensor([2, 0]))
+    assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32
+    assert x[0, :, 0, 0].tolist() == pytest.approx([(1 - m) / s for m, s in zip(MEAN, STD)], rel=1e-5)
+    assert x[1, :, 0, 0].tolist() == pytest.approx([-m / s for m, s in zip(MEAN, STD)], rel=1e-5)
+
+    class Brightness(nn.Module):  # class 1 when the image is bright, else class 0
+        def forward(self, x):
+            b = x.mean(dim=(1, 2, 3))
+            return torch.stack([-b, b], dim=1)  # (B, 2)
+
+    pred, loss = predict(Brightness(), batcher, np.array([0, 1, 2]), np.array([0, 1, 1]))
+    assert pred.tolist() == [0, 1, 1] and loss > 0
+
+
+def test_the_input_stage_imports_without_torch():
+    """data.py holds the Batcher but imports torch only when one is made, so `asl-tune data check` starts fast."""
+    code = "import sys, asl_tune.data; assert 'torch' not in sys.modules, 'asl_tune.data imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class _Probe(nn.Module):
+    """Two classes from a linear layer; remembers the dtype that layer computed in (autocast changes it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(3, 2)
+        self.dtypes: list[torch.dtype] = []
+
+    def forward(self, x):
+        logits = self.head(x.mean(dim=(2, 3)))  # (B, 3, S, S) -> (B, 2)
+        self.dtypes.append(logits.dtype)
+        return logits
+
+
+def test_predict_and_speed_run_at_the_autocast_dtype_they_are_given():
+    """A trial is judged at the precision it trains at: the dtype reaches the network; None is full precision."""
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
+    batcher = Batcher(images, torch.device("cpu"), channels_last=False)
+    probe = _Probe()
+    predict(probe, batcher, np.arange(4), np.array([0, 1, 0, 1]), autocast=torch.bfloat16)
+    assert set(probe.dtypes) == {torch.bfloat16}
+    probe.dtypes.clear()
+    predict(probe, batcher, np.arange(4), np.array([0, 1, 0, 1]), autocast=None)
+    assert set(probe.dtypes) == {torch.float32}
+    probe.dtypes.clear()
+    measure_speed(probe, batcher, np.arange(4), autocast=torch.bfloat16, budget_s=0.01)
+    assert probe.dtypes and set(probe.dtypes) == {torch.bfloat16}
+
+
+def test_autocast_to_none_is_full_precision():
+    lin = nn.Linear(4, 4)
+    with autocast_to(torch.device("cpu"), None):
+        assert lin(torch.ones(1, 4)).dtype == torch.float32
+    with autocast_to(torch.device("cpu"), torch.bfloat16):
+        assert lin(torch.ones(1, 4)).dtype == torch.bfloat16

@@ -1,0 +1,122 @@
+"""The sweep's folder as one object, local or at a URI (file:// stands in for s3://, gs://): the same methods,
+a URI copied both ways, and, unpickled under another cache folder (another machine), that machine's working copy."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sqlite3
+from pathlib import Path
+
+import optuna
+import pytest
+
+from asl_tune.errors import AslTuneError
+from asl_tune.sweep.mirror import ANALYZE_DIR, MirroredSweepFolder, SweepFolder, sweep_folder
+from asl_tune.sweep.recorder import ParquetRecorder
+from asl_tune.sweep.request import place
+from asl_tune.sweep.space import load_space
+from asl_tune.sweep.study import study_storage
+from sweeps import write_space
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_folder_is_the_record_so_pull_and_sync_copy_nothing(tmp_path):
+    sweep = place(tmp_path / "results", "s")
+    assert type(sweep) is SweepFolder and sweep.path == tmp_path / "results" / "s"
+    sweep.path.mkdir(parents=True)
+    (sweep.path / "sweep.json").write_text("{}")
+    sweep.pull()
+    sweep.sync(final=True)
+    assert files_in(sweep.path) == {"sweep.json": b"{}"}
+    assert not (Path(os.environ["ASL_TUNE_CACHE"]) / "sweeps").exists()  # no working copy anywhere
+    assert sweep.location == sweep.described == str(tmp_path / "results" / "s")
+    assert sweep.ray_storage is None
+    assert sweep.results_flag == f" --results {tmp_path / 'results'}" and place(Path("results"), "s").results_flag == ""
+    with sweep.peek(("sweep.json",)) as (where, shown):
+        assert where == sweep.path and shown == sweep.location  # read where it is
+
+
+def test_a_uri_is_copied_up_as_files_change_and_down_whole(tmp_path, monkeypatch):
+    uri = (tmp_path / "bucket").as_uri()
+    monkeypatch.setenv("ASL_TUNE_CACHE", str(tmp_path / "cache-a"))
+    sweep = place(uri, "s")
+    assert isinstance(sweep, MirroredSweepFolder) and sweep.path.is_relative_to(tmp_path / "cache-a")
+    remote = tmp_path / "bucket" / "s"
+    sweep.path.mkdir(parents=True)
+    (sweep.path / "sweep.json").write_text("{}")
+    (sweep.path / "notes.txt").write_text("not mirrored")
+    with sqlite3.connect(sweep.path / "study.db") as db:
+        db.execute("create table t (x)")
+    sweep.sync(final=True)
+    assert set(files_in(remote)) == {"sweep.json", "study.db"}  # only the mirrored files, and no temporary
+    (sweep.path / "sweep.json").write_text('{"runs": []}')
+    sweep.sync()
+    assert (remote / "sweep.json").read_text() == '{"runs": []}'
+    with sqlite3.connect(remote / "study.db") as db:  # a consistent copy of the study
+        assert db.execute("select name from sqlite_master").fetchall() == [("t",)]
+
+    # The same sweep on another machine: an empty cache, a stale file there that the URI no longer has.
+    monkeypatch.setenv("ASL_TUNE_CACHE", str(tmp_path / "cache-b"))
+    moved = pickle.loads(pickle.dumps(sweep))
+    assert moved.path.is_relative_to(tmp_path / "cache-b") and moved.location == f"{uri}/s"
+    moved.path.mkdir(parents=True)
+    (moved.path / "trials.parquet").write_bytes(b"stale")
+    moved.pull()
+    assert files_in(moved.path) == files_in(remote)
+    assert moved.described == f"{uri}/s (working copy {moved.path})"
+    assert moved.results_lines()[-1] == f"(working copy: {moved.path})" and f"asl-tune analyze s --results {uri}" in moved.results_lines()[0]
+    assert moved.ray_storage == uri
+
+
+def test_reading_before_the_lock_writes_nothing_to_the_working_copy(tmp_path):
+    uri = (tmp_path / "bucket").as_uri()
+    (tmp_path / "bucket" / "s").mkdir(parents=True)
+    (tmp_path / "bucket" / "s" / "sweep.json").write_text("{}")
+    sweep = place(uri, "s")
+    with sweep.peek(("sweep.json", "space.yaml")) as (where, shown):
+        assert files_in(where) == {"sweep.json": b"{}"} and shown == f"{uri}/s"
+    assert not sweep.path.exists()
+
+
+def test_analyze_copies_into_its_own_folder_and_refuses_a_sweep_that_is_not_there(tmp_path):
+    uri = (tmp_path / "bucket").as_uri()
+    (tmp_path / "bucket" / "s").mkdir(parents=True)
+    (tmp_path / "bucket" / "s" / "trials.parquet").write_bytes(b"rows")
+    copies = sweep_folder(uri, "s", ("trials.parquet",), for_analysis=True)
+    copies.check_present()
+    copies.pull()
+    assert copies.path == place(uri, "s").path.parent / ANALYZE_DIR / "s"  # beside a running sweep's working copy, never in it
+    assert files_in(copies.path) == {"trials.parquet": b"rows"}
+    with pytest.raises(AslTuneError, match=r"/bucket/gone: no such sweep folder \(none of trials.parquet there\)"):
+        sweep_folder(uri, "gone", ("trials.parquet",), for_analysis=True).check_present()
+
+
+def test_the_study_and_the_recorder_find_this_machines_working_copy_when_unpickled(tmp_path, monkeypatch):
+    """What `asl-tune resume` on another machine relies on: Tune unpickles both from its experiment state."""
+    uri = (tmp_path / "bucket").as_uri()
+    monkeypatch.setenv("ASL_TUNE_CACHE", str(tmp_path / "cache-a"))
+    sweep = place(uri, "s")
+    sweep.path.mkdir(parents=True)
+    storage = study_storage(sweep, "study.db")
+    optuna.create_study(study_name="s", storage=storage)
+    recorder = ParquetRecorder(sweep, load_space(write_space(tmp_path / "s.yaml", 1, params={"lr": {"type": "float", "low": 0.01, "high": 0.1}})), 1)
+    saved = pickle.dumps((storage, recorder))
+
+    monkeypatch.setenv("ASL_TUNE_CACHE", str(tmp_path / "cache-b"))
+    moved = place(uri, "s")
+    moved.path.mkdir(parents=True)
+    storage_b, recorder_b = pickle.loads(saved)
+    assert storage_b.url == f"sqlite:///{moved.path / 'study.db'}"
+    optuna.create_study(study_name="s", storage=storage_b)  # opens cache-b's study.db, not cache-a's
+    assert (moved.path / "study.db").is_file()
+    assert recorder_b.folder == moved.path and recorder_b.sweep.location == f"{uri}/s"
+
+
+def test_a_local_sweep_folder_pickles_as_the_folder_it_names(tmp_path):
+    sweep = place(tmp_path / "results", "s")
+    again = pickle.loads(pickle.dumps(ParquetRecorder(sweep, None, 1)))
+    assert again.folder == tmp_path / "results" / "s" and again.sweep.results_flag == sweep.results_flag
