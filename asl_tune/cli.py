@@ -55,6 +55,12 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--external", type=Path, help="extra evaluation set, reported as external_accuracy: the Kaggle test folder or a folder per class")
 
 
+def _add_speed_options(p: argparse.ArgumentParser) -> None:
+    """analyze's --speed-on and --threads: which speed figures the front uses, and how they are taken."""
+    p.add_argument("--speed-on", dest="speed_on", default="cpu", metavar="cpu|cuda|training", help="where the speed figures that the front, plots, 30-fps verdict and report use come from (infer_img_per_s, latency_ms_p50/p95, keeps_up_30fps). cpu or cuda: each distinct architecture among the finished trials (head width, image size, classes) is timed once, alone, on this machine's CPU or GPU (3 warm-up runs, then 20 batches of 64 and 100 single images) and kept in RESULTS/NAME/speed.parquet, so the next analyze on this machine measures nothing; the trials' own figures stay as under_load_*. training: the figures each trial took in its first epoch, while other trials shared its cores or GPU. Default cpu: a figure of the model alone, the same for every trial of one architecture, as for a deployment that runs on a CPU")
+    p.add_argument("--threads", type=int, help="torch CPU threads while timing with --speed-on cpu or cuda (default: torch's own choice on this machine)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line interface."""
     parser = _Parser(prog="asl-tune", description="Hyperparameter search for DexNet on the ASL alphabet: Ray Tune schedules, Optuna searches, Parquet keeps the results.")
@@ -93,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="summaries, Pareto fronts and plots from sweeps' Parquet results", description="Read sweeps' Parquet results (finished, running or copied back from a cluster) and write RESULTS/NAME/report/: report.md, pareto_front.parquet, and the Pareto, learning-curve, confusion, pair and importance plots. Several names also write a comparison report with their fronts overlaid. When --results is a URI, the Parquet files are copied to the cache folder ($ASL_TUNE_CACHE, else $XDG_CACHE_HOME/asl-tune or ~/.cache/asl-tune, under sweeps/<hash>/.analyze/NAME/) and the report is written there, not to the URI; its path is printed.")
     p.add_argument("names", nargs="+", metavar="NAME", help="sweep name(s), folders under --results")
     p.add_argument("--results", default="results", help="where sweep folders are (default results/): a folder, or a URI a sweep's --results named (s3://, gs://, file:///...)")
-    p.add_argument("--objectives", help="comma-separated metric:max|min pairs for the front (default val_accuracy:max,infer_img_per_s:max)")
+    p.add_argument("--objectives", help="comma-separated metric:max|min pairs for the front (default val_accuracy:max,infer_img_per_s:max); flops_per_image and n_parameters are exact costs, free of timing noise")
+    _add_speed_options(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("evaluate", help="score trained weights on another set of images", description="Score a trained network (a trial's checkpoint: the `checkpoint` column of trials.parquet, or asl-tune train --out's) on another set of images, such as other people's hands: accuracy, the most confused pairs and the classes recalled worst. Images are resized to the size the network was trained at.")
@@ -192,7 +199,7 @@ def print_result(final: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(_json_safe(final)))
         return
-    for key in ("status", "val_accuracy", "test_accuracy", "external_accuracy", "train_img_per_s", "infer_img_per_s", "latency_ms_p50", "latency_ms_p95", "keeps_up_30fps", "n_parameters", "device"):
+    for key in ("status", "val_accuracy", "test_accuracy", "external_accuracy", "train_img_per_s", "infer_img_per_s", "latency_ms_p50", "latency_ms_p95", "keeps_up_30fps", "n_parameters", "flops_per_image", "device"):
         if key in final:
             v = final[key]
             print(f"{key:<18} {v:.4f}" if isinstance(v, float) else f"{key:<18} {v}")
@@ -242,9 +249,10 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     """asl-tune analyze: reports from Parquet results."""
     from asl_tune.analysis.compute import parse_objectives
     from asl_tune.analysis.report import analyze
+    from asl_tune.analysis.speed import speed_on
 
     objectives = parse_objectives(args.objectives) if args.objectives else None
-    _, text = analyze(args.names, args.results, objectives)
+    _, text = analyze(args.names, args.results, objectives, speed_on(args.speed_on, args.threads))
     print(text)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -98,33 +99,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class Timed:
+    """A fixed number of runs for measure_speed, instead of its time budget: the same work on every call."""
+
+    warmup: int = 3  # untimed runs of each kind first: first-call allocation and kernel selection stay out
+    batches: int = 20  # timed batches of 64 (infer_img_per_s)
+    latencies: int = 100  # timed single images (latency_ms_p50 / p95)
+
+
 @torch.inference_mode()
-def measure_speed(model: nn.Module, batcher: Batcher, rows: np.ndarray, autocast: torch.dtype | None = None, budget_s: float = 1.0) -> dict[str, float]:
+def measure_speed(model: nn.Module, batcher: Batcher, rows: np.ndarray, autocast: torch.dtype | None = None, budget_s: float = 1.0, timed: Timed | None = None) -> dict[str, float]:
     """Inference img/s at batch 64 and batch-1 latency p50/p95 (ms) on real images, uint8 -> logits, after warm-up.
 
     autocast: the dtype the trial runs at (None: full precision), so speed is measured at the trial's precision.
+    Each kind of run is repeated for about budget_s seconds (a trial's figure), or exactly `timed`'s counts.
     """
     model.eval()
     rows_t = torch.from_numpy(np.resize(np.asarray(rows, dtype=np.int64), 64)).to(batcher.rows_device)
     dev = batcher.device
+    warmup = timed.warmup if timed else 1
 
     def run(r: torch.Tensor) -> None:
         with autocast_to(dev, autocast):
             model(batcher.batch(r))
 
-    run(rows_t)  # warm-up: first-call allocation and kernel selection stay out of the figures
+    def more(done: int, least: int, most: int, start: float) -> bool:
+        """Whether to time another run: `timed`'s count, else until the budget is spent (at least `least`, at most `most`)."""
+        if timed is not None:
+            return done < most
+        return done < least or (time.perf_counter() - start < budget_s and done < most)
+
+    for _ in range(warmup):
+        run(rows_t)
     _sync(dev)
     n, start = 0, time.perf_counter()
-    while n < 2 or (time.perf_counter() - start < budget_s and n < 200):
+    while more(n, 2, timed.batches if timed else 200, start):
         run(rows_t)
         n += 1
     _sync(dev)
     infer_img_per_s = 64 * n / (time.perf_counter() - start)
-    for i in range(3):
-        run(rows_t[i : i + 1])
-    lat = []
+    for i in range(max(warmup, 3)):
+        run(rows_t[i % 64 : i % 64 + 1])
+    lat: list[float] = []
     start = time.perf_counter()
-    while len(lat) < 10 or (time.perf_counter() - start < budget_s and len(lat) < 300):
+    while more(len(lat), 10, timed.latencies if timed else 300, start):
         t0 = time.perf_counter()
         run(rows_t[len(lat) % 64 : len(lat) % 64 + 1])
         _sync(dev)

@@ -35,6 +35,7 @@ class DexNet(nn.Module):
         if problems:
             raise AslTuneError("; ".join(f"{name}: {why}, got {value!r}" for name, why, value in problems))
         side = feature_side(image_size)
+        self.image_size = image_size  # input side in px, for flops_per_image
         self.features = nn.Sequential(
             nn.Conv2d(3, 96, kernel_size=11, stride=4, padding=2),
             nn.ReLU(inplace=True),
@@ -85,3 +86,24 @@ class DexNet(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def flops_per_image(model: DexNet) -> int:
+    """Forward FLOPs for one image, counted as torch.utils.flop_counter does: 2 per multiply-add of each conv and Linear.
+
+    Biases, ReLU, pooling and dropout are left out, as the counter leaves them out. Exact and free of
+    noise: the architecture alone decides it, so trials of one architecture share it.
+    """
+    side, flops = model.image_size, 0
+    for layer in model.features:
+        if isinstance(layer, (nn.Conv2d, nn.MaxPool2d)):
+            kernel, stride, padding = (_first(getattr(layer, k)) for k in ("kernel_size", "stride", "padding"))
+            side = _conv_out(side, kernel, stride, padding)
+        if isinstance(layer, nn.Conv2d):  # (C_in, S, S) -> (C_out, s, s): C_in * k * k multiply-adds per output
+            flops += 2 * layer.in_channels * layer.out_channels * kernel * kernel * side * side
+    return flops + sum(2 * layer.in_features * layer.out_features for layer in model.head if isinstance(layer, nn.Linear))
+
+
+def _first(value: int | tuple[int, ...]) -> int:
+    """A square layer's kernel, stride or padding as one int (torch keeps some as (k, k) pairs)."""
+    return value[0] if isinstance(value, tuple) else value

@@ -39,6 +39,7 @@ TRIAL_COLUMNS = [
     "latency_ms_p95",
     "keeps_up_30fps",
     "n_parameters",
+    "flops_per_image",
     "epochs_completed",
     "images_seen",
     "train_seconds",

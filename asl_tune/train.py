@@ -27,7 +27,7 @@ from asl_tune.data import Batcher, DecodedDataset, Splits, make_splits, subsampl
 from asl_tune.errors import AslTuneError
 from asl_tune.files import write_atomically
 from asl_tune.evaluate import EVAL_BATCH, autocast_to, confusion_matrix, measure_speed, pair_rates, per_class_rates, predict
-from asl_tune.model import DexNet, count_parameters
+from asl_tune.model import DexNet, count_parameters, flops_per_image
 
 log = logging.getLogger(__name__)
 
@@ -415,6 +415,7 @@ def trial_metrics(run: Run, evaluation: dict | None = None) -> dict:
         "train_img_per_s": run.images_seen / run.train_compute_s if run.train_compute_s > 0 else float("nan"),
         "train_seconds": time.perf_counter() - run.started,
         "n_parameters": count_parameters(run.model),
+        "flops_per_image": flops_per_image(run.model),  # forward, one image: exact, unlike the speed figures
         "device": device_name(run.device),
         "precision": run.precision,  # what it trained and was judged at
         "hostname": platform.node(),

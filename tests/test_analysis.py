@@ -280,7 +280,7 @@ def test_analyze_writes_the_whole_report_from_a_real_sweep(tmp_path):
     assert "## Top 4 trials" in md and "| trial_id | status | val_accuracy | infer_img_per_s | on_front |" in md
     assert "## Best trial: t0" in md and "| head_width | 512 |" in md and "| lr | 0.01 |" in md and "| split | blocked |" in md
     assert "external accuracy: 0.4" in md
-    assert "keeps up with 30 fps video at batch 1: no: batch-1 latency p95 37.5 ms" in md
+    assert "keeps up with 30 fps video at batch 1 (measured during training, under load): no: batch-1 latency p95 37.5 ms" in md
     assert "Held at one value in every finished trial: batch_size = 64" in md and "epochs = 4" in md
     assert "M->N" in md  # the sweep's worst pair is reported beside the watch-list
     importance = pd.read_parquet(folder / "importance.parquet")
@@ -295,7 +295,7 @@ def test_best_trial_without_external_set_says_so(tmp_path):
     md = report.read_text()
     assert "## Best trial: t3" in md  # fastest finished trial; it was stopped early, so no confusion counts
     assert "external accuracy: no external set attached" in md
-    assert "keeps up with 30 fps video at batch 1: yes" in md
+    assert "keeps up with 30 fps video at batch 1 (measured during training, under load): yes" in md
     assert "shown: t1, the best trial that has them" in md
     assert set(pd.read_parquet(tmp_path / "quick" / "report" / "pareto_front.parquet")["trial_id"]) == {"t3"}
 

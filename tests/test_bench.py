@@ -57,6 +57,17 @@ def test_inference_prints_throughput_and_latency(tiny_dataset):
     assert (figures["image_size"], figures["head_width"], figures["batch_size"], figures["device"]) == (32, 32, 64, "cpu")
 
 
+def test_speed_alone_compares_analyzes_figure_with_the_inference_bench(tiny_dataset):
+    figures = run_script("speed_alone.py", "--data", str(tiny_dataset), "--image-size", "32", "--head-width", "16", "--threads", "1",
+                         "--repeats", "2", "--budget-s", "0.1", "--batches", "2", "--latencies", "10", timeout=300)
+    for key in ("infer_img_per_s", "latency_ms_p50", "latency_ms_p95"):
+        assert positive(figures[f"bench_{key}"]) and len(figures[f"analyze_{key}"]) == 2 and all(positive(v) for v in figures[f"analyze_{key}"])
+        worst = max(abs(v / figures[f"bench_{key}"] - 1) for v in figures[f"analyze_{key}"])
+        assert figures[f"deviation_{key}"] == pytest.approx(worst)
+    assert figures["within_10pct"] == (figures["deviation_infer_img_per_s"] <= 0.1 and figures["deviation_latency_ms_p50"] <= 0.1)
+    assert (figures["classes"], figures["timed"]["batches"], figures["timed"]["latencies"]) == (5, 2, 10)
+
+
 def test_inference_refuses_bad_settings_in_one_line(tiny_dataset):
     for args, message in ((["--repeats", "0"], "--repeats and --threads must be >= 1"),
                           (["--image-size", "16"], "--image-size: must be >= 32"),

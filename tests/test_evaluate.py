@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from asl_tune.data import MEAN, STD, Batcher
-from asl_tune.evaluate import autocast_to, confusion_matrix, measure_speed, pair_rates, per_class_rates, predict
+from asl_tune.evaluate import Timed, autocast_to, confusion_matrix, measure_speed, pair_rates, per_class_rates, predict
 
 CLASSES = ["K", "R", "U", "V"]
 # rows: true K, R, U, V; columns: predicted
@@ -102,3 +102,19 @@ def test_autocast_to_none_is_full_precision():
         assert lin(torch.ones(1, 4)).dtype == torch.float32
     with autocast_to(torch.device("cpu"), torch.bfloat16):
         assert lin(torch.ones(1, 4)).dtype == torch.bfloat16
+
+
+def test_timed_speed_runs_exactly_the_warm_up_and_timed_counts():
+    """With Timed, every call does the same work: warm-up, then exactly that many batches of 64 and single images."""
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
+    batcher = Batcher(images, torch.device("cpu"), channels_last=False)
+    sizes = []
+
+    class Count(nn.Module):
+        def forward(self, x):
+            sizes.append(len(x))
+            return x.mean(dim=(2, 3))
+
+    speed = measure_speed(Count(), batcher, np.arange(4), timed=Timed(warmup=4, batches=5, latencies=7))
+    assert sizes == [64] * (4 + 5) + [1] * (4 + 7)
+    assert speed["infer_img_per_s"] > 0 and speed["latency_ms_p95"] >= speed["latency_ms_p50"] > 0

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from asl_tune.errors import AslTuneError
-from asl_tune.model import DexNet, count_parameters, feature_side
+from torch.utils.flop_counter import FlopCounterMode
+
+from asl_tune.model import DexNet, count_parameters, feature_side, flops_per_image
 
 
 @pytest.mark.parametrize("head_width, expected", [(512, 12_275_101), (128, 5_854_621)])
@@ -35,3 +37,11 @@ def test_an_image_too_small_for_the_conv_stack_is_refused_by_the_configs_rule(si
     """The conv arithmetic leaves a map of 2 or more even below 32 px; forward then fails. The config's rule decides."""
     with pytest.raises(AslTuneError, match=rf"image_size: must be >= 32 .*got {size}"):
         DexNet(head_width=8, image_size=size)
+
+
+@pytest.mark.parametrize("head_width, size, classes", [(512, 200, 29), (16, 32, 3), (64, 64, 29)])
+def test_flops_per_image_is_what_torchs_flop_counter_counts_for_one_image(head_width, size, classes):
+    model = DexNet(head_width, size, classes).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    assert flops_per_image(model) == counter.get_total_flops()

@@ -428,6 +428,8 @@ class Sweep:
     trials: pd.DataFrame  # numeric_trials(trials.parquet), pair_* columns recomputed from the confusion counts
     epochs: pd.DataFrame
     confusion: pd.DataFrame
+    speed_label: str = "measured during training, under load"  # which speed figures trials' speed columns hold, in a few words
+    speed_note: str = "measured during training, under load"  # the same, in full, for the report (analysis.speed.use_speed)
 
 
 def load_sweep(results: Path, name: str, objectives: Objectives) -> Sweep:

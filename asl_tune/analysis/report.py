@@ -47,6 +47,7 @@ from asl_tune.analysis.compute import (
     reference_point,
     summary,
 )
+from asl_tune.analysis.speed import FIGURES, UNDER_LOAD, SpeedOn, use_speed
 from asl_tune.errors import AslTuneError
 from asl_tune.sweep.mirror import is_uri, sweep_folder
 from asl_tune.results import FINISHED, FRAME_BUDGET_MS, PAIR_PREFIX, PARAM_PREFIX, RESULT_FILES, confusion_counts, write_atomic
@@ -72,8 +73,11 @@ def _label(row: pd.Series) -> str:
     return " ".join(parts) or str(row["trial_id"])
 
 
-def plot_pareto(ax, trials: pd.DataFrame, front: pd.DataFrame, objectives: Objectives, label: str | None = None, color: str = "C0") -> None:
-    """Every trial faded, the front highlighted and labelled; x is the second objective (the trial's index with one)."""
+def plot_pareto(ax, trials: pd.DataFrame, front: pd.DataFrame, objectives: Objectives, label: str | None = None, color: str = "C0", speed_label: str = "") -> None:
+    """Every trial faded, the front highlighted and labelled; x is the second objective (the trial's index with one).
+
+    speed_label (Sweep.speed_label) goes under an axis that is a speed figure: where it was measured.
+    """
     objectives = list(objectives)
     frame = numeric_trials(trials)
     y_metric = objectives[0][0]
@@ -96,12 +100,17 @@ def plot_pareto(ax, trials: pd.DataFrame, front: pd.DataFrame, objectives: Objec
             ax.step(fx.to_numpy()[order], fy.to_numpy()[order], where="pre" if objectives[1][1] == "max" else "post", color=color, alpha=0.8)
         for (_, row), x, y in zip(front.iterrows(), fx, fy):
             ax.annotate(_label(row), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
-    ax.set_xlabel(f"{x_metric} ({objectives[1][1]})" if x_metric else "trial")
-    ax.set_ylabel(f"{y_metric} ({objectives[0][1]})")
+    ax.set_xlabel(_axis_label(x_metric, objectives[1][1], speed_label) if x_metric else "trial")
+    ax.set_ylabel(_axis_label(y_metric, objectives[0][1], speed_label))
     title = "Pareto front" + (f" (first two of {len(objectives)} objectives)" if len(objectives) > 2 else "")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+
+
+def _axis_label(metric: str, mode: str, speed_label: str) -> str:
+    """An objective's axis label; a speed figure's also says where it was measured."""
+    return f"{metric} ({mode})" + (f"\n{speed_label}" if metric in FIGURES and speed_label else "")
 
 
 def plot_secondary(ax, trials: pd.DataFrame) -> None:
@@ -293,7 +302,7 @@ def write_sweep_report(sweep: Sweep, objectives: Objectives, reference: Sequence
     write_atomic(front, out / FRONT_FILE)
 
     fig, (left, right) = _figure(12, 5, ncols=2)
-    plot_pareto(left, trials, front, objectives)
+    plot_pareto(left, trials, front, objectives, speed_label=sweep.speed_label)
     plot_secondary(right, trials)
     _save(fig, out / "pareto.png")
 
@@ -340,12 +349,15 @@ def _sweep_markdown(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, v
     best = trials[trials["trial_id"] == ranked.iloc[0]["trial_id"]].iloc[0]
     accurate = most_accurate(trials, objectives)
     ref_text = ", ".join(f"{m} = {_fmt(r)}" for (m, _), r in zip(objectives, reference))
-    front_columns = ["trial_id", "status", *[m for m, _ in objectives], *[PARAM_PREFIX + p for p in LABEL_PARAMS if PARAM_PREFIX + p in front.columns]]
+    under_load = [UNDER_LOAD + m for m, _ in objectives if UNDER_LOAD + m in front.columns]  # beside figures measured alone
+    front_columns = ["trial_id", "status", *[m for m, _ in objectives], *under_load, *[PARAM_PREFIX + p for p in LABEL_PARAMS if PARAM_PREFIX + p in front.columns]]
     lines = [
         f"# Sweep report: {sweep.name}",
         "",
         f"{len(trials)} trials ({counts}), read from `{sweep.folder}`.",
         f"Objectives: {describe_objectives(objectives)}.",
+        "",
+        f"Speed figures (infer_img_per_s, latency_ms_p50/p95, keeps_up_30fps): {sweep.speed_note}.",
         "",
         "## Pareto front",
         "",
@@ -398,13 +410,20 @@ def _best_trial_lines(best: pd.Series, sweep: Sweep) -> list[str]:
         f"- status: {best['status']}",
         f"- val accuracy: {_fmt(best['val_accuracy'])}, test accuracy: {_fmt(best['test_accuracy'])}",
         "- external accuracy: " + (_fmt(best["external_accuracy"]) if pd.notna(best["external_accuracy"]) else "no external set attached"),
-        f"- keeps up with 30 fps video at batch 1: {_thirty_fps(best)}",
-        f"- inference: {_fmt(best['infer_img_per_s'])} img/s at batch 64; {_fmt(best['n_parameters'])} parameters; trained {_fmt(best['train_seconds'])} s on {_fmt(best.get('device'))}",
+        f"- keeps up with 30 fps video at batch 1 ({sweep.speed_label}): {_thirty_fps(best)}",
+        f"- inference ({sweep.speed_label}): {_fmt(best['infer_img_per_s'])} img/s at batch 64{_under_load(best)}",
+        f"- size: {_fmt(best['n_parameters'])} parameters, {_fmt(best.get('flops_per_image'))} FLOPs per image (forward); trained {_fmt(best['train_seconds'])} s on {_fmt(best.get('device'))}",
         "- weights: " + (_weights(best["checkpoint"], sweep) if pd.notna(best.get("checkpoint")) else "no checkpoint recorded"),
         "",
         markdown_table(_config_table(best)),
         "",
     ]
+
+
+def _under_load(row: pd.Series) -> str:
+    """The trial's own throughput figure, taken during training, where the speed columns hold figures measured alone."""
+    taken = row.get(UNDER_LOAD + "infer_img_per_s")
+    return f" (during training, under load: {_fmt(taken)} img/s)" if taken is not None else ""
 
 
 def _importance_lines(trials: pd.DataFrame, importances: dict) -> list[str]:
@@ -470,7 +489,7 @@ def write_comparison_report(reports: list[SweepReport], objectives: Objectives, 
     out.mkdir(parents=True, exist_ok=True)
     fig, [ax] = _figure(9, 6)
     for i, r in enumerate(reports):
-        plot_pareto(ax, r.sweep.trials, r.front, objectives, label=r.sweep.name, color=f"C{i % 10}")
+        plot_pareto(ax, r.sweep.trials, r.front, objectives, label=r.sweep.name, color=f"C{i % 10}", speed_label=r.sweep.speed_label)
     ax.set_title("Pareto fronts, overlaid")
     _save(fig, out / "pareto.png")
 
@@ -490,6 +509,8 @@ def write_comparison_report(reports: list[SweepReport], objectives: Objectives, 
             f"# Sweep comparison: {', '.join(r.sweep.name for r in reports)}",
             "",
             f"Objectives: {describe_objectives(objectives)}. Hypervolumes share one reference point ({ref_text}).",
+            "",
+            f"Speed figures: {reports[0].sweep.speed_note}.",
             "",
             "![Pareto fronts overlaid](pareto.png)",
             "",
@@ -524,6 +545,7 @@ def terminal_summary(reports: list[SweepReport], objectives: Objectives, shown: 
         for _, row in r.top.head(shown).iterrows():
             values = "  ".join(f"{m} {_fmt(row[m])}" for m, _ in objectives)
             lines.append(f"  {row['trial_id']}  {values}" + ("  [front]" if row["on_front"] else ""))
+        lines.append(f"  speed: {r.sweep.speed_label}")
         lines.append(f"  front: {len(r.front)} trial{'' if len(r.front) == 1 else 's'}, hypervolume {r.hypervolume:.6g}")
         if accurate is not None:
             lines.append(f"  most accurate: {accurate['trial_id']} (val_accuracy {_fmt(accurate['val_accuracy'])})")
@@ -548,8 +570,12 @@ def _local_results(results: Path | str, names: Sequence[str]) -> Path:
     return folders[0].root
 
 
-def analyze(names: Sequence[str], results: Path, objectives: Objectives | None = None) -> tuple[Path, str]:
-    """Write each sweep's report (and, for several, a comparison); return the report.md to read and the terminal summary."""
+def analyze(names: Sequence[str], results: Path, objectives: Objectives | None = None, speed: SpeedOn | None = None) -> tuple[Path, str]:
+    """Write each sweep's report (and, for several, a comparison); return the report.md to read and the terminal summary.
+
+    speed (analysis.speed.speed_on): measure each architecture alone there, and use those figures for
+    the speed columns; None: the figures the trials took during training.
+    """
     objectives = list(objectives) if objectives is not None else list(DEFAULT_OBJECTIVES)
     if not names:
         raise AslTuneError("analyze: name at least one sweep")
@@ -558,6 +584,7 @@ def analyze(names: Sequence[str], results: Path, objectives: Objectives | None =
             raise AslTuneError(f"--objectives: must be known metric:max|min pairs, got {metric}:{mode}")
     results = _local_results(results, names)
     sweeps = [load_sweep(results, name, objectives) for name in names]  # refuse before writing anything
+    sweeps = [use_speed(sweep, speed) for sweep in sweeps]
     reference = reference_point(pd.concat([finished(s.trials) for s in sweeps], ignore_index=True), objectives)
     reports = [write_sweep_report(sweep, objectives, reference) for sweep in sweeps]
     text = terminal_summary(reports, objectives)

@@ -33,6 +33,7 @@ SEARCH_METRICS = (
     "latency_ms_p50",
     "latency_ms_p95",
     "n_parameters",
+    "flops_per_image",
 )
 TOP_KEYS = ("name", "description", "metric", "mode", "objectives", "num_samples", "fixed", "params", "points", "sampler", "early_stopping")
 PARAM_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"}, "categorical": {"type", "choices"}}
