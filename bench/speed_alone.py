@@ -2,10 +2,11 @@
 
 analyze times each architecture once, alone (asl_tune.analysis.speed.measure_alone: a fresh DexNet on
 random uint8 images, 3 warm-up runs, then 20 batches of 64 and 100 single images). bench/inference.py
-times the same architecture on real images of the default synthetic dataset, --repeats rounds of about
---budget-s seconds each, and keeps the median. This script runs both on this machine, the bench first,
-then analyze's measurement --repeats times (each a fresh call, as each analyze on a new sweep makes),
-and reports how far each of analyze's figures is from the bench's:
+times the same architecture on real images of the default synthetic dataset, rounds of about --budget-s
+seconds each, and keeps the median. This script runs both on this machine, --repeats times in turn (a
+bench round, then one of analyze's measurements, a fresh call as each analyze on a new sweep makes),
+so a change in what else the machine runs touches both alike, and reports how far each of analyze's
+figures is from the median of the bench's rounds:
 
   deviation_infer_img_per_s   largest |analyze / bench - 1| over the repeats, batch-64 throughput
   deviation_latency_ms_p50    the same for the batch-1 median latency
@@ -46,30 +47,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    """The bench's figures, then analyze's --repeats times, and their deviations."""
+    """The bench's rounds and analyze's measurements in turn, and how far each of analyze's is from the bench's median."""
     import dataclasses
+    import statistics
 
     import inference
     from asl_tune.analysis.speed import classes_from_parameters, measure_alone, speed_on
     from asl_tune.evaluate import Timed
 
     bench_args = [f"--image-size={args.image_size}", f"--head-width={args.head_width}", f"--threads={args.threads}", f"--device={args.device}",
-                  f"--repeats={args.repeats}", f"--budget-s={args.budget_s}"] + ([f"--data={args.data}"] if args.data else [])
-    bench = inference.measure(inference.parse_args(bench_args))
+                  "--repeats=1", f"--budget-s={args.budget_s}"] + ([f"--data={args.data}"] if args.data else [])
     counts = {k: v for k, v in (("batches", args.batches), ("latencies", args.latencies)) if v is not None}
     on = speed_on(args.device, args.threads, dataclasses.replace(Timed(), **counts))
-    classes = classes_from_parameters(args.head_width, args.image_size, bench["n_parameters"])  # the bench's dataset decides it
-    alone = []
+    figures = machine()
+    rounds, alone = [], []
     for r in range(args.repeats):
+        rounds.append(inference.measure(inference.parse_args(bench_args)))
+        classes = classes_from_parameters(args.head_width, args.image_size, rounds[-1]["n_parameters"])  # the bench's dataset decides it
         alone.append(measure_alone(args.head_width, args.image_size, classes, on))
         say(f"analyze's measurement {r + 1}: {alone[-1]['infer_img_per_s']:.1f} img/s, p50 {alone[-1]['latency_ms_p50']:.2f} ms, p95 {alone[-1]['latency_ms_p95']:.2f} ms")
-    figures = {**machine(), "device": bench["device"], "threads": args.threads, "image_size": args.image_size, "head_width": args.head_width, "classes": classes}
+    figures.update(device=rounds[0]["device"], threads=args.threads, image_size=args.image_size, head_width=args.head_width, classes=classes)
     for key in (*JUDGED, "latency_ms_p95"):
-        figures[f"bench_{key}"] = bench[key]
+        bench = statistics.median(b[key] for b in rounds)
+        figures[f"bench_{key}"] = bench
+        figures[f"bench_{key}_rounds"] = [b[key] for b in rounds]
         figures[f"analyze_{key}"] = [a[key] for a in alone]
-        figures[f"deviation_{key}"] = max(abs(a[key] / bench[key] - 1) for a in alone)
+        figures[f"deviation_{key}"] = max(abs(a[key] / bench - 1) for a in alone)
     figures.update(timed=dataclasses.asdict(on.timed), bench_repeats=args.repeats, bench_budget_s=args.budget_s)
     figures["within_10pct"] = all(figures[f"deviation_{key}"] <= TOLERANCE for key in JUDGED)
+    figures["load_avg_1min_end"] = machine()["load_avg_1min"]
     return figures
 
 
