@@ -39,6 +39,7 @@ import pandas as pd
 
 from asl_tune.alphabet import ASL_CLASSES, WATCH_PAIRS
 from asl_tune.errors import AslTuneError
+from asl_tune.sweep.integrity import check_for_analysis
 from asl_tune.results import (
     FINISHED,
     METRICS,
@@ -437,6 +438,7 @@ def load_sweep(results: Path, name: str, objectives: Objectives) -> Sweep:
     folder = Path(results) / name
     if not is_plain_name(name) or not folder.is_dir():
         raise AslTuneError(f"{folder}: no such sweep folder")
+    check_for_analysis(folder, str(folder))  # a damaged table is refused in one line; what analyze does not need is noted
     confusion = read_confusion(folder)
     trials = with_pair_rates(numeric_trials(read_trials(folder)), confusion)
     for metric, _ in objectives:

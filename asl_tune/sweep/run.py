@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from asl_tune.sweep import cluster
+from asl_tune.sweep import cluster, integrity
 from asl_tune.data import DecodedDataset, load_dataset, load_external, make_splits
 from asl_tune.errors import AslTuneError
 from asl_tune.sweep.mirror import SweepFolder
@@ -76,11 +76,8 @@ def run_sweep(req: SweepRequest) -> Path:
     """`asl-tune sweep`: start a new sweep, or extend one; return its (local) folder."""
     space, name, sweep, state = check_request(req)
     folder = sweep.path
-    sizes = image_sizes(space)
-    if state is not None:
-        data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, sizes)
-    else:
-        data_dir, datasets, externals = _load_data(req.data, req.external, sizes)
+    if state is None:  # a new sweep: its data is checked and decoded before its folder exists
+        data_dir, datasets, externals = _load_data(req.data, req.external, image_sizes(space))
         storage = req.storage or sweep.ray_storage  # results at a URI: Ray's runs go there too
         state = SweepState(name, str(data_dir), str(Path(req.external).resolve()) if req.external else None, req.cpus_per_trial, req.gpus_per_trial, req.max_concurrent, req.seed, req.address, storage=storage)
     num_samples = int(req.num_samples or space.num_samples)
@@ -90,6 +87,9 @@ def run_sweep(req: SweepRequest) -> Path:
             sweep.pull()  # the record may be at a URI: this machine's copy may be empty or stale
             if not req.extend and (folder / SWEEP_FILE).exists():  # another process started it meanwhile
                 raise AslTuneError(f"--name: a sweep named {name!r} already exists in {sweep.location}; add --extend to add trials to it")
+            if req.extend:  # the sweep's folder is checked whole before its data is decoded, Ray starts or anything is written
+                integrity.check_for_extend(folder, sweep.location)
+                data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, image_sizes(space))
             with _quiet(), cluster.ray_session(req.address, dashboard=req.dashboard):
                 if req.extend:
                     state = SweepState.read(folder)  # as it stands now that we hold the lock
@@ -114,8 +114,6 @@ def resume_sweep(name: str, results: Path | str = Path("results"), address: str 
     """`asl-tune resume`: finish a sweep whose driver died; finished trials are kept, interrupted ones continue."""
     space, sweep, state, address = check_resume(name, results, address)
     folder = sweep.path
-    data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, image_sizes(space))
-    run = state.runs[-1]
     space = space.seeded(state.seed)
     from ray import tune
 
@@ -125,6 +123,10 @@ def resume_sweep(name: str, results: Path | str = Path("results"), address: str 
         state = SweepState.read(folder)  # as it stands now that we hold the lock
         if state.runs[-1]["finished"]:
             raise AslTuneError(f"NAME: sweep {name!r} has nothing to resume: another process finished it")
+        run = state.runs[-1]
+        earlier = sum(r["num_samples"] for r in state.runs[:-1])
+        integrity.check_for_resume(folder, sweep.location, None if state.storage else run["dir"], earlier)
+        data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, image_sizes(space))
         with _quiet(), cluster.ray_session(address):
             gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
             run_path = state.run_path(folder, run)
