@@ -1,16 +1,29 @@
 """The only module that writes or reads Parquet: one row per trial, per epoch, per confusion cell, per class.
 
-Every write goes to a temporary file beside the target and is renamed over it (files.write_atomically),
-so a reader (or a crash) only ever sees a whole file, old or new, never a torn one.
+Each of the four tables is a folder of Parquet files, a dataset that `pandas.read_parquet(folder)` reads
+in one call (see results/README.md):
+
+    trials.parquet/schema.parquet          no rows: every column the parts hold, with its type; it sorts
+                                           first, so a one-call reader takes the columns from it
+    trials.parquet/trial-<trial_id>.parquet  the rows of one trial, rewritten whole when they change
+
+A result rewrites only its own trial's parts, so what it costs does not grow with the sweep. Every write
+goes to a temporary file beside the target and is renamed over it (files.write_atomically), so a reader
+(or a crash) only ever sees a whole part, old or new, never a torn one, and a trial's rows are in one
+part only, never two. Sweeps written before parts (one file per table, rewritten whole) are read as they
+are, and moved to parts by the first write.
 """
 
 from __future__ import annotations
 
 import errno
 import io
+import os
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from asl_tune.errors import AslTuneError
 from asl_tune.files import write_atomically
@@ -20,6 +33,7 @@ EPOCHS = "epochs.parquet"
 CONFUSION = "confusion.parquet"
 PER_CLASS = "per_class.parquet"
 RESULT_FILES = (TRIALS, EPOCHS, CONFUSION, PER_CLASS)
+SCHEMA_PART = "schema.parquet"  # in each table's folder, before the trial-<id>.parquet parts in name order
 
 PARAM_PREFIX = "params_"  # settings columns, as Optuna's trials_dataframe names them
 PAIR_PREFIX = "pair_"  # pair_<X>_as_<Y>: share of true X predicted as Y on the test split
@@ -75,15 +89,21 @@ def trial_row(trial_id: str, status: str, params: dict, metrics: dict, **where: 
     return row
 
 
-def write_atomic(df: pd.DataFrame, path: Path) -> None:
-    """Write df to path as Parquet through a temporary file and a rename; on failure the old file stays whole."""
+def write_atomic(df: pd.DataFrame | pa.Table, path: Path) -> None:
+    """Write df (a DataFrame or an Arrow table) to path as Parquet through a temporary file and a rename; on failure the old file stays whole."""
     path = Path(path)
 
     def refused(e: OSError) -> AslTuneError:
         why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         return AslTuneError(f"results: cannot write {path}: {why}; the previous file is left intact")
 
-    write_atomically(path, lambda tmp: df.to_parquet(tmp, index=False), error=refused)
+    def write(tmp) -> None:
+        if isinstance(df, pa.Table):
+            pq.write_table(df, tmp)
+        else:
+            df.to_parquet(tmp, index=False)
+
+    write_atomically(path, write, error=refused)
 
 
 def read_snapshot(path: Path) -> pd.DataFrame:
@@ -96,12 +116,43 @@ def read_snapshot(path: Path) -> pd.DataFrame:
         return pd.read_parquet(io.BytesIO(f.read()))
 
 
-def _read(folder: Path, name: str, columns: list[str]) -> pd.DataFrame:
+def part_name(trial_id: str) -> str:
+    """The file in each table's folder that holds one trial's rows."""
+    return f"trial-{trial_id}.parquet"
+
+
+def read_table(folder: Path, name: str) -> pa.Table | None:
+    """One table of a sweep folder as it stands (None when it has none yet): a folder of parts, or a sweep's one file from before parts.
+
+    Each part is read whole from one open() (see read_snapshot), so a part replaced meanwhile is read old
+    or new, never torn; one removed since the listing (a trial dropped at a resume) is left out.
+    """
     path = Path(folder) / name
     try:
-        return read_snapshot(path)
+        names = sorted(n for n in os.listdir(path) if n.endswith(".parquet") and not n.startswith("."))
+    except NotADirectoryError:
+        names = [""]  # the layout before parts: the table is this one file
     except FileNotFoundError:
+        return None
+    tables = []
+    for part in names:
+        try:
+            with open(path / part if part else path, "rb") as f:
+                tables.append(pq.read_table(pa.BufferReader(f.read())))
+        except FileNotFoundError:
+            continue
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+
+def _read(folder: Path, name: str, columns: list[str]) -> pd.DataFrame:
+    """A table as a DataFrame, its rows in trial order (epochs by epoch within a trial); an empty frame when none yet."""
+    table = read_table(folder, name)
+    if table is None:
         return pd.DataFrame(columns=columns)
+    df = table.to_pandas()
+    if name == TRIALS:
+        return _ordered(df, TRIAL_COLUMNS)
+    return df.sort_values(["trial_id", "epoch"] if name == EPOCHS else ["trial_id"], kind="stable").reset_index(drop=True)
 
 
 def read_trials(folder: Path) -> pd.DataFrame:
@@ -137,7 +188,7 @@ def read_per_class(folder: Path) -> pd.DataFrame:
 
 
 class ResultsStore:
-    """The results of one sweep folder, kept in memory and rewritten whole on flush.
+    """The results of one sweep folder, kept in memory; flush rewrites the parts of the trials that changed.
 
     Rows are keyed (trial_id; trial_id+epoch; ...), so a result that arrives twice, as it
     does after a resume re-runs an epoch, replaces the earlier row instead of duplicating it.
@@ -146,31 +197,43 @@ class ResultsStore:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.trials: dict[str, dict] = {}
-        self.epochs: dict[tuple[str, int], dict] = {}
+        self.epochs: dict[str, dict[int, dict]] = {}  # trial_id -> epoch -> row
         self.confusion: dict[str, list[dict]] = {}
         self.per_class: dict[str, list[dict]] = {}
-        self._dirty: set[str] = set()
-        for row in read_trials(self.folder).to_dict("records"):
-            self.trials[row["trial_id"]] = row
-        for row in read_epochs(self.folder).to_dict("records"):
-            self.epochs[(row["trial_id"], int(row["epoch"]))] = row
-        for name, target in ((CONFUSION, self.confusion), (PER_CLASS, self.per_class)):
-            df = _read(self.folder, name, [])
-            for tid, group in (df.groupby("trial_id") if len(df) else []):
-                target[tid] = group.to_dict("records")
+        self._dirty: set[tuple[str, str]] = set()  # (table, trial_id) whose part is to be rewritten
+        self._schemas: dict[str, pa.Schema] = {}  # every column each table's parts hold, as its schema part says
+        self._single_files = [name for name in RESULT_FILES if (self.folder / name).is_file()]  # the layout before parts
+        for name in RESULT_FILES:
+            table = read_table(self.folder, name)
+            if table is not None:
+                self._schemas[name] = table.schema
+                self._load(name, table.to_pylist())
+
+    def _load(self, name: str, rows: list[dict]) -> None:
+        for row in rows:
+            tid = row["trial_id"]
+            if name == TRIALS:
+                self.trials[tid] = row
+            elif name == EPOCHS:
+                self.epochs.setdefault(tid, {})[int(row["epoch"])] = row
+            else:
+                self._by_trial(name).setdefault(tid, []).append(row)
+
+    def _by_trial(self, name: str) -> dict[str, list[dict]]:
+        return {CONFUSION: self.confusion, PER_CLASS: self.per_class}[name]
 
     def put_trial(self, row: dict) -> None:
         """Insert or replace a trial's row (keeps columns it already had that row lacks)."""
         old = self.trials.get(row["trial_id"], {})
         self.trials[row["trial_id"]] = {**old, **{k: v for k, v in row.items() if v is not None or k not in old}}
-        self._dirty.add(TRIALS)
+        self._dirty.add((TRIALS, row["trial_id"]))
 
     def put_epoch(self, trial_id: str, metrics: dict) -> None:
         """Insert or replace one epoch's row of a trial."""
         row = {"trial_id": trial_id, **{c: metrics.get(c) for c in EPOCH_COLUMNS[1:]}}
         row["epoch"] = int(row["epoch"])
-        self.epochs[(trial_id, row["epoch"])] = row
-        self._dirty.add(EPOCHS)
+        self.epochs.setdefault(trial_id, {})[row["epoch"]] = row
+        self._dirty.add((EPOCHS, trial_id))
 
     def put_confusion(self, trial_id: str, classes: list[str], matrix: list[list[int]]) -> None:
         """Replace a trial's confusion counts, stored long: one row per (true, predicted) cell with a non-zero count."""
@@ -180,41 +243,72 @@ class ResultsStore:
             for p, n in enumerate(row)
             if n
         ]
-        self._dirty.add(CONFUSION)
+        self._dirty.add((CONFUSION, trial_id))
 
     def put_per_class(self, trial_id: str, rows: list[dict]) -> None:
         """Replace a trial's per-class precision/recall rows."""
         self.per_class[trial_id] = [{"trial_id": trial_id, **r} for r in rows]
-        self._dirty.add(PER_CLASS)
+        self._dirty.add((PER_CLASS, trial_id))
 
     def drop_trial(self, trial_id: str) -> None:
-        """Remove every row of a trial from every file."""
-        if self.trials.pop(trial_id, None) is not None:
-            self._dirty.add(TRIALS)
-        for key in [k for k in self.epochs if k[0] == trial_id]:
-            del self.epochs[key]
-            self._dirty.add(EPOCHS)
-        for name, rows in ((CONFUSION, self.confusion), (PER_CLASS, self.per_class)):
+        """Remove every row of a trial from every table (its parts are removed at the next flush)."""
+        for name, rows in ((TRIALS, self.trials), (EPOCHS, self.epochs), (CONFUSION, self.confusion), (PER_CLASS, self.per_class)):
             if rows.pop(trial_id, None) is not None:
-                self._dirty.add(name)
+                self._dirty.add((name, trial_id))
 
     def trial_status(self, trial_id: str) -> str | None:
         """The stored status of a trial, or None when it has no row."""
         row = self.trials.get(trial_id)
         return None if row is None else row["status"]
 
-    def flush(self) -> None:
-        """Rewrite every file that changed since the last flush, each atomically."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        frames = {
-            TRIALS: lambda: _ordered(pd.DataFrame(list(self.trials.values())), TRIAL_COLUMNS),
-            EPOCHS: lambda: pd.DataFrame(sorted(self.epochs.values(), key=lambda r: (r["trial_id"], r["epoch"])), columns=EPOCH_COLUMNS),
-            CONFUSION: lambda: pd.DataFrame([r for rows in self.confusion.values() for r in rows], columns=CONFUSION_COLUMNS),
-            PER_CLASS: lambda: pd.DataFrame([r for rows in self.per_class.values() for r in rows], columns=PER_CLASS_COLUMNS),
-        }
-        for name in sorted(self._dirty):
-            write_atomic(frames[name](), self.folder / name)
-        self._dirty.clear()
+    def _rows(self, name: str, trial_id: str) -> list[dict]:
+        if name == TRIALS:
+            return [self.trials[trial_id]] if trial_id in self.trials else []
+        if name == EPOCHS:
+            return [row for _, row in sorted(self.epochs.get(trial_id, {}).items())]
+        return self._by_trial(name).get(trial_id, [])
+
+    def flush(self) -> list[str]:
+        """Rewrite the part of every trial whose rows changed since the last flush, each atomically; return the files written or removed, relative to the folder.
+
+        What a flush writes is the changed trials' own rows: it does not grow with the rows already stored.
+        """
+        changed = self._leave_single_files()
+        for name, trial_id in sorted(self._dirty):
+            changed += self._write_part(name, trial_id)
+            self._dirty.discard((name, trial_id))  # only once written: a failed flush is retried whole by the next
+        return changed
+
+    def _write_part(self, name: str, trial_id: str) -> list[str]:
+        """Write (or, with no rows left, remove) one trial's part of one table, its schema part first when it gains a column."""
+        folder = self.folder / name
+        rows = self._rows(name, trial_id)
+        part = f"{name}/{part_name(trial_id)}"
+        if not rows:
+            (self.folder / part).unlink(missing_ok=True)
+            return [part]
+        folder.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pylist(rows)
+        known = self._schemas.get(name)
+        wider = table.schema if known is None else pa.unify_schemas([known, table.schema], promote_options="permissive")
+        written = []
+        if known is None or not wider.equals(known) or not (folder / SCHEMA_PART).exists():
+            write_atomic(wider.empty_table(), folder / SCHEMA_PART)  # before the part: a reader never meets a column it lacks
+            self._schemas[name] = wider
+            written.append(f"{name}/{SCHEMA_PART}")
+        write_atomic(table.cast(pa.schema([wider.field(c) for c in table.column_names])), self.folder / part)
+        return [*written, part]
+
+    def _leave_single_files(self) -> list[str]:
+        """Move tables kept as one file (the layout before parts) to parts: remove the file; every trial's part is written next."""
+        changed = []
+        for name in self._single_files:
+            (self.folder / name).unlink(missing_ok=True)
+            self._schemas.pop(name, None)
+            self._dirty.update((name, tid) for tid in {**self.trials, **self.epochs, **self.confusion, **self.per_class} if self._rows(name, tid))
+            changed.append(name)
+        self._single_files = []
+        return changed
 
 
 def _ordered(df: pd.DataFrame, first: list[str]) -> pd.DataFrame:

@@ -9,9 +9,11 @@ import sqlite3
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 
 from asl_tune.errors import AslTuneError
+from asl_tune.results import ResultsStore, read_trials, trial_row, write_atomic
 from asl_tune.sweep.mirror import ANALYZE_DIR, MirroredSweepFolder, SweepFolder, sweep_folder
 from asl_tune.sweep.recorder import ParquetRecorder
 from asl_tune.sweep.request import place
@@ -120,3 +122,29 @@ def test_a_local_sweep_folder_pickles_as_the_folder_it_names(tmp_path):
     sweep = place(tmp_path / "results", "s")
     again = pickle.loads(pickle.dumps(ParquetRecorder(sweep, None, 1)))
     assert again.folder == tmp_path / "results" / "s" and again.sweep.results_flag == sweep.results_flag
+
+
+def test_a_flush_copies_up_only_the_parts_it_wrote_and_removes_a_dropped_trials(tmp_path, monkeypatch):
+    """The URI gets what each flush names (a sweep of 10,000 trials is never looked through whole), old one-file tables included."""
+    uri = (tmp_path / "bucket").as_uri()
+    remote = tmp_path / "bucket" / "s"
+    remote.mkdir(parents=True)
+    write_atomic(pd.DataFrame([trial_row("old", "completed", {"lr": 0.1}, {"val_accuracy": 0.9})]), remote / "trials.parquet")  # before parts
+    monkeypatch.setenv("ASL_TUNE_CACHE", str(tmp_path / "cache-a"))
+    sweep = place(uri, "s")
+    sweep.pull()
+    store = ResultsStore(sweep.path)
+    for tid in ("a", "b"):
+        store.put_trial(trial_row(tid, "running", {"lr": 0.1}, {}))
+    sweep.sync(changed=store.flush())
+    assert sorted(p.name for p in (remote / "trials.parquet").iterdir()) == ["schema.parquet", "trial-a.parquet", "trial-b.parquet", "trial-old.parquet"]
+    store.drop_trial("a")
+    changed = store.flush()
+    assert changed == ["trials.parquet/trial-a.parquet"]
+    sweep.sync(changed=changed)
+    assert list(pd.read_parquet(f"{uri}/s/trials.parquet")["trial_id"]) == ["b", "old"]
+
+    monkeypatch.setenv("ASL_TUNE_CACHE", str(tmp_path / "cache-b"))  # another machine's working copy, folder by folder
+    moved = pickle.loads(pickle.dumps(sweep))
+    moved.pull()
+    assert list(read_trials(moved.path)["trial_id"]) == ["b", "old"]

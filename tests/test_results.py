@@ -1,6 +1,7 @@
 import errno
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from asl_tune.errors import AslTuneError
@@ -52,3 +53,52 @@ def test_failed_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert list(pd.read_parquet(path)["trial_id"]) == ["old"]
     assert [p.name for p in tmp_path.iterdir()] == ["trials.parquet"]  # no temporary left behind
+
+
+def _one_result(store: ResultsStore, trial_id: str, epoch: int) -> tuple[int, int]:
+    """Record one epoch's result as the recorder does (its epoch row, its trial row, a flush); the rows and bytes the flush wrote."""
+    store.put_epoch(trial_id, {"epoch": epoch, "val_accuracy": 0.5, "images_seen": 10 * epoch})
+    store.put_trial(trial_row(trial_id, "running", {"lr": 0.01}, {"val_accuracy": 0.5, "images_seen": 10 * epoch}))
+    written = [store.folder / p for p in store.flush()]
+    return sum(pq.read_metadata(p).num_rows for p in written), sum(p.stat().st_size for p in written)
+
+
+def test_what_a_result_writes_does_not_grow_with_the_results_before_it(tmp_path):
+    """A count, not a timing: a result writes its own trial's rows (epochs so far + one trial row), in the same bytes after 1 trial or 100."""
+    store = ResultsStore(tmp_path)
+    _one_result(store, "t0000", 1)  # the first result also writes each table's schema part
+    early = [_one_result(store, "t0001", epoch) for epoch in (1, 2, 3)]
+    for k in range(2, 100):
+        for epoch in (1, 2, 3):
+            _one_result(store, f"t{k:04d}", epoch)
+    late = [_one_result(store, "t0100", epoch) for epoch in (1, 2, 3)]
+    assert [rows for rows, _ in early] == [2, 3, 4]  # epoch e: e epoch rows and the trial's row
+    assert late == early
+    assert len(read_epochs(tmp_path)) == 1 + 100 * 3 and read_trials(tmp_path)["trial_id"].is_unique
+
+
+def test_pandas_reads_a_table_folder_in_one_call_with_every_column(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.put_trial(trial_row("a", "completed", {"lr": 0.1}, {"val_accuracy": 1, "images_seen": 5}))  # an int where later rows hold floats
+    store.flush()
+    store.put_trial({**trial_row("b", "errored", {"lr": 0.2}, {"val_accuracy": 0.5, "pair_U_as_R": 0.25}), "error": "boom"})  # columns "a" lacks
+    store.flush()
+    one_call = pd.read_parquet(tmp_path / "trials.parquet")
+    assert list(one_call["trial_id"]) == ["a", "b"]
+    assert one_call["val_accuracy"].tolist() == [1.0, 0.5] and one_call.loc[1, "pair_U_as_R"] == 0.25 and one_call.loc[1, "error"] == "boom"
+    ours = read_trials(tmp_path)
+    assert ours[["trial_id", "val_accuracy", "pair_U_as_R", "error"]].equals(one_call[["trial_id", "val_accuracy", "pair_U_as_R", "error"]])
+
+
+def test_a_sweep_in_the_old_one_file_layout_is_read_and_moved_to_parts_by_its_next_write(tmp_path):
+    old = pd.DataFrame([trial_row("t1", "completed", {"lr": 0.1}, {"val_accuracy": 0.9})])
+    write_atomic(old, tmp_path / "trials.parquet")
+    write_atomic(pd.DataFrame([{"trial_id": "t1", "epoch": 1, "val_accuracy": 0.9}]), tmp_path / "epochs.parquet")
+    assert list(read_trials(tmp_path)["trial_id"]) == ["t1"] and list(read_epochs(tmp_path)["epoch"]) == [1]
+    store = ResultsStore(tmp_path)
+    store.put_epoch("t2", {"epoch": 1, "val_accuracy": 0.5})
+    store.put_trial(trial_row("t2", "running", {"lr": 0.2}, {}))
+    store.flush()
+    assert (tmp_path / "trials.parquet").is_dir() and (tmp_path / "epochs.parquet").is_dir()
+    assert list(read_trials(tmp_path)["trial_id"]) == ["t1", "t2"] and read_trials(tmp_path).loc[0, "val_accuracy"] == 0.9
+    assert read_epochs(tmp_path)[["trial_id", "epoch"]].values.tolist() == [["t1", 1], ["t2", 1]]

@@ -9,8 +9,10 @@ the lock is an flock. So when `--results` is a URI the sweep runs in a staging f
 
     <cache>/sweeps/<hash of the URI>/<name>/        (<cache>: see data.cache_root, $ASL_TUNE_CACHE)
 
-and its small files (sweep.json, space.yaml, study.db, *.parquet) are copied to `<URI>/<name>/` whenever
-they change: at the start, after every results flush and every step of Tune's loop, and at the end.
+and its small files (sweep.json, space.yaml, study.db, and the parts in the *.parquet folders) are copied to
+`<URI>/<name>/` whenever they change: at the start, after every results flush and every step of Tune's loop,
+and at the end. A flush names the parts it wrote or removed (results.ResultsStore.flush), and only those are
+copied or removed there, so a copy costs the same in a sweep of 10 trials and of 10,000.
 Ray's checkpoints and experiment state go to `<URI>/<name>/run-<k>/` through Ray's own storage layer.
 
 The URI is the record: `resume`, `sweep --extend` and `analyze` first copy the sweep's files down from it,
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import posixpath
 import shutil
 import sqlite3
 import tempfile
@@ -169,8 +173,8 @@ class SweepFolder:
     def pull(self) -> None:
         """Bring the local folder up to date with the record; a folder is the record."""
 
-    def sync(self, final: bool = False) -> None:
-        """Copy what changed locally to the record; a folder is the record."""
+    def sync(self, final: bool = False, changed: list[str] | tuple[str, ...] | None = None) -> None:
+        """Copy what changed locally to the record (changed: the result files written or removed, see MirroredSweepFolder); a folder is the record."""
 
 
 class MirroredSweepFolder(SweepFolder):
@@ -188,8 +192,8 @@ class MirroredSweepFolder(SweepFolder):
         self.copies = copies  # the working copy's folder under the staging root: "" for a sweep's, ANALYZE_DIR for analyze's
         self._fs = None
         self._at_path = ""
-        self._pushed: dict[str, tuple[int, int]] = {}  # name -> (mtime_ns, size) of the local file last copied up
-        self._made_dir = False
+        self._pushed: dict[str, tuple[int, int]] = {}  # path in the folder -> (mtime_ns, size) of the local file last copied up
+        self._made_dirs: set[str] = set()  # folders at the URI known to exist
         self._warned = False
 
     def __getstate__(self) -> dict:
@@ -259,7 +263,7 @@ class MirroredSweepFolder(SweepFolder):
         return AslTuneError(f"--results: cannot {doing} {self.location}: {_why(e)}")
 
     def present(self, names: tuple[str, ...] | list[str] | None = None) -> list[str]:
-        """Which of the named files (default: all mirrored ones) exist at the URI."""
+        """Which of the named files or folders (default: all mirrored ones) exist at the URI."""
         import pyarrow.fs
 
         names = list(names or self.files)
@@ -267,15 +271,30 @@ class MirroredSweepFolder(SweepFolder):
             infos = self.fs.get_file_info([self._at(n) for n in names])
         except (OSError, ValueError) as e:
             raise self._fail("read", e) from None
-        return [n for n, info in zip(names, infos) if info.type == pyarrow.fs.FileType.File]
+        return [n for n, info in zip(names, infos) if info.type in (pyarrow.fs.FileType.File, pyarrow.fs.FileType.Directory)]
+
+    def _listing(self, name: str) -> list[str] | None:
+        """The files in the URI's folder `name` (hidden ones left out), or None when `name` is a file there."""
+        import pyarrow.fs
+
+        at = self._at(name)
+        if self.fs.get_file_info(at).type != pyarrow.fs.FileType.Directory:
+            return None
+        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(at))
+        return sorted(posixpath.basename(i.path) for i in infos if i.type == pyarrow.fs.FileType.File and not posixpath.basename(i.path).startswith("."))
 
     def fetch(self, names, dest: Path) -> list[str]:
-        """Copy those of the named files that exist at the URI into dest, each whole (temporary file, rename); return them."""
+        """Copy those of the named files (a folder: every file in it) that exist at the URI into dest, each whole (temporary file, rename); return them."""
         found = self.present(names)
         dest.mkdir(parents=True, exist_ok=True)
         for name in found:
             try:
-                write_atomically(dest / name, lambda tmp: self._download(name, tmp))
+                listing = self._listing(name)
+                _make_room(dest / name, folder=listing is not None)
+                for path in [name] if listing is None else [f"{name}/{f}" for f in listing]:
+                    write_atomically(dest / path, lambda tmp: self._download(path, tmp))
+                for stale in set(_files_in(dest / name)) - set(listing or ()):
+                    (dest / name / stale).unlink(missing_ok=True)
             except (OSError, ValueError) as e:
                 raise self._fail(f"copy {name} from", e) from None
         return found
@@ -292,23 +311,32 @@ class MirroredSweepFolder(SweepFolder):
         """Make the working copy a copy of the URI's files: fetch those there, delete local ones that are not."""
         folder = self.path
         found = self.fetch(self.files, folder)
+        self._pushed.clear()
         for name in self.files:
-            if name in found:
-                st = (folder / name).stat()
-                self._pushed[name] = (st.st_mtime_ns, st.st_size)
-            else:
+            if name not in found:
+                _make_room(folder / name, folder=False)
                 (folder / name).unlink(missing_ok=True)
-                self._pushed.pop(name, None)
+                continue
+            inside = _files_in(folder / name)
+            for path in [name] if (folder / name).is_file() else [f"{name}/{f}" for f in inside]:
+                st = (folder / path).stat()
+                self._pushed[path] = (st.st_mtime_ns, st.st_size)
 
-    def sync(self, final: bool = False) -> None:
+    def sync(self, final: bool = False, changed: list[str] | tuple[str, ...] | None = None) -> None:
         """Copy every mirrored file that changed since its last copy up to the URI.
 
+        changed: the files in the results folders written or removed since the last sync (what
+        ResultsStore.flush returns), copied or removed there; the folders are then not looked through
+        (a sweep of 10,000 trials has 20,000 parts). None: every file is looked at.
         A failure mid-sweep is logged once and retried at the next sync (a network hiccup must not end a
         sweep of hours); with final=True it is raised, since the URI would be left behind.
         """
         try:
             for name in self.files:
-                self._push(name)
+                if changed is None or not (self.path / name).is_dir():
+                    self._push(name, listed=False)
+            for path in changed or ():
+                self._push(path, listed=True)
         except (OSError, ValueError, sqlite3.Error) as e:
             if final:
                 raise AslTuneError(f"--results: cannot copy the results to {self.location} ({_why(e)}); they are complete in {self.path}") from None
@@ -316,11 +344,21 @@ class MirroredSweepFolder(SweepFolder):
                 log.warning("results: cannot copy to %s now (%s); will retry", self.location, _why(e))
                 self._warned = True
 
-    def _push(self, name: str) -> None:
+    def _push(self, name: str, listed: bool) -> None:
+        """Copy one file up if it changed since its last copy; a folder, file by file. listed: named by the writer, so gone here means remove it there."""
         src = self.path / name
         try:
             st = src.stat()
         except FileNotFoundError:
+            if listed:
+                self._remove(name)
+            return
+        if src.is_dir():
+            inside = _files_in(src)
+            for f in inside:
+                self._push(f"{name}/{f}", listed=False)
+            for stale in set(self._listing(name) or ()) - set(inside):
+                self._remove(f"{name}/{stale}")
             return
         key = (st.st_mtime_ns, st.st_size)
         if self._pushed.get(name) == key:
@@ -339,11 +377,22 @@ class MirroredSweepFolder(SweepFolder):
             self._upload(src, name)
         self._pushed[name] = key
 
+    def _remove(self, name: str) -> None:
+        """Remove the URI's file `name`, if it is a file there (a folder of parts that replaced it is left alone)."""
+        import pyarrow.fs
+
+        self._pushed.pop(name, None)
+        if self.fs.get_file_info(self._at(name)).type == pyarrow.fs.FileType.File:
+            self.fs.delete_file(self._at(name))
+
     def _upload(self, src: Path, name: str) -> None:
         fs = self.fs
-        if not self._made_dir:
-            fs.create_dir(self._at_path, recursive=True)
-            self._made_dir = True
+        folder = posixpath.dirname(self._at(name))
+        if folder not in self._made_dirs:
+            if folder != self._at_path:
+                self._remove(posixpath.dirname(name))  # a results file from before parts, where their folder goes
+            fs.create_dir(folder, recursive=True)
+            self._made_dirs.add(folder)
 
         def put(dest: str) -> None:
             with open(src, "rb") as f, fs.open_output_stream(dest) as out:
@@ -353,3 +402,21 @@ class MirroredSweepFolder(SweepFolder):
             put(self._at(name))  # one PUT replaces the object whole
         else:
             write_atomically(self._at(name), put, fs=fs)  # a rename: a reader sees the old file or the new, never a torn one
+
+
+def _files_in(folder: Path) -> list[str]:
+    """The names of the files in a local folder, hidden ones (temporaries) left out; none when it is not a folder."""
+    try:
+        return sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _make_room(path: Path, folder: bool) -> None:
+    """Clear `path` for what is copied down: a file where a folder comes, a folder where a file (or nothing) does."""
+    if folder:
+        if path.is_file():
+            path.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path)

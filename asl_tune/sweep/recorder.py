@@ -1,8 +1,9 @@
 """The sweep's driver-side recorder: every result Tune receives lands in the sweep's Parquet files at once.
 
 Rows are keyed by trial and epoch (see results.ResultsStore), so an epoch that a resumed trial
-reports again replaces its row; every file is rewritten atomically, so a reader or a kill never
-sees a torn file. When the sweep's results are at a URI, each change is then copied there (mirror.SweepFolder.sync).
+reports again replaces its row; a result rewrites only its trial's parts, each atomically, so a reader
+or a kill never sees a torn file and the cost of a result does not grow with the sweep. When the sweep's
+results are at a URI, the parts written are then copied there (mirror.SweepFolder.sync).
 """
 
 from __future__ import annotations
@@ -76,8 +77,7 @@ class ParquetRecorder(Callback):
         self.store.put_trial(row)
 
     def _flush(self) -> None:
-        self.store.flush()
-        self.sweep.sync()
+        self.sweep.sync(changed=self.store.flush())
 
     def on_step_begin(self, iteration, trials, **info):
         if not self.__dict__.get("_checked"):
@@ -101,7 +101,7 @@ class ParquetRecorder(Callback):
     def on_step_end(self, iteration, trials, **info):
         # The searcher writes study.db when it asks for a trial, before the trial starts: copy it up now,
         # so the study at the URI keeps up with the experiment state Tune saved there in this step.
-        self.sweep.sync()
+        self.sweep.sync(changed=())
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if trial.trial_id not in self.store.trials:

@@ -1,0 +1,299 @@
+"""What asl-tune's driver-side pieces cost as a sweep grows, measured against bare Ray Tune.
+
+Two parts, both with a trivial trainable (no torch: each trial reports --epochs made-up epochs as fast
+as Tune takes them):
+
+  stack  the real driver stack, at each N in --sizes: Tune with asl-tune's searcher (OptunaSearch, TPE,
+         its study storage), ASHA and the Parquet recorder, writing to a folder ("asl_tune") and, as a
+         second setting, mirrored to a file:// URI ("asl_tune_mirror"); then the same trainable under
+         bare Ray Tune ("bare_tune": no callbacks, the default searcher, FIFO). All three in one Ray
+         instance, with asl-tune's Ray settings (Ray's own result loggers off) for all.
+  micro  the recorder and the study storage called directly, --micro-trials trials x --micro-epochs
+         epochs, no Tune: the cost per result over the first 100 trials and over the last 100, for the
+         recorder and for each storage (SQLite, Optuna's JournalStorage).
+
+    python bench/scale.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import emit, machine, say  # noqa: E402
+
+WINDOW = 100  # trials whose results are averaged for "the cost at N" in the micro bench
+N_TRAIN = 1000  # images per epoch the made-up trials claim (ASHA's time axis)
+SPACE = """name: scale
+metric: val_accuracy
+mode: max
+num_samples: 1
+sampler: tpe
+early_stopping: {{grace_epochs: 2, reduction_factor: 3}}
+fixed: {{image_size: 32, batch_size: 64, epochs: {epochs}, data_fraction: 1.0, split: blocked}}
+params:
+  lr: {{type: float, low: 0.001, high: 0.1, log: true}}
+  head_width: {{type: categorical, choices: [16, 32, 64, 128]}}
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[100, 1000], help="trials per sweep in the stack part (default 100 1000)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs each made-up trial reports in the stack part (default 10)")
+    p.add_argument("--micro-trials", type=int, default=10000, help="trials in the micro bench (default 10000); 0 skips it")
+    p.add_argument("--micro-epochs", type=int, default=20, help="epochs per trial in the micro bench (default 20)")
+    p.add_argument("--concurrency", type=int, default=2, help="trials at once (default 2: each asks for half the CPUs of a 2-core machine)")
+    p.add_argument("--no-mirror", action="store_true", help="skip the setting with the mirror to a file:// URI")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last stdout line")
+    return p.parse_args(argv)
+
+
+def made_up_epoch(config: dict, epoch: int) -> dict:
+    """One epoch's report as the trainer makes it (train.EPOCH_ROW nested), from the settings alone."""
+    accuracy = 1 - math.exp(-epoch * config["lr"] * 10) * (0.5 + 0.1 * math.log2(config["head_width"]) / 7)
+    row = {"epoch": epoch, "train_loss": 1 - accuracy, "train_accuracy": accuracy, "val_loss": 1 - accuracy, "val_accuracy": accuracy,
+           "train_img_per_s": 1000.0, "images_seen": epoch * N_TRAIN, "seconds": 0.001}
+    return {"val_accuracy": accuracy, "images_seen": epoch * N_TRAIN, "epochs_completed": epoch, "epoch_row": row}
+
+
+def trivial_trainable(config: dict) -> None:
+    """A trial with no work: reports config["epochs"] made-up epochs as fast as Tune takes them."""
+    from ray import tune
+
+    for epoch in range(1, config.get("epochs", 10) + 1):
+        tune.report(made_up_epoch(config, epoch))
+
+
+def _run(tuner) -> dict:
+    """Fit the tuner; its wall time, the driver's CPU seconds and the results Tune processed."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        grid = tuner.fit()
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
+    results = sum(int((r.metrics or {}).get("training_iteration", 0)) for r in grid)
+    errors = sum(1 for r in grid if r.error)
+    return {"wall_s": wall, "driver_cpu_s": cpu, "results": results, "errors": errors,
+            "driver_cpu_s_per_result": cpu / max(results, 1), "driver_peak_rss_mb": after.ru_maxrss / 1024}
+
+
+def run_asl_tune(n: int, epochs: int, concurrency: int, work: Path, mirrored: bool) -> dict:
+    """The trivial trainable under asl-tune's driver stack: StudySearch (TPE, its study storage), ASHA, the Parquet recorder."""
+    from ray import tune
+
+    from asl_tune.sweep.mirror import MirroredSweepFolder, SweepFolder
+    from asl_tune.sweep.recorder import ParquetRecorder
+    from asl_tune.sweep.request import MIRRORED
+    from asl_tune.sweep.run import _scheduler, _searcher
+    from asl_tune.sweep.space import load_space
+
+    name = f"scale-{n}{'-mirror' if mirrored else ''}"
+    space_path = work / "scale.yaml"
+    space_path.write_text(SPACE.format(epochs=epochs))
+    space = load_space(space_path)
+    sweep = MirroredSweepFolder((work / "bucket").as_uri(), name, MIRRORED) if mirrored else SweepFolder(work / "results", name)
+    sweep.path.mkdir(parents=True)
+    tuner = tune.Tuner(
+        _trainable(epochs, concurrency),
+        tune_config=tune.TuneConfig(search_alg=_searcher(space, sweep, name, 0, None, True), scheduler=_scheduler(space, N_TRAIN), num_samples=n, reuse_actors=True),
+        run_config=tune.RunConfig(name="run-1", storage_path=str(sweep.path / "ray"), callbacks=[ParquetRecorder(sweep, space, n)], verbose=0),
+    )
+    figures = _run(tuner)
+    sweep.sync(final=True)
+    figures["files_bytes"] = _sizes(sweep.path)
+    if mirrored:
+        figures["uri_files_bytes"] = _sizes(work / "bucket" / name)
+    return figures
+
+
+def _with_epochs(config: dict, epochs: int) -> None:
+    trivial_trainable({**config, "epochs": epochs})
+
+
+def _trainable(epochs: int, concurrency: int):
+    """The trivial trainable with --epochs, asking for a share of the CPUs that lets --concurrency trials run at once."""
+    import ray
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(_with_epochs, epochs=epochs), {"cpu": ray.cluster_resources()["CPU"] / concurrency})
+
+
+def run_bare_tune(n: int, epochs: int, concurrency: int, work: Path) -> dict:
+    """The same trainable under bare Ray Tune: no callbacks, the default searcher (random), FIFO."""
+    from ray import tune
+
+    tuner = tune.Tuner(
+        _trainable(epochs, concurrency),
+        param_space={"lr": tune.loguniform(0.001, 0.1), "head_width": tune.choice([16, 32, 64, 128])},
+        tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", num_samples=n, reuse_actors=True),
+        run_config=tune.RunConfig(name=f"bare-{n}", storage_path=str(work / "bare"), verbose=0),
+    )
+    return _run(tuner)
+
+
+def _sizes(folder: Path) -> dict:
+    """Bytes on disk per top-level entry of a sweep folder (a folder: all its files), and the count of files."""
+    sizes = {}
+    for entry in sorted(Path(folder).iterdir()):
+        files = [entry] if entry.is_file() else [p for p in entry.rglob("*") if p.is_file()]
+        sizes[entry.name] = {"bytes": sum(p.stat().st_size for p in files), "files": len(files)}
+    return sizes
+
+
+def stack(args: argparse.Namespace, work: Path) -> dict:
+    """Every size under every setting, in one Ray instance: asl-tune's settings for it, without its workers' warm-up (torch)."""
+    import logging
+
+    import ray
+
+    from asl_tune.sweep import cluster
+
+    runs: dict[str, dict] = {}
+    with cluster.scoped_environment(cluster.LOCAL_ENV):
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)
+        for n in args.sizes:
+            settings = [("bare_tune", lambda: run_bare_tune(n, args.epochs, args.concurrency, work)),
+                        ("asl_tune", lambda: run_asl_tune(n, args.epochs, args.concurrency, work, False))]
+            if not args.no_mirror:
+                settings.append(("asl_tune_mirror", lambda: run_asl_tune(n, args.epochs, args.concurrency, work, True)))
+            for setting, run in settings:
+                say(f"{setting}: {n} trials x {args.epochs} epochs")
+                runs.setdefault(setting, {})[n] = run()
+                say(f"{setting}: {n} trials in {runs[setting][n]['wall_s']:.1f} s, {runs[setting][n]['results']} results")
+        ray.shutdown()
+    return runs
+
+
+class _Trial:
+    """What the recorder reads of a Tune trial: its id, settings, last result and whether it ended."""
+
+    def __init__(self, trial_id: str, config: dict):
+        self.trial_id, self.config, self.last_result, self.finished = trial_id, config, {}, False
+
+    def is_finished(self) -> bool:
+        return self.finished
+
+
+def micro(args: argparse.Namespace, work: Path) -> dict:
+    """The recorder's and each storage's cost per result, over the first WINDOW trials and the last WINDOW."""
+    import optuna
+
+    from asl_tune.sweep.recorder import ParquetRecorder
+    from asl_tune.sweep.space import load_space
+    from asl_tune.sweep.study import study_storage
+
+    space_path = work / "micro.yaml"
+    space_path.write_text(SPACE.format(epochs=args.micro_epochs))
+    space = load_space(space_path)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    folder = work / "micro" / "recorder"
+    recorder = ParquetRecorder(folder, space, args.micro_trials)
+    (work / "micro" / "sqlite").mkdir(parents=True)
+    storages = {"sqlite": study_storage(work / "micro" / "sqlite", "study.db"),
+                "journal": optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(work / "micro" / "study.log")))}
+    studies = {k: optuna.create_study(study_name="micro", storage=s) for k, s in storages.items()}
+    seconds = {k: [0.0] * args.micro_trials for k in ("recorder", *storages)}
+    t0 = time.perf_counter()
+    for k in range(args.micro_trials):
+        trial = _Trial(f"{k:08x}_{k:05d}", {"lr": 0.001 * (1 + k % 100), "head_width": 16 << (k % 4)})
+        seconds["recorder"][k] = _record_trial(recorder, trial, args.micro_epochs)
+        for key, study in studies.items():
+            seconds[key][k] = _store_trial(study, trial, args.micro_epochs)
+        if (k + 1) % 1000 == 0:
+            say(f"micro: {k + 1} trials in {time.perf_counter() - t0:.0f} s")
+    w = min(WINDOW, max(args.micro_trials // 2, 1))
+    per_result = {key: {"first": sum(s[:w]) / (w * args.micro_epochs), "last": sum(s[-w:]) / (w * args.micro_epochs)} for key, s in seconds.items()}
+    return {
+        "trials": args.micro_trials, "epochs": args.micro_epochs, "window_trials": w,
+        "cost_per_result_ms": {key: {k: v * 1000 for k, v in c.items()} for key, c in per_result.items()},
+        "growth": {key: c["last"] / c["first"] for key, c in per_result.items()},
+        "files_bytes": {"recorder": _sizes(folder), "sqlite": _sizes(work / "micro" / "sqlite"), "journal_bytes": (work / "micro" / "study.log").stat().st_size},
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def _record_trial(recorder, trial: _Trial, epochs: int) -> float:
+    """One trial through the recorder as Tune calls it (start, a result per epoch, complete); its seconds."""
+    t0 = time.perf_counter()
+    recorder.on_trial_start(0, [], trial)
+    for epoch in range(1, epochs + 1):
+        trial.last_result = made_up_epoch(trial.config, epoch)
+        recorder.on_trial_result(0, [], trial, trial.last_result)
+    trial.finished = True
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # the recorder's progress line, one per trial
+        recorder.on_trial_complete(0, [], trial)
+    return time.perf_counter() - t0
+
+
+def _store_trial(study, trial: _Trial, epochs: int) -> float:
+    """One trial through a study's storage as OptunaSearch drives it (ask, report per epoch, tell); its seconds."""
+    import optuna
+
+    t0 = time.perf_counter()
+    storage, study_id = study._storage, study._study_id
+    distributions = {"lr": optuna.distributions.FloatDistribution(0.001, 0.1, log=True), "head_width": optuna.distributions.CategoricalDistribution([16, 32, 64, 128])}
+    tid = storage.create_new_trial(study_id)
+    for name, value in (("lr", trial.config["lr"]), ("head_width", trial.config["head_width"])):
+        storage.set_trial_param(tid, name, distributions[name].to_internal_repr(value), distributions[name])
+    for epoch in range(1, epochs + 1):
+        storage.set_trial_intermediate_value(tid, epoch, made_up_epoch(trial.config, epoch)["val_accuracy"])
+    storage.set_trial_state_values(tid, optuna.trial.TrialState.COMPLETE, [made_up_epoch(trial.config, epochs)["val_accuracy"]])
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args = parse_args(argv)
+    if min(*args.sizes, args.epochs, args.micro_epochs, args.concurrency) < 1 or args.micro_trials < 0:
+        print("scale.py: --sizes, --epochs, --concurrency and --micro-epochs must be >= 1, --micro-trials >= 0", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="asl-bench-scale-"))
+    figures = {**machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        runs = stack(args, work)
+        micro_figures = micro(args, work) if args.micro_trials else None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ours, bare = runs["asl_tune"], runs["bare_tune"]
+    figures.update(
+        n_trials=args.sizes,
+        epochs=args.epochs,
+        asl_tune_wall_s=_each(ours, "wall_s"),
+        bare_tune_wall_s=_each(bare, "wall_s"),
+        ratio_vs_bare_tune={n: ours[n]["wall_s"] / bare[n]["wall_s"] for n in args.sizes},
+        # ASHA stops trials early, so asl-tune's sweep runs fewer results than bare Tune's: the same ratio per result.
+        ratio_per_result_vs_bare_tune={n: (ours[n]["wall_s"] / ours[n]["results"]) / (bare[n]["wall_s"] / bare[n]["results"]) for n in args.sizes},
+        driver_cpu_s_per_result=_each(ours, "driver_cpu_s_per_result"),
+        bare_tune_driver_cpu_s_per_result=_each(bare, "driver_cpu_s_per_result"),
+        recorder_cost_growth=micro_figures["growth"]["recorder"] if micro_figures else None,
+        driver_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        runs=runs,
+        micro=micro_figures,
+    )
+    if "asl_tune_mirror" in runs:
+        figures["mirror_wall_s"] = _each(runs["asl_tune_mirror"], "wall_s")
+        figures["mirror_ratio_vs_bare_tune"] = {n: runs["asl_tune_mirror"][n]["wall_s"] / bare[n]["wall_s"] for n in args.sizes}
+    emit(figures, args.json)
+    return 0
+
+
+def _each(runs: dict, key: str) -> dict:
+    return {n: run[key] for n, run in runs.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
