@@ -179,8 +179,9 @@ def test_readers_see_whole_files_while_a_writer_rewrites_them(tmp_path):
             store.put_epoch(f"t{{i:04d}}", {{"epoch": 1, "val_accuracy": 0.5, "images_seen": 10}})
             store.flush()
     """)])
-    counts = []
-    while writer.poll() is None or len(counts) < 5:
+    counts, writing = [], True
+    while writing or len(counts) < 5:
+        writing = writer.poll() is None  # before the read: the last read starts after the last write
         trials, epochs = read_trials(tmp_path), read_epochs(tmp_path)  # raises on a torn file
         counts.append(len(trials))
         assert trials["trial_id"].is_unique and not epochs.duplicated(["trial_id", "epoch"]).any()
