@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from asl_tune.config import SPLITS, TrialConfig, check_value
-from asl_tune.errors import AslTuneError
+from asl_tune.errors import AslTuneError, Stopped
 from asl_tune.synth import DEFAULT_PER_CLASS
 
 # CPU-friendly defaults for a single `train`: the seed's optimiser, at 64 px for a few epochs (the rest: TrialConfig's).
@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         args.func(args)
+    except Stopped as e:
+        print(f"asl-tune: stopped: {e}", file=sys.stderr)
+        return e.status
     except AslTuneError as e:
         print(f"asl-tune: error: {e}", file=sys.stderr)
         return 2

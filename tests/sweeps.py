@@ -14,7 +14,7 @@ from typing import Iterator
 import pandas as pd
 import yaml
 
-from asl_tune.results import read_snapshot
+from asl_tune.results import read_epochs, read_trials
 
 TINY_FIXED = {"image_size": 32, "batch_size": 16, "momentum": 0.9}
 
@@ -81,8 +81,8 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, wh
 
 def read(folder: Path, name: str) -> pd.DataFrame:
     """One results file as it stands, read as a whole snapshot even while the sweep rewrites it."""
-    path = folder / f"{name}.parquet"
-    return read_snapshot(path) if path.exists() else pd.DataFrame(columns=["trial_id", "epoch", "status"])
+    readers = {"trials": read_trials, "epochs": read_epochs}
+    return readers[name](folder) if (folder / f"{name}.parquet").exists() else pd.DataFrame(columns=["trial_id", "epoch", "status"])
 
 
 def run_to_end(proc: subprocess.Popen, timeout: float) -> str:

@@ -244,3 +244,31 @@ def test_same_seed_gives_the_same_configurations_and_metrics(tmp_path, data):
         runs.append((params, metrics))
     assert runs[0][0] == runs[1][0] and len(runs[0][0]) == 6  # 3 trials x 2 searched settings, in the same order
     pd.testing.assert_frame_equal(runs[0][1], runs[1][1])
+
+
+GRACE_S = 20  # README: a sweep stops within this long of SIGTERM or Ctrl-C
+
+
+@pytest.mark.slow
+def test_sigterm_and_ctrl_c_stop_a_sweep_that_then_resumes_with_nothing_lost_or_run_twice(tmp_path, data):
+    """Preemption as Slurm, Kubernetes and spot instances do it (SIGTERM, SIGKILL after a grace period), then Ctrl-C:
+    each time the driver exits within the grace period, status 128 + the signal, naming the exact resume command."""
+    space = write_space(tmp_path / "preempt.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 3}, early_stopping=False)
+    results = ["--results", str(tmp_path / "results")]
+    folder = tmp_path / "results" / "preempt"
+    for signum, command in ((signal.SIGTERM, ["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "1"]), (signal.SIGINT, ["resume", "preempt"])):
+        rows = len(read(folder, "epochs"))
+        with cli([*command, *results], cwd=tmp_path) as driver:
+            wait_for(lambda: len(read(folder, "epochs")) > rows, 240, driver, "a new epoch")
+            driver.send_signal(signum)
+            try:
+                out, _ = driver.communicate(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the driver was still running {GRACE_S} s after {signum.name}")  # cli() SIGKILLs it, as the scheduler would
+        assert driver.returncode == 128 + signum, out[-3000:]
+        last = out.strip().splitlines()[-1]
+        assert last.startswith(f"asl-tune: stopped: sweep 'preempt' stopped by {signum.name}") and "Traceback" not in out, out[-3000:]
+        assert f"`asl-tune resume preempt --results {tmp_path / 'results'}`" in last, last
+    run_cli(["resume", "preempt", *results], tmp_path, 400)
+    trials, epochs = assert_consistent(folder, 2)  # no trial lost or doubled; each trial's epochs 1..3 once each
+    assert set(trials["status"]) == {"completed"} and len(epochs) == 2 * 3

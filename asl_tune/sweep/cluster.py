@@ -28,6 +28,10 @@ LOCAL_ENV = {
     "TUNE_GLOBAL_CHECKPOINT_S": "1",  # save the experiment state every second: a killed driver loses little
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # our Parquet is the record; skip Ray's CSV/JSON/TensorBoard copies
     "RAY_DEDUP_LOGS": "1",
+    # A stopped trial (ASHA, or the sweep stopping on SIGTERM or Ctrl-C) is ended within this many seconds instead
+    # of when its epoch ends (Tune's default waits up to 600 s): what it loses is redone from its last checkpoint.
+    "TUNE_FORCE_TRIAL_CLEANUP_S": "5",
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",  # run._stop_on_signals handles Ctrl-C and SIGTERM alike, through Tune's SIGUSR1 handler
 }
 # Run in every worker Ray starts for us: imports the trainer (torch) before the first trial asks for it.
 WARM_UP = "asl_tune.sweep.trainable.warm_up"

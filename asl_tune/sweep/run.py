@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import resource
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -24,7 +25,7 @@ from typing import Iterator
 
 from asl_tune.sweep import cluster, integrity
 from asl_tune.data import DecodedDataset, load_dataset, load_external, make_splits
-from asl_tune.errors import AslTuneError
+from asl_tune.errors import AslTuneError, Stopped
 from asl_tune.sweep.mirror import SweepFolder
 from asl_tune.sweep.request import RAY_DIR, SPACE_FILE, STUDY_FILE, SWEEP_FILE, SweepRequest, SweepState, check_request, check_resume, exclusive, image_sizes
 from asl_tune.results import FINISHED, read_trials
@@ -246,19 +247,47 @@ def _new_tuner(space, sweep: SweepFolder, run_dir: str, num_samples: int, datase
     )
 
 
+@contextmanager
+def _stop_on_signals() -> Iterator[list[int]]:
+    """While Tune runs, SIGTERM (what Slurm, Kubernetes and spot instances send before SIGKILL) and Ctrl-C stop
+    the sweep gracefully: Tune schedules nothing more, ends the running trials (TUNE_FORCE_TRIAL_CLEANUP_S) and
+    saves its state, and the recorder has written every result. A second signal stops at once. Yields the list
+    of signals received. (Tune's own SIGINT handler is switched off in cluster.LOCAL_ENV; its SIGUSR1 handler,
+    which does the same, is what this calls.)"""
+    received: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if received or not callable(tune_stop):
+            raise KeyboardInterrupt
+        received.append(signum)
+        tune_stop(signum, frame)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _fit(tuner, sweep: SweepFolder, state: SweepState) -> Path:
     """Run the tuner; mark the run finished when every trial ended; say where the results are."""
     name, folder = sweep.name, sweep.path
-    try:
-        grid = tuner.fit()
-    finally:
-        sweep.sync()  # whatever the run left, a URI gets it
+    with _stop_on_signals() as received:
+        try:
+            grid = tuner.fit()
+        finally:
+            sweep.sync()  # whatever the run left, a URI gets it
     ended = grid.num_terminated + grid.num_errors
     wanted = state.runs[-1]["num_samples"]
     trials = read_trials(folder)
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
+    resume = f"asl-tune resume {name}{sweep.results_flag}"
+    if received and (ended < wanted or counts.get("running", 0)):  # a signal that came as the last trial ended stops nothing
+        raise Stopped(f"sweep {name!r} stopped by {signal.Signals(received[0]).name}; Tune saved its state and the results are written; continue with `{resume}`", received[0])
     if ended < wanted or counts.get("running", 0):
-        raise AslTuneError(f"sweep {name!r} was interrupted; run `asl-tune resume {name}{sweep.results_flag}` to finish it")
+        raise AslTuneError(f"sweep {name!r} was interrupted; run `{resume}` to finish it")
     state.runs[-1]["finished"] = True
     state.runs[-1]["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     state.write(folder)
