@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="+", default=[100, 1000], help="trials per sweep in the stack part (default 100 1000)")
     p.add_argument("--epochs", type=int, default=10, help="epochs each made-up trial reports in the stack part (default 10)")
     p.add_argument("--micro-trials", type=int, default=10000, help="trials in the micro bench (default 10000); 0 skips it")
-    p.add_argument("--micro-epochs", type=int, default=20, help="epochs per trial in the micro bench (default 20)")
+    p.add_argument("--micro-epochs", type=int, default=2, help="epochs per trial in the micro bench (default 2: 10,000 x 20 takes most of an hour on 2 busy cores)")
     p.add_argument("--concurrency", type=int, default=2, help="trials at once (default 2: each asks for half the CPUs of a 2-core machine)")
     p.add_argument("--no-mirror", action="store_true", help="skip the setting with the mirror to a file:// URI")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last stdout line")
