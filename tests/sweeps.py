@@ -14,7 +14,7 @@ from typing import Iterator
 import pandas as pd
 import yaml
 
-from asl_tune.results import read_epochs, read_trials
+from asl_tune.results import read_confusion, read_epochs, read_trials
 
 TINY_FIXED = {"image_size": 32, "batch_size": 16, "momentum": 0.9}
 
@@ -81,7 +81,7 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, wh
 
 def read(folder: Path, name: str) -> pd.DataFrame:
     """One results file as it stands, read as a whole snapshot even while the sweep rewrites it."""
-    readers = {"trials": read_trials, "epochs": read_epochs}
+    readers = {"trials": read_trials, "epochs": read_epochs, "confusion": read_confusion}
     return readers[name](folder) if (folder / f"{name}.parquet").exists() else pd.DataFrame(columns=["trial_id", "epoch", "status"])
 
 

@@ -234,8 +234,8 @@ def test_a_sweep_with_results_at_a_uri_mirrors_its_files_there(uri_sweep):
     assert n_study == 2 and states == {"COMPLETE"}
     remote = work / "bucket" / "remote"
     mirrored = {"sweep.json", "space.yaml", "study.db", "trials.parquet", "epochs.parquet", "confusion.parquet", "per_class.parquet"}
-    assert mirrored <= {p.name for p in remote.iterdir() if p.is_file()}
-    assert not [p.name for p in remote.iterdir() if ".tmp" in p.name]  # every copy was renamed into place
+    assert mirrored <= {p.name for p in remote.iterdir()}  # the tables: folders of parts (results/README.md)
+    assert not [p.name for p in remote.rglob("*") if ".tmp" in p.name]  # every copy was renamed into place
     assert (remote / "run-1" / "tuner.pkl").is_file()  # Ray's run, at the URI too
     (staging,) = (work / "cache-a" / "sweeps").glob("*/remote")
     assert set(pd.read_parquet(staging / "trials.parquet")["trial_id"]) == set(before["trial_id"])
