@@ -20,7 +20,7 @@ import ray
 from asl_tune.errors import AslTuneError
 from asl_tune.sweep.cluster import CONNECT_TIMEOUT_S, JOIN_ENV, LOCAL_ENV, ray_session
 from conftest import make_dataset
-from sweeps import assert_consistent, run_cli, wait_for, write_space
+from sweeps import assert_consistent, cli, read, run_cli, run_to_end, wait_for, write_space
 
 pytestmark = pytest.mark.timeout(600)
 RAY = str(Path(sys.executable).with_name("ray"))  # the venv's `ray` command
@@ -191,3 +191,43 @@ def test_a_join_that_is_refused_leaves_the_environment_as_it_was(monkeypatch):
         with ray_session(f"127.0.0.1:{free_port()}"):
             pass
     assert _as_before(before)
+
+
+def test_a_node_lost_mid_sweep_moves_its_trials_to_the_survivor_from_their_checkpoints(tmp_path, monkeypatch):
+    """A two-node loopback cluster (ray.cluster_utils.Cluster, 1 CPU each); the second node is removed while a trial
+    runs on it. The sweep ends with exactly the trials asked for; the moved trial continues from its last
+    checkpoint on the head node (its earlier epochs are not trained again) and its row says where it ended."""
+    from ray.cluster_utils import Cluster
+
+    data = make_dataset(tmp_path / "data", per_class=30, size=32)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's auth settings as this process's Ray already read them
+    space = write_space(tmp_path / "lost.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 6}, early_stopping=False)
+    folder = tmp_path / "results" / "lost"
+    cluster = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.1", "gcs_server_port": free_port(), "include_dashboard": False, "num_cpus": 1})
+    try:
+        head, second = cluster.head_node.node_id, cluster.add_node(node_ip_address="127.0.0.1", num_cpus=1)
+        command = ["sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results"), "--address", cluster.address]
+        with cli(command, cwd=tmp_path) as driver:
+            wait_for(lambda: len(epochs_on(folder, second.node_id)) > 0, 300, driver, "a trial's second epoch on the second node")
+            moved = epochs_on(folder, second.node_id)["trial_id"].iloc[0]
+            before = read(folder, "epochs").query("trial_id == @moved").set_index("epoch")
+            cluster.remove_node(second, allow_graceful=False)
+            out = run_to_end(driver, 400)
+    finally:
+        cluster.shutdown()
+    trials, epochs = assert_consistent(folder, 2)
+    assert set(trials["status"]) == {"completed"}, out[-3000:]
+    mine = epochs[epochs.trial_id == moved].set_index("epoch")
+    assert list(mine.index) == list(range(1, 7))
+    kept = [e for e in before.index if e in mine.index and mine.loc[e, "seconds"] == before.loc[e, "seconds"]]
+    assert kept and kept == list(range(1, len(kept) + 1)), (before["seconds"], mine["seconds"])  # not restarted from epoch 1
+    assert trials.set_index("trial_id").loc[moved, "node_id"] == head  # where it ended
+
+
+def epochs_on(folder: Path, node_id: str):
+    """Epoch rows, from the second on, of trials whose row says they run on node_id (none before the rows say where)."""
+    trials, epochs = read(folder, "trials"), read(folder, "epochs")
+    if "node_id" not in trials or epochs.empty:
+        return epochs.iloc[0:0]
+    here = set(trials.loc[trials["node_id"] == node_id, "trial_id"])
+    return epochs[epochs["trial_id"].isin(here) & (epochs["epoch"] >= 2)]
