@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ray.tune import Callback
 
 from asl_tune.sweep.mirror import SweepFolder, as_sweep_folder
+from asl_tune.sweep.progress import SweepProgress
 from asl_tune.files import write_atomically
 from asl_tune.results import ResultsStore, trial_row
 from asl_tune.sweep.request import LOGS_DIR
@@ -94,7 +94,7 @@ class ParquetRecorder(Callback):
         forgotten = [tid for tid, row in self.store.trials.items() if row["status"] == "running" and tid not in known]
         for tid in forgotten:
             self.store.drop_trial(tid)
-            print(f"trial {tid} started after Tune last saved its state and was not restored; its rows are removed and its settings run again", file=sys.stderr, flush=True)
+            self.progress.event(f"trial {tid} started after Tune last saved its state and was not restored; its rows are removed and its settings run again")
         if forgotten:
             self._flush()
 
@@ -102,12 +102,16 @@ class ParquetRecorder(Callback):
         # The searcher writes study.db when it asks for a trial, before the trial starts: copy it up now,
         # so the study at the URI keeps up with the experiment state Tune saved there in this step.
         self.sweep.sync(changed=())
+        self.progress.status(trials)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if trial.trial_id not in self.store.trials:
             self._put(trial, "running", {})
             self.store.put_trial({"trial_id": trial.trial_id, "started_at": _now()})
             self._flush()
+            self.progress.event(f"trial {trial.trial_id} started ({self._what(trial)})")
+        else:
+            self.progress.event(f"trial {trial.trial_id} continues from its last checkpoint ({self._what(trial)})")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if EPOCH_ROW not in result:  # not one of the trainer's reports
@@ -127,6 +131,7 @@ class ParquetRecorder(Callback):
 
     def on_experiment_end(self, trials, **info):
         self._flush()  # whatever the last events left unwritten
+        self.progress.status(trials, final=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
@@ -158,13 +163,21 @@ class ParquetRecorder(Callback):
             return None  # the row and the driver's line still carry the error itself
         return relative
 
+    def _what(self, trial) -> str:
+        cfg = self.space.config(trial.config)
+        return f"head {cfg.head_width}, lr {cfg.lr:.3g}, {cfg.epochs} epochs, {cfg.data_fraction:.0%} of the data"
+
     def _say(self, trials, trial, status: str, result: dict, message: str = "") -> None:
         done = sum(1 for t in trials if t.is_finished()) + (0 if trial.is_finished() else 1)
-        cfg = self.space.config(trial.config)
-        what = f"head {cfg.head_width}, lr {cfg.lr:.3g}, {cfg.epochs} epochs, {cfg.data_fraction:.0%} of the data"
         score = result.get(self.space.metric)
         shown = f"{self.space.metric} {score:.4f}" if isinstance(score, float) and math.isfinite(score) else message
-        print(f"[{done}/{self.total}] trial {trial.trial_id} {status.replace('_', ' ')}: {shown} ({what})", file=sys.stderr, flush=True)
+        self.progress.event(f"[{done}/{self.total}] trial {trial.trial_id} {status.replace('_', ' ')}: {shown} ({self._what(trial)})")
+
+    @property
+    def progress(self) -> SweepProgress:
+        if self.__dict__.get("_progress") is None:  # also for a recorder pickled before it had one
+            self._progress = SweepProgress(self.total, self.space.metric, self.space.mode)
+        return self._progress
 
 
 # pyarrow filesystem type -> URI scheme, for checkpoints Ray keeps off this machine (--storage, results at a URI)

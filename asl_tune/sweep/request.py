@@ -63,6 +63,7 @@ class SweepRequest:
     seed: int = 0
     extend: bool = False
     dashboard: bool = False
+    verbose: bool = False  # Ray Tune's own tables instead of asl-tune's status line
 
 
 @dataclass

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from asl_tune.sweep import cluster, integrity
+from asl_tune.sweep import cluster, integrity, progress
 from asl_tune.data import DecodedDataset, load_dataset, load_external, make_splits
 from asl_tune.errors import AslTuneError, Stopped
 from asl_tune.sweep.mirror import SweepFolder
@@ -37,28 +37,36 @@ EXPERIMENT_ANALYSIS_LOGGER = "ray.tune.analysis.experiment_analysis"
 # A trial resumed from a checkpoint older than its last report runs that epoch again; Optuna keeps the first
 # value and warns. Expected here (the Parquet row is keyed by epoch and replaced), so not shown.
 REPEATED_STEP_WARNING = r"The reported value is ignored because this `step=\d+` is already reported"
+# Loggers whose warnings (experiment-state snapshot timing, token authentication) asl-tune's quiet output leaves out.
+RAY_LOGGERS = ("ray.tune", "ray._private", "ray.train")
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
-    """Optuna's per-trial info lines, that logger and that warning silenced for the sweep, and restored after it.
+def _quiet(verbose: bool = False) -> Iterator[None]:
+    """Optuna's per-trial info lines, that logger and that warning silenced for the sweep, and restored after it;
+    unless verbose, Ray Tune's warnings too (its status tables are off: RunConfig verbose 0) and asl-tune's
+    status line on (progress.py).
 
     Only our own warning filter is removed afterwards: warnings.catch_warnings would also drop the filters
     that Ray and torch add when they are first imported, which happens inside the sweep.
     """
     import optuna
 
-    logger = logging.getLogger(EXPERIMENT_ANALYSIS_LOGGER)
-    verbosity, level, before = optuna.logging.get_verbosity(), logger.level, list(warnings.filters)
+    loggers = [logging.getLogger(EXPERIMENT_ANALYSIS_LOGGER)] + ([] if verbose else [logging.getLogger(n) for n in RAY_LOGGERS])
+    verbosity, levels, before = optuna.logging.get_verbosity(), [lg.level for lg in loggers], list(warnings.filters)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logger.setLevel(logging.ERROR)
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=REPEATED_STEP_WARNING, category=UserWarning)
     ours = warnings.filters[0]
     try:
-        yield
+        # Tune's newer output prints its configuration box even at verbose 0; the older one prints nothing then.
+        with progress.quiet(not verbose), cluster.scoped_environment({} if verbose else {"RAY_AIR_NEW_OUTPUT": "0"}):
+            yield
     finally:
         optuna.logging.set_verbosity(verbosity)
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
         if ours not in before and ours in warnings.filters:
             warnings.filters.remove(ours)
 
@@ -91,7 +99,7 @@ def run_sweep(req: SweepRequest) -> Path:
             if req.extend:  # the sweep's folder is checked whole before its data is decoded, Ray starts or anything is written
                 integrity.check_for_extend(folder, sweep.location)
                 data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, image_sizes(space))
-            with _quiet(), cluster.ray_session(req.address, dashboard=req.dashboard):
+            with _quiet(req.verbose), cluster.ray_session(req.address, dashboard=req.dashboard):
                 if req.extend:
                     state = SweepState.read(folder)  # as it stands now that we hold the lock
                 gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
@@ -111,7 +119,7 @@ def run_sweep(req: SweepRequest) -> Path:
             raise
 
 
-def resume_sweep(name: str, results: Path | str = Path("results"), address: str | None = None) -> Path:
+def resume_sweep(name: str, results: Path | str = Path("results"), address: str | None = None, verbose: bool = False) -> Path:
     """`asl-tune resume`: finish a sweep whose driver died; finished trials are kept, interrupted ones continue."""
     space, sweep, state, address = check_resume(name, results, address)
     folder = sweep.path
@@ -128,7 +136,7 @@ def resume_sweep(name: str, results: Path | str = Path("results"), address: str 
         earlier = sum(r["num_samples"] for r in state.runs[:-1])
         integrity.check_for_resume(folder, sweep.location, None if state.storage else run["dir"], earlier)
         data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, image_sizes(space))
-        with _quiet(), cluster.ray_session(address):
+        with _quiet(verbose), cluster.ray_session(address):
             gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
             run_path = state.run_path(folder, run)
             trainable = _trainable(space, datasets, externals, state.cpus_per_trial, gpus)
@@ -242,7 +250,7 @@ def _new_tuner(space, sweep: SweepFolder, run_dir: str, num_samples: int, datase
             callbacks=[ParquetRecorder(sweep, space, num_samples)],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            verbose=1,
+            verbose=0 if progress.shows_status() else 1,  # Ray's tables only with --verbose
         ),
     )
 

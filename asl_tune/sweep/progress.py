@@ -1,0 +1,102 @@
+"""What a sweep prints while it runs: one line per trial event, and a compact live status.
+
+    trial 3f2a91c0 started (head 256, lr 0.0123, 4 epochs, 100% of the data)
+    [1/8] trial 3f2a91c0 completed: val_accuracy 0.3125 (head 256, lr 0.0123, 4 epochs, 100% of the data)
+    sweep: 1/8 done, 2 running, 5 pending; best val_accuracy 0.3125 (3f2a91c0); 1m40s elapsed, ~11m left
+
+On a terminal the status line is rewritten in place (a carriage return, about once a second); in a log or
+a pipe it is a plain line, at most every 30 seconds, and never carries a carriage return. `--verbose` brings
+back Ray Tune's own tables instead of the status line (`quiet(False)`).
+
+The recorder (recorder.py) owns one SweepProgress; it is pickled with the recorder when Tune saves its
+state, so it holds no stream and no clock that would not survive that.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+TTY_EVERY_S = 1.0  # how often the in-place status line is redrawn on a terminal
+LOG_EVERY_S = 30.0  # how often a status line is written to a log or a pipe
+_QUIET = [True]  # False while a sweep runs with --verbose (Ray's tables shown, no status line)
+
+
+@contextmanager
+def quiet(on: bool) -> Iterator[None]:
+    """Show asl-tune's status line (on) or leave the terminal to Ray Tune's tables (off, --verbose) for the block."""
+    _QUIET.append(on)
+    try:
+        yield
+    finally:
+        _QUIET.pop()
+
+
+def shows_status() -> bool:
+    """Whether the sweep now running shows asl-tune's status line (not --verbose)."""
+    return _QUIET[-1]
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class SweepProgress:
+    """Event lines and the status line of one sweep (total trials; metric and mode to name the best)."""
+
+    def __init__(self, total: int, metric: str, mode: str):
+        self.total, self.metric, self.mode = total, metric, mode
+        self._start: float | None = None  # time.monotonic() is per process: reset where the recorder is unpickled
+        self._last = 0.0
+        self._drawn = 0  # characters of the status line now on a terminal
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_start": None, "_last": 0.0, "_drawn": 0}
+
+    def event(self, line: str) -> None:
+        """One line for a trial event; on a terminal the status line is cleared first and redrawn at the next status()."""
+        self._clear()
+        print(line, file=sys.stderr, flush=True)
+        if sys.stderr.isatty():
+            self._last = 0.0  # redraw the status line under it at once
+
+    def status(self, trials, final: bool = False) -> None:
+        """Redraw (terminal) or write (log) the status line when due, or at once when final."""
+        now = time.monotonic()
+        self._start = self._start if self._start is not None else now
+        tty = sys.stderr.isatty()
+        if not _QUIET[-1] or not (final or now - self._last >= (TTY_EVERY_S if tty else LOG_EVERY_S)):
+            return
+        self._last = now
+        line = self.line(trials, now - self._start)
+        if tty:
+            sys.stderr.write("\r" + line.ljust(self._drawn) + ("\n" if final else ""))
+            self._drawn = 0 if final else len(line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def line(self, trials, elapsed: float) -> str:
+        """sweep: D/N done, R running, P pending; best METRIC V (trial); elapsed, ~left."""
+        done = [t for t in trials if t.is_finished()]
+        running = sum(1 for t in trials if t.status == "RUNNING")
+        pending = max(self.total - len(done) - running, 0)
+        text = f"sweep: {len(done)}/{self.total} done, {running} running, {pending} pending"
+        scored = [(t.last_result.get(self.metric), t.trial_id) for t in done if isinstance((t.last_result or {}).get(self.metric), (int, float))]
+        scored = [(v, tid) for v, tid in scored if math.isfinite(v)]
+        if scored:
+            value, tid = (max if self.mode == "max" else min)(scored, key=lambda s: s[0])  # the first of equals, as the summary
+            text += f"; best {self.metric} {value:.4f} ({tid})"
+        text += f"; {_duration(elapsed)} elapsed"
+        if done and len(done) < self.total:
+            text += f", ~{_duration(elapsed / len(done) * (self.total - len(done)))} left"
+        return text
+
+    def _clear(self) -> None:
+        if self._drawn and sys.stderr.isatty():
+            sys.stderr.write("\r" + " " * self._drawn + "\r")
+            self._drawn = 0
