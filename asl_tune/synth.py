@@ -14,8 +14,6 @@ import functools
 import io
 import math
 import multiprocessing
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from asl_tune.alphabet import ASL_CLASSES
-from asl_tune.data import cache_root
+from asl_tune.data import Progress, cache_root
 from asl_tune.errors import AslTuneError
 from asl_tune.files import write_atomically
 
@@ -426,27 +424,19 @@ def _validate(per_class: int, seed: int, image_px: int) -> None:
 
 
 def _run_tasks(tasks: list[tuple], progress: bool) -> None:
-    """Render every task to its file, in parallel where allowed, with a progress line on stderr."""
-    started, every = time.monotonic(), max(1, len(tasks) // 40)
-
-    def report(done: int) -> None:
-        if progress and (done % every == 0 or done == len(tasks)):
-            sys.stderr.write(f"\rrendering synthetic ASL dataset: {done}/{len(tasks)} images "
-                             f"({time.monotonic() - started:.0f} s)")
-            sys.stderr.flush()
-
+    """Render every task to its file, in parallel where allowed, with a progress line on stderr (data.Progress:
+    rewritten in place on a terminal, plain lines every few seconds in a log or a pipe)."""
+    bar = Progress("rendering synthetic ASL dataset", len(tasks), progress)
     # A daemonic process (a DataLoader worker, say) may not start children: render in-process there.
     if RENDER_WORKERS > 1 and not multiprocessing.current_process().daemon:
         # spawn, not fork: the caller may hold torch or Ray threads that a forked child would inherit.
         with multiprocessing.get_context("spawn").Pool(RENDER_WORKERS) as pool:
-            for done, _ in enumerate(pool.imap_unordered(_render_to_file, tasks, chunksize=16), 1):
-                report(done)
+            for _ in pool.imap_unordered(_render_to_file, tasks, chunksize=16):
+                bar.update(1)
     else:
-        for done, task in enumerate(tasks, 1):
+        for task in tasks:
             _render_to_file(task)
-            report(done)
-    if progress:
-        sys.stderr.write("\n")
+            bar.update(1)
 
 
 def _render_into(tmp: Path, per_class: int, seed: int, image_px: int, progress: bool, classes: tuple[str, ...]) -> None:
