@@ -18,7 +18,7 @@ from asl_tune.sweep import cluster
 from asl_tune.cli import main
 from asl_tune.data import load_dataset, make_splits
 from asl_tune.sweep.space import load_space, resolve
-from asl_tune.sweep.study import sqlite_url
+from asl_tune.sweep.study import TRIAL_ID_ATTR, sqlite_url
 from asl_tune.train import load_trained
 from conftest import class_image, make_dataset
 from sweeps import assert_consistent, read, write_space
@@ -92,6 +92,10 @@ def test_two_objectives_make_one_study_with_two_directions_that_extend_continues
     trials, _ = assert_consistent(folder, 3)
     recorded = {(round(a, 6), int(n)) for a, n in zip(trials["val_accuracy"], trials["n_parameters"])}
     assert {(round(t.values[0], 6), int(t.values[1])) for t in study.trials} == recorded
+    # Each study trial names its Parquet rows (the dashboard shows user attributes): the same values there.
+    by_id = trials.set_index("trial_id")
+    assert {t.user_attrs[TRIAL_ID_ATTR] for t in study.trials} == set(by_id.index)
+    assert all(round(by_id.loc[t.user_attrs[TRIAL_ID_ATTR], "val_accuracy"], 6) == round(t.values[0], 6) for t in study.trials)
 
 
 # ---------------------------------------------------------------- the sweep's seed

@@ -24,6 +24,9 @@ from asl_tune.sweep.mirror import SweepFolder, as_sweep_folder
 log = logging.getLogger(__name__)
 
 
+TRIAL_ID_ATTR = "asl_tune_trial_id"  # user attribute of each study trial: the trial_id of its Parquet rows
+
+
 def sqlite_url(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
@@ -75,6 +78,15 @@ class StudySearch(OptunaSearch):
     def _finished_in_study(self, trial_id: str) -> bool:
         frozen = self._study_trial(trial_id)
         return frozen is not None and frozen.state.is_finished()
+
+    def suggest(self, trial_id: str):
+        """Optuna's settings for a new Tune trial; the study's trial carries the asl-tune trial id (user attribute
+        TRIAL_ID_ATTR), so a trial seen in optuna-dashboard can be found in the Parquet files."""
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and config is not None:
+            ot_trial.set_user_attr(TRIAL_ID_ATTR, trial_id)
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self._finished_in_study(trial_id):
