@@ -55,6 +55,7 @@ def test_two_analyze_runs_measure_each_architecture_once_and_give_the_same_front
     cached, front = (folder / SPEED_FILE).read_bytes(), pd.read_parquet(folder / "report" / "pareto_front.parquet")
     md = (folder / "report" / "report.md").read_text()
     assert "measured alone on cpu: " in md and "(1 thread, fp32)" in md and UNDER_LOAD + "infer_img_per_s" in md
+    assert "1-minute load average of" in md and speed["load_avg_1min"].notna().all()
 
     assert main(["analyze", "tiny", "--results", str(results), "--speed-on", "cpu", "--threads", "1"]) == 0
     assert (folder / SPEED_FILE).read_bytes() == cached  # nothing measured, nothing added

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -168,10 +169,15 @@ def speed_table(sweep: Sweep, on: SpeedOn) -> pd.DataFrame:
         if _rows(cache, key).empty:
             log.info("measuring DexNet head %d, %d px, %d classes alone on %s, threads %d", arch["head_width"], arch["image_size"], arch["num_classes"], setting["device_name"], setting["threads"])
             figures = measure_alone(arch["head_width"], arch["image_size"], arch["num_classes"], on)
-            row = {**key, **figures, **dataclasses.asdict(on.timed), "hostname": platform.node(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            row = {**key, **figures, **dataclasses.asdict(on.timed), "hostname": platform.node(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg_1min": _load()}
             cache = pd.DataFrame([row]) if cache.empty else pd.concat([cache, pd.DataFrame([row])], ignore_index=True)
             write_atomic(cache, path)  # after each one: an interrupted analyze keeps what it measured
     return pd.concat([_rows(cache, {**arch, **setting}) for arch in wanted.to_dict("records")], ignore_index=True)
+
+
+def _load() -> float:
+    """The machine's 1-minute load average (NaN where the OS has none): other processes slow a figure "alone" in its process too."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else float("nan")
 
 
 def _rows(cache: pd.DataFrame, key: dict) -> pd.DataFrame:
@@ -197,6 +203,15 @@ def with_speed_alone(trials: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _machine_load(table: pd.DataFrame) -> str:
+    """The load the machine had while these figures were measured: another process on its cores slows them too."""
+    loads = pd.to_numeric(table.get("load_avg_1min", pd.Series(dtype=float)), errors="coerce").dropna()
+    if loads.empty:
+        return "the machine's load not recorded"
+    span = f"{loads.min():.2f}" if loads.min() == loads.max() else f"{loads.min():.2f} to {loads.max():.2f}"
+    return f"with a 1-minute load average of {span} on {os.cpu_count()} cores"
+
+
 def use_speed(sweep: Sweep, on: SpeedOn | None) -> Sweep:
     """The sweep with the speed figures the analysis is to use, and the words that say which ones they are."""
     if on is None:
@@ -219,7 +234,7 @@ def use_speed(sweep: Sweep, on: SpeedOn | None) -> Sweep:
         speed_note=(
             f"measured alone on {setting['device_name']} ({threads}, {setting['precision']}) by asl-tune analyze: each of the "
             f"{len(table)} architectures once, {on.timed.warmup} warm-up runs, then {on.timed.batches} timed batches of 64 and "
-            f"{on.timed.latencies} single images (`{SPEED_FILE}`); the figures the trials took during training, under load, "
-            f"are the {UNDER_LOAD}* columns"
+            f"{on.timed.latencies} single images (`{SPEED_FILE}`), {_machine_load(table)}; the figures the trials took during "
+            f"training, under load, are the {UNDER_LOAD}* columns"
         ),
     )
