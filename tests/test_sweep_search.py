@@ -4,11 +4,15 @@ every shipped search space end to end at tiny settings."""
 
 from __future__ import annotations
 
-import shutil
+import json
+import socket
 import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -73,16 +77,23 @@ def test_asha_stops_a_trial_that_cannot_learn_at_its_first_rung_of_images_seen(t
 # ---------------------------------------------------------------- several objectives
 
 
-def test_two_objectives_make_one_study_with_two_directions_that_extend_continues(tmp_path, data):
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory, data) -> Path:
+    """A finished sweep with two objectives, extended by one trial: 3 trials in one study."""
+    work = tmp_path_factory.mktemp("multi")
     space = write_space(
-        tmp_path / "multi.yaml", 2,
+        work / "multi.yaml", 2,
         params={"head_width": {"type": "categorical", "choices": [16, 32]}},
         fixed={"epochs": 1}, early_stopping=False,
         objectives=[{"metric": "val_accuracy", "mode": "max"}, {"metric": "n_parameters", "mode": "min"}],
     )
-    results = tmp_path / "results"
-    folder = sweep(space, data, results)
-    assert main(["sweep", "--name", "multi", "--extend", "--num-samples", "1", "--results", str(results)]) == 0
+    folder = sweep(space, data, work / "results")
+    assert main(["sweep", "--name", "multi", "--extend", "--num-samples", "1", "--results", str(work / "results")]) == 0
+    return folder
+
+
+def test_two_objectives_make_one_study_with_two_directions_that_extend_continues(multi):
+    folder = multi
     with sqlite3.connect(folder / "study.db") as db:
         studies = db.execute("select study_name from studies").fetchall()
     assert studies == [("multi",)]  # the extension grew the same study, it did not add one
@@ -96,6 +107,48 @@ def test_two_objectives_make_one_study_with_two_directions_that_extend_continues
     by_id = trials.set_index("trial_id")
     assert {t.user_attrs[TRIAL_ID_ATTR] for t in study.trials} == set(by_id.index)
     assert all(round(by_id.loc[t.user_attrs[TRIAL_ID_ATTR], "val_accuracy"], 6) == round(t.values[0], 6) for t in study.trials)
+
+
+def test_optuna_dashboard_opens_the_sweeps_study_with_its_trials_and_values(multi, tmp_path):
+    """`optuna-dashboard sqlite:///results/NAME/study.db`, as the README says, on 127.0.0.1: its API lists the
+    study, its three trials, their two values and the asl-tune trial id of each."""
+    dashboard = Path(sys.executable).with_name("optuna-dashboard")  # the venv's, as `pip install '.[test]'` puts it
+    if not dashboard.exists():
+        pytest.skip("optuna-dashboard is not installed (it is in the test extra)")
+    port = free_port()
+    server = subprocess.Popen([str(dashboard), sqlite_url(multi / "study.db"), "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        summaries = api_get(port, "/api/studies", server)["study_summaries"]
+        assert [(s["study_name"], s["directions"]) for s in summaries] == [("multi", ["maximize", "minimize"])]
+        trials = api_get(port, f"/api/studies/{summaries[0]['study_id']}", server)["trials"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    recorded = read(multi, "trials").set_index("trial_id")
+    assert len(trials) == 3 and {t["state"] for t in trials} == {"Complete"}
+    for t in trials:
+        tid = {a["key"]: a["value"] for a in t["user_attrs"]}[TRIAL_ID_ATTR]
+        assert t["values"][0] == pytest.approx(recorded.loc[tid, "val_accuracy"]) and t["values"][1] == recorded.loc[tid, "n_parameters"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api_get(port: int, path: str, server: subprocess.Popen, timeout: float = 60) -> dict:
+    """GET a JSON document from the dashboard, waiting for it to listen; fail with its stderr if it exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            assert server.poll() is None, server.stderr.read()
+            assert time.monotonic() < deadline, f"optuna-dashboard did not answer on port {port} within {timeout:.0f} s"
+            time.sleep(0.3)
 
 
 # ---------------------------------------------------------------- the sweep's seed
