@@ -16,6 +16,9 @@ from asl_tune.config import SPLITS, TrialConfig, check_value
 from asl_tune.errors import AslTuneError, Stopped
 from asl_tune.synth import DEFAULT_PER_CLASS
 
+# Every character str.splitlines breaks a line at, as its escape: a refusal stays one line whatever the user typed (a name "a\rb").
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
 # CPU-friendly defaults for a single `train`: the seed's optimiser, at 64 px for a few epochs (the rest: TrialConfig's).
 TRAIN_DEFAULTS = {"image_size": 64, "epochs": 3}
 
@@ -24,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        print(f"{self.prog}: error: {message.translate(_LINE_BREAKS)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -141,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.threads is not None and args.threads < 1:
         raise AslTuneError(f"--threads: must be >= 1, got {args.threads}")
     device = pick_device()  # refuses a bad ASL_TUNE_DEVICE before anything is decoded or created
-    made_out = bool(args.out) and not args.out.exists()
+    made = _outermost_missing(args.out) if args.out else None  # what making --out creates, --out's missing parents too
     weights = _weights_folder(args.out, time.strftime("train-%Y%m%d-%H%M%S")) if args.out else None
     try:
         dataset = load_dataset(_dataset_dir(args), config.image_size)
@@ -149,12 +152,21 @@ def cmd_train(args: argparse.Namespace) -> None:
         result = train_trial(config, dataset, external, threads=args.threads, checkpoint_dir=weights, device=device)
     except BaseException:
         if weights is not None:  # leave --out as it was: no weights folder without its results row
-            shutil.rmtree(weights if not made_out else args.out, ignore_errors=True)
+            shutil.rmtree(made or weights, ignore_errors=True)
         raise
     if args.out:
         path = save_trial(args.out, result, trial_id=weights.name, checkpoint=str(weights.resolve()))
         print(f"results written to {path}; weights in {weights}", file=sys.stderr)
     print_result(result.final, as_json=args.json)
+
+
+def _outermost_missing(path: Path) -> Path | None:
+    """The outermost folder that making `path` would create (a/b/c with only a/ there: a/b), or None when path exists."""
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
 
 
 def _weights_folder(out: Path, trial_id: str) -> Path:
@@ -279,10 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except Stopped as e:
-        print(f"asl-tune: stopped: {e}", file=sys.stderr)
+        print(f"asl-tune: stopped: {str(e).translate(_LINE_BREAKS)}", file=sys.stderr)
         return e.status
     except AslTuneError as e:
-        print(f"asl-tune: error: {e}", file=sys.stderr)
+        print(f"asl-tune: error: {str(e).translate(_LINE_BREAKS)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the system refuses wherever it is first touched (a name too long): the path and why
+        print(f"asl-tune: error: {str(e.filename or '').translate(_LINE_BREAKS)}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("asl-tune: interrupted", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -61,7 +62,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "head_width": (lambda v: v >= 2, "must be >= 2"),
     "lr": (lambda v: v > 0 and math.isfinite(v), "must be > 0"),
     "momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "weight_decay": (lambda v: v >= 0 and math.isfinite(v), "must be >= 0 and finite"),
     "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "epochs": (lambda v: v >= 1, "must be >= 1"),
     "data_fraction": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
@@ -80,6 +81,8 @@ def check_value(name: str, value: Any) -> str | None:
         return f"is not a setting (known: {', '.join(TrialConfig.field_names())})"
     want = TrialConfig.field_type(name)
     if want is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > sys.float_info.max:  # 10**400 has no float
+            return "must be a finite number"
         value = float(value)
     if not isinstance(value, want) or isinstance(value, bool):
         return f"must be {want.__name__}"

@@ -33,7 +33,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 KAGGLE_TRAIN = "asl_alphabet_train"
 KAGGLE_TEST = "asl_alphabet_test"
 SPLIT_FRACTIONS = (0.7, 0.2, 0.1)  # train / val / test, as in the seed
-CACHE_VERSION = 1  # bump when the decoded format changes
+CACHE_VERSION = 2  # bump when the decoded format changes
 DECODE_CHUNK = 64  # images per task handed to a decode worker
 # The seed's normalisation (per-channel mean and std of the Kaggle images).
 MEAN = (0.5119, 0.5042, 0.5128)
@@ -134,20 +134,27 @@ def _list_class_tree(class_root: Path) -> tuple[list[str], list[tuple[Path, int,
 
 
 def decode_image(path: Path, size: int) -> np.ndarray:
-    """Decode any PIL-readable image to a (size, size, 3) uint8 RGB array: shorter side resized, centre crop (the seed's Resize+CenterCrop)."""
+    """Decode any PIL-readable image to a (size, size, 3) uint8 RGB array: the centre square, resized (the seed's Resize+CenterCrop).
+
+    An image over PIL's decompression-bomb limit (MAX_IMAGE_PIXELS, about 89 million pixels) is refused
+    before it is decoded, and only the centre square is resized, so a 1 x 80,000,000 strip never grows
+    into a 32 x 2,560,000,000 one.
+    """
+    import warnings
+
     from PIL import Image
 
-    with Image.open(path) as img:
-        # JPEG draft mode decodes straight to a power-of-two reduced size >= the target: much less work.
-        img.draft("RGB", (size, size))
-        img = img.convert("RGB")  # grayscale, CMYK, palette and RGBA all become RGB
-        w, h = img.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        return np.asarray(img, dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # Image.open checks the size the header declares
+        with Image.open(path) as img:
+            # JPEG draft mode decodes straight to a power-of-two reduced size >= the target: much less work.
+            img.draft("RGB", (size, size))
+            img = img.convert("RGB")  # grayscale, CMYK, palette and RGBA all become RGB
+            w, h = img.size
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
+            return np.asarray(img, dtype=np.uint8)
 
 
 def _decode_chunk(args: tuple[str, int, int, list[str]]) -> list[tuple[int, str]]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,16 @@ class SearchSpace:
         return TrialConfig(**{**self.fixed, **{k: coerce(k, v) for k, v in sampled.items()}})
 
 
+def _short_repr() -> reprlib.Repr:
+    """How a bad value is shown: cut short, so a YAML alias nested a billion items wide or a 10**400 stays one short line."""
+    shown = reprlib.Repr()  # Python 3.11's takes no keyword arguments
+    shown.maxlevel, shown.maxstring, shown.maxlong, shown.maxother = 3, 80, 40, 80
+    return shown
+
+
+_SHOWN = _short_repr()
+
+
 class _Problems:
     """Collects every problem in a file, then raises once with all of them."""
 
@@ -143,7 +155,8 @@ class _Problems:
         self.source, self.items = source, []
 
     def add(self, key: str, rule: str, value: Any = None, show_value: bool = True) -> None:
-        self.items.append(f"{key}: {rule}" + (f", got {value!r}" if show_value else ""))
+        key = "".join(c if c.isprintable() else repr(c)[1:-1] for c in key)  # a line break in a key stays on the one line
+        self.items.append(f"{key}: {rule}" + (f", got {_SHOWN.repr(value)}" if show_value else ""))
 
     def raise_if_any(self) -> None:
         if self.items:
@@ -173,18 +186,26 @@ def load_space(path: str | Path) -> SearchSpace:
     path = Path(path)
     src = path.name
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
-        raise AslTuneError(f"{src}: YAML syntax error at {where}: {getattr(e, 'problem', None) or e}") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]  # a ReaderError's own text runs over two lines
+        raise AslTuneError(f"{src}: YAML syntax error at {where}: {problem}") from None
+    except UnicodeDecodeError as e:
+        raise AslTuneError(f"{src}: must be UTF-8 text, got byte {e.object[e.start]:#04x} at offset {e.start}") from None
+    except RecursionError:
+        raise AslTuneError(f"{src}: nested too deeply to read (a search space needs 4 levels)") from None
     except OSError as e:
         raise AslTuneError(f"--space: cannot read {path}: {e.strerror}") from None
     if raw is None:
         raise AslTuneError(f"{src}: the file is empty; it must be a mapping with at least `params`")
     if not isinstance(raw, dict):
         raise AslTuneError(f"{src}: must be a mapping of keys (name, metric, params, ...), got a {type(raw).__name__}")
-    return parse_space(raw, src, default_name=path.stem)
+    try:
+        return parse_space(raw, src, default_name=path.stem)
+    except RecursionError:  # showing a value nested hundreds deep in the message
+        raise AslTuneError(f"{src}: nested too deeply to read (a search space needs 4 levels)") from None
 
 
 def parse_space(raw: dict, src: str, default_name: str) -> SearchSpace:
@@ -195,8 +216,8 @@ def parse_space(raw: dict, src: str, default_name: str) -> SearchSpace:
             bad.add(str(key), f"unknown key (known: {', '.join(TOP_KEYS)})", show_value=False)
 
     name = raw.get("name", default_name)
-    if not isinstance(name, str) or not name or "/" in name:
-        bad.add("name", "must be a non-empty string without '/'", name)
+    if not isinstance(name, str) or not name or "/" in name or "\0" in name or name.startswith("."):
+        bad.add("name", "must be a non-empty string without '/' or NUL, not starting with '.'", name)
 
     metric, mode = raw.get("metric", "val_accuracy"), raw.get("mode", "max")
     _check_metric(bad, "metric", metric)
@@ -303,7 +324,10 @@ def _parse_early_stopping(bad: _Problems, es: Any) -> tuple[float, float]:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """Whether v is a finite int or float (10**400 is not: it has no float, and Optuna works in floats)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    return abs(v) <= sys.float_info.max and math.isfinite(v)
 
 
 def _check_metric(bad: _Problems, key: str, metric: Any) -> bool:
@@ -361,7 +385,7 @@ def _parse_param(bad: _Problems, name: str, spec: Any) -> Param | None:
         bad.add(key, "must be a mapping with a type (float, int or categorical)", spec)
         return None
     kind = spec["type"]
-    if kind not in PARAM_KEYS:
+    if not isinstance(kind, str) or kind not in PARAM_KEYS:
         bad.add(f"{key}.type", "unknown type (known: float, int, categorical)", kind)
         return None
     n = len(bad.items)
@@ -381,13 +405,13 @@ def _parse_param(bad: _Problems, name: str, spec: Any) -> Param | None:
     want = int if kind == "int" else (int, float)
     low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
     for k, v in (("low", low), ("high", high)):
-        if not isinstance(v, want) or isinstance(v, bool) or not math.isfinite(v):
+        if not isinstance(v, want) or not _is_number(v):
             bad.add(f"{key}.{k}", f"must be {'an integer' if kind == 'int' else 'a number'}", v)
     if len(bad.items) > n:
         return None
     if not isinstance(log, bool):
         bad.add(f"{key}.log", "must be true or false", log)
-    elif step is not None and (not isinstance(step, want) or isinstance(step, bool)):
+    elif step is not None and (not isinstance(step, want) or not _is_number(step)):
         bad.add(f"{key}.step", f"must be {'an integer' if kind == 'int' else 'a number'}", step)
     else:  # the distribution's own rules (low <= high, low > 0 with log, step > 0, no step with log): Optuna's words
         cast = int if kind == "int" else float
