@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from asl_tune import api
 from asl_tune.config import SPLITS, TrialConfig, check_value
 from asl_tune.errors import AslTuneError, Stopped
 from asl_tune.synth import DEFAULT_PER_CLASS
@@ -235,37 +236,22 @@ def print_pairs(metrics: dict) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    """asl-tune sweep: validate, then run (or extend) a sweep."""
-    from asl_tune.sweep.request import SweepRequest
-    from asl_tune.sweep.space import resolve
-    from asl_tune.sweep.run import run_sweep
-
-    if args.extend and args.name is None:
-        raise AslTuneError("--extend: needs --name, the sweep to add trials to")
-    request = SweepRequest(
-        space_path=resolve(args.space), data=args.data, external=args.external, name=args.name, results=args.results,
-        num_samples=args.num_samples, max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial, address=args.address, storage=args.storage, seed=args.seed, extend=args.extend, dashboard=args.dashboard,
+    """asl-tune sweep: run (or extend) a sweep (api.sweep, which prints its progress)."""
+    api.sweep(
+        space=args.space, data=args.data, results=args.results, name=args.name, num_samples=args.num_samples,
+        max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
+        storage=args.storage, seed=args.seed, extend=args.extend, external=args.external, dashboard=args.dashboard,
     )
-    run_sweep(request)
 
 
 def cmd_resume(args: argparse.Namespace) -> None:
-    """asl-tune resume: finish an interrupted sweep."""
-    from asl_tune.sweep.run import resume_sweep
-
-    resume_sweep(args.name, args.results, args.address)
+    """asl-tune resume: finish an interrupted sweep (api.resume)."""
+    api.resume(args.name, args.results, args.address)
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    """asl-tune analyze: reports from Parquet results."""
-    from asl_tune.analysis.compute import parse_objectives
-    from asl_tune.analysis.report import analyze
-    from asl_tune.analysis.speed import speed_on
-
-    objectives = parse_objectives(args.objectives) if args.objectives else None
-    _, text = analyze(args.names, args.results, objectives, speed_on(args.speed_on, args.threads))
-    print(text)
+    """asl-tune analyze: write the reports (api.analyze) and print their summary."""
+    print(api.analyze(args.names, args.results, args.objectives or None, args.speed_on, args.threads).text)
 
 
 def cmd_data_check(args: argparse.Namespace) -> None:

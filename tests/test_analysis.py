@@ -17,7 +17,7 @@ from asl_tune.analysis.compute import (
     summary,
 )
 from asl_tune.errors import AslTuneError
-from asl_tune.analysis.report import analyze
+from asl_tune.analysis.report import SWEEP_FIGURES, analyze
 from asl_tune.results import ResultsStore, trial_row, write_atomic
 
 MAX2 = [("val_accuracy", "max"), ("infer_img_per_s", "max")]
@@ -266,7 +266,8 @@ PNGS = ["pareto.png", "learning_curves.png", "confusion_best.png", "pairs.png", 
 
 def test_analyze_writes_the_whole_report_from_a_real_sweep(tmp_path):
     make_sweep(tmp_path / "quick", external=True)
-    report, text = analyze(["quick"], tmp_path, DEFAULT_OBJECTIVES)
+    written = analyze(["quick"], tmp_path, DEFAULT_OBJECTIVES)
+    report, text = written.report, written.text
     folder = tmp_path / "quick" / "report"
     assert report == folder / "report.md"
     for name in PNGS:
@@ -287,11 +288,16 @@ def test_analyze_writes_the_whole_report_from_a_real_sweep(tmp_path):
     assert set(importance["objective"]) == {"val_accuracy", "infer_img_per_s"}
     # On the terminal: the best trials, the front's size, the most accurate trial.
     assert "front: 3 trials" in text and "most accurate: t0" in text and "t0  val_accuracy 0.95" in text
+    # For a notebook: the front and top trials as DataFrames, and the plots as the Figures the PNGs were saved from.
+    assert list(written.front["trial_id"]) == list(front["trial_id"]) and set(written.front["sweep"]) == {"quick"}
+    assert list(written.summary["trial_id"][:2]) == ["t0", "t1"] and written.summary["on_front"].iloc[0]
+    assert [name + ".png" for name in written.figures] == PNGS
+    assert [ax.get_title() for ax in written.figures["learning_curves"].axes] == ["Learning curves"]
 
 
 def test_best_trial_without_external_set_says_so(tmp_path):
     make_sweep(tmp_path / "quick")
-    report, _ = analyze(["quick"], tmp_path, [("infer_img_per_s", "max")])
+    report = analyze(["quick"], tmp_path, [("infer_img_per_s", "max")]).report
     md = report.read_text()
     assert "## Best trial: t3" in md  # fastest finished trial; it was stopped early, so no confusion counts
     assert "external accuracy: no external set attached" in md
@@ -303,7 +309,8 @@ def test_best_trial_without_external_set_says_so(tmp_path):
 def test_two_sweeps_are_compared_in_one_report(tmp_path):
     make_sweep(tmp_path / "a")
     make_sweep(tmp_path / "b", scale=1.02)
-    report, text = analyze(["a", "b"], tmp_path, DEFAULT_OBJECTIVES)
+    written = analyze(["a", "b"], tmp_path, DEFAULT_OBJECTIVES)
+    report, text = written.report, written.text
     assert report == tmp_path / "compare-a-b" / "report" / "report.md"
     assert_png(report.parent / "pareto.png")
     md = report.read_text()
@@ -314,6 +321,9 @@ def test_two_sweeps_are_compared_in_one_report(tmp_path):
     for name in ("a", "b"):  # each sweep still gets its own report
         assert (tmp_path / name / "report" / "report.md").exists()
     assert text.count("front: 3 trials") == 2 and "comparison:" in text
+    assert set(written.front["sweep"]) == {"a", "b"} and len(written.front) == 6
+    assert set(written.figures) == {f"{n}/{stem}" for n in ("a", "b") for stem in SWEEP_FIGURES} | {"comparison"}
+    assert written.figures["comparison"].axes[0].get_title() == "Pareto fronts, overlaid"
 
 
 def test_refusals_are_one_line(tmp_path):
@@ -405,7 +415,7 @@ def write_pair_sweep(folder, with_counts: bool = True):
 
 def test_report_pair_table_is_computed_from_the_confusion_counts_of_every_finished_trial(tmp_path):
     write_pair_sweep(tmp_path / "pairs")
-    report, _ = analyze(["pairs"], tmp_path, DEFAULT_OBJECTIVES)
+    report = analyze(["pairs"], tmp_path, DEFAULT_OBJECTIVES).report
     md = report.read_text()
     expected = """Rates from each trial's full test confusion matrix (`confusion.parquet`: true X predicted as Y, over X's test images), over the 2 finished trials that have one: the seed's watch list, then the sweep's most confused other pairs by mean rate. 1 finished trial has no test counts (stopped before the test evaluation) and is left out.
 
@@ -422,7 +432,8 @@ def test_report_pair_table_is_computed_from_the_confusion_counts_of_every_finish
 
 def test_pair_objectives_rank_every_trial_on_its_rate_from_the_counts(tmp_path):
     write_pair_sweep(tmp_path / "pairs")
-    report, text = analyze(["pairs"], tmp_path, [("pair_G_as_H", "min"), ("val_accuracy", "max")])
+    written = analyze(["pairs"], tmp_path, [("pair_G_as_H", "min"), ("val_accuracy", "max")])
+    report, text = written.report, written.text
     md = report.read_text()
     # b never took G for H (0 of 4), though only a recorded the pair: b ranks first, and joins a (more accurate) on the front.
     assert "## Best trial: b" in md and "2 finished trials are on the front" in md
@@ -432,7 +443,7 @@ def test_pair_objectives_rank_every_trial_on_its_rate_from_the_counts(tmp_path):
 
 def test_report_without_confusion_counts_falls_back_to_the_recorded_pair_columns_and_says_so(tmp_path):
     write_pair_sweep(tmp_path / "old", with_counts=False)
-    report, _ = analyze(["old"], tmp_path, DEFAULT_OBJECTIVES)
+    report = analyze(["old"], tmp_path, DEFAULT_OBJECTIVES).report
     expected = """No finished trial has confusion counts (`confusion.parquet`; a sweep from an older version), so these rates are trials.parquet's `pair_*` columns, which hold the watch list and each trial's own five most confused pairs: a pair's mean and worst cover only the trials that recorded it (`trials`, of 2), and the other pairs are ranked by mean with unrecorded rates taken as 0.
 
 | pair (true->predicted) | mean rate | worst rate | trials |
@@ -463,11 +474,13 @@ def test_report_names_weights_inside_the_sweep_folder_relative_to_the_results_fo
     monkeypatch.chdir(tmp_path)
     (tmp_path / "link").symlink_to(real)
     for results in ("real", tmp_path / "real", "link"):  # named relatively, absolutely, through a symlink
-        report, text = analyze(["quick"], results, DEFAULT_OBJECTIVES)
+        written = analyze(["quick"], results, DEFAULT_OBJECTIVES)
+        report, text = written.report, written.text
         assert f"- weights: `quick/ray/run-1/run_trial_t0/checkpoint_000003`, relative to the results folder {load}" in report.read_text()
         assert str(tmp_path) not in report.read_text().split("## Best trial")[1]
         assert f"best trial's weights: {inside}\n" in text  # the terminal: the path as recorded, to copy
     for outside in ("s3://bucket/runs/quick/run-1/run_trial_t0/checkpoint_000003", str(tmp_path / "elsewhere" / "checkpoint_000003")):
         set_checkpoint(folder, "t0", outside)
-        report, text = analyze(["quick"], "real", DEFAULT_OBJECTIVES)
+        written = analyze(["quick"], "real", DEFAULT_OBJECTIVES)
+        report, text = written.report, written.text
         assert f"- weights: `{outside}` {load}" in report.read_text() and f"best trial's weights: {outside}\n" in text

@@ -40,11 +40,13 @@ import pandas as pd
 from asl_tune.alphabet import ASL_CLASSES, WATCH_PAIRS
 from asl_tune.errors import AslTuneError
 from asl_tune.sweep.integrity import check_for_analysis
+from asl_tune.sweep.mirror import sweep_folder
 from asl_tune.results import (
     FINISHED,
     METRICS,
     PAIR_PREFIX,
     PARAM_PREFIX,
+    RESULT_FILES,
     TRIAL_COLUMNS,
     is_plain_name,
     read_confusion,
@@ -433,12 +435,31 @@ class Sweep:
     speed_note: str = "measured during training, under load"  # the same, in full, for the report (analysis.speed.use_speed)
 
 
-def load_sweep(results: Path, name: str, objectives: Objectives) -> Sweep:
-    """Read a sweep folder (pair_* rates from its confusion counts) and refuse, in one line, when it is missing, lacks an objective or has no finished trial."""
+def local_results(results: Path | str, names: Sequence[str]) -> Path:
+    """The folder holding the named sweeps' files on this machine: --results, or for a URI analyze's own copies of them.
+
+    Every sweep at a URI is checked before anything is copied; reports are written beside the copies.
+    """
+    folders = [sweep_folder(results, name, RESULT_FILES, for_analysis=True) for name in names]
+    for folder in folders:
+        folder.check_present()
+    for folder in folders:
+        folder.pull()
+    return folders[0].root
+
+
+def checked_folder(results: Path, name: str) -> Path:
+    """`results/name`, refused in one line when it is not a sweep folder or holds a damaged table; what analysis does not need is noted."""
     folder = Path(results) / name
     if not is_plain_name(name) or not folder.is_dir():
         raise AslTuneError(f"{folder}: no such sweep folder")
-    check_for_analysis(folder, str(folder))  # a damaged table is refused in one line; what analyze does not need is noted
+    check_for_analysis(folder, str(folder))
+    return folder
+
+
+def load_sweep(results: Path, name: str, objectives: Objectives) -> Sweep:
+    """Read a sweep folder (pair_* rates from its confusion counts) and refuse, in one line, when it is missing, lacks an objective or has no finished trial."""
+    folder = checked_folder(results, name)
     confusion = read_confusion(folder)
     trials = with_pair_rates(numeric_trials(read_trials(folder)), confusion)
     for metric, _ in objectives:

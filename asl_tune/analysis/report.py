@@ -1,7 +1,9 @@
 """A sweep's report: plots and Markdown from `asl_tune.analysis`'s numbers, written next to the results.
 
-Each `plot_*` function draws on a matplotlib Axes it is given and never shows or saves anything.
-`analyze` (what `asl-tune analyze` runs) reads the sweeps, computes, draws and writes
+Each `plot_*` function draws on a matplotlib Axes it is given and never shows or saves anything;
+`sweep_figures` and `comparison_figure` lay them out as Figures, which the report saves and `Analysis` keeps
+for a notebook. `analyze` (what `asl-tune analyze` and `asl_tune.analyze` run) reads the sweeps, computes,
+draws and writes
 
     <results>/<name>/report/  report.md, pareto_front.parquet, importance.parquet,
                               pareto.png, learning_curves.png, confusion_best.png, pairs.png, importance.png
@@ -10,7 +12,7 @@ Each `plot_*` function draws on a matplotlib Axes it is given and never shows or
   to `<results>/compare-<a>-<b>.../report/`, so no sweep's own report is overwritten.
 - Results at a URI (s3://, gs://, file:///...): the Parquet files are copied to the cache folder,
   `<cache>/sweeps/<hash of the URI>/.analyze/<name>/`, and the report is written there, not to the URI
-  (sweep.mirror.sweep_folder(..., for_analysis=True)); its path is printed as for a folder.
+  (compute.local_results); its path is printed as for a folder.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
@@ -39,6 +41,7 @@ from asl_tune.analysis.compute import (
     importance_problem,
     is_objective_metric,
     load_sweep,
+    local_results,
     most_accurate,
     numeric_trials,
     pair_summary,
@@ -49,14 +52,17 @@ from asl_tune.analysis.compute import (
 )
 from asl_tune.analysis.speed import FIGURES, UNDER_LOAD, SpeedOn, use_speed
 from asl_tune.errors import AslTuneError
-from asl_tune.sweep.mirror import is_uri, sweep_folder
-from asl_tune.results import FINISHED, FRAME_BUDGET_MS, PAIR_PREFIX, PARAM_PREFIX, RESULT_FILES, confusion_counts, write_atomic
+from asl_tune.sweep.mirror import is_uri
+from asl_tune.results import FINISHED, FRAME_BUDGET_MS, PAIR_PREFIX, PARAM_PREFIX, confusion_counts, write_atomic
 
 REPORT_DIR = "report"
 FRONT_FILE = "pareto_front.parquet"
 IMPORTANCE_FILE = "importance.parquet"
 LABEL_PARAMS = ("head_width", "lr", "data_fraction")  # what a point on the front is labelled with
 WORST_PAIRS = 4  # pairs beyond the watch-list shown in pairs.png: the sweep's most confused
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +294,10 @@ class SweepReport:
     reference: list[float]
     top: pd.DataFrame
     report: Path
+    figures: dict[str, Figure]  # SWEEP_FIGURES' stems -> the Figures saved as <stem>.png beside report.md
+
+
+SWEEP_FIGURES = ("pareto", "learning_curves", "confusion_best", "pairs", "importance")  # each saved as <stem>.png
 
 
 def write_sweep_report(sweep: Sweep, objectives: Objectives, reference: Sequence[float] | None = None, top: int = 5) -> SweepReport:
@@ -299,19 +309,35 @@ def write_sweep_report(sweep: Sweep, objectives: Objectives, reference: Sequence
     reference = list(reference) if reference is not None else reference_point(finished(trials), objectives)
     volume = hypervolume(front, objectives, reference)
     ranked = summary(trials, objectives, top=len(trials))
-    write_atomic(front, out / FRONT_FILE)
+    confusion_id = _confusion_trial(sweep, ranked)
+    pairs = finished_pair_rates(trials, sweep.confusion)
+    pair_table = pair_summary(pairs, WORST_PAIRS)
+    importances = {objective: param_importance(trials, objective) for objective in objectives}
+    figures = sweep_figures(sweep, objectives, front, confusion_id, pairs.rates, list(pair_table["column"]), importances)
 
-    fig, (left, right) = _figure(12, 5, ncols=2)
+    write_atomic(front, out / FRONT_FILE)
+    for stem, fig in figures.items():
+        _save(fig, out / f"{stem}.png")
+    tables = [table.assign(objective=objective[0]) for objective, table in importances.items() if not table.empty]
+    importance_frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["param", "importance", "objective"])
+    write_atomic(importance_frame[["objective", "param", "importance"]], out / IMPORTANCE_FILE)
+    text = _sweep_markdown(sweep, objectives, front, volume, reference, ranked, top, confusion_id, importances, _pairs_note(pairs, pair_table))
+    (out / "report.md").write_text(text)
+    return SweepReport(sweep, front, volume, reference, ranked.head(top), out / "report.md", figures)
+
+
+def sweep_figures(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, confusion_id: str | None, pair_rates: pd.DataFrame, pair_columns: list[str], importances: dict) -> dict:
+    """One sweep's report plots as matplotlib Figures keyed by SWEEP_FIGURES' stems: drawn, never shown or saved."""
+    trials = sweep.trials
+    figures = {}
+    figures["pareto"], (left, right) = _figure(12, 5, ncols=2)
     plot_pareto(left, trials, front, objectives, speed_label=sweep.speed_label)
     plot_secondary(right, trials)
-    _save(fig, out / "pareto.png")
 
-    fig, [ax] = _figure(8, 5)
+    figures["learning_curves"], [ax] = _figure(8, 5)
     plot_learning_curves(ax, trials, sweep.epochs)
-    _save(fig, out / "learning_curves.png")
 
-    confusion_id = _confusion_trial(sweep, ranked)
-    fig, [ax] = _figure(9, 8)
+    figures["confusion_best"], [ax] = _figure(9, 8)
     if confusion_id is None:
         ax.text(0.5, 0.5, "no trial has confusion counts yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
@@ -319,27 +345,15 @@ def write_sweep_report(sweep: Sweep, objectives: Objectives, reference: Sequence
         rows = sweep.confusion[sweep.confusion["trial_id"] == confusion_id]
         plot_confusion(ax, rows, _classes(rows))
         ax.set_title(f"{confusion_id}: " + ax.get_title())
-    _save(fig, out / "confusion_best.png")
 
-    pairs = finished_pair_rates(trials, sweep.confusion)
-    pair_table = pair_summary(pairs, WORST_PAIRS)
-    fig, [ax] = _figure(9, 5)
-    plot_pairs(ax, pairs.rates, list(pair_table["column"]))
-    _save(fig, out / "pairs.png")
+    figures["pairs"], [ax] = _figure(9, 5)
+    plot_pairs(ax, pair_rates, pair_columns)
 
-    importances = {objective: param_importance(trials, objective) for objective in objectives}
-    fig, axes = _figure(5 * len(objectives), 4, ncols=len(objectives))
+    figures["importance"], axes = _figure(5 * len(objectives), 4, ncols=len(objectives))
     for ax, (objective, table) in zip(axes, importances.items()):
         plot_importance(ax, table, note=importance_problem(trials, objective) or "")
         ax.set_title(f"Importance for {objective[0]}")
-    _save(fig, out / "importance.png")
-    tables = [table.assign(objective=objective[0]) for objective, table in importances.items() if not table.empty]
-    importance_frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["param", "importance", "objective"])
-    write_atomic(importance_frame[["objective", "param", "importance"]], out / IMPORTANCE_FILE)
-
-    text = _sweep_markdown(sweep, objectives, front, volume, reference, ranked, top, confusion_id, importances, _pairs_note(pairs, pair_table))
-    (out / "report.md").write_text(text)
-    return SweepReport(sweep, front, volume, reference, ranked.head(top), out / "report.md")
+    return figures
 
 
 def _sweep_markdown(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, volume: float, reference: list[float], ranked: pd.DataFrame, top: int, confusion_id: str | None, importances: dict, pairs_note: str) -> str:
@@ -484,14 +498,19 @@ def _pairs_note(pairs: PairRates, table: pd.DataFrame) -> str:
     return note + "\n\n" + markdown_table(rows)
 
 
-def write_comparison_report(reports: list[SweepReport], objectives: Objectives, out: Path, top: int = 5) -> Path:
-    """One page comparing sweeps: their fronts overlaid on one plot, a row per sweep, the best trials of all."""
-    out.mkdir(parents=True, exist_ok=True)
+def comparison_figure(reports: list[SweepReport], objectives: Objectives) -> Figure:
+    """The sweeps' Pareto fronts overlaid on one plot, a colour per sweep: drawn, never shown or saved."""
     fig, [ax] = _figure(9, 6)
     for i, r in enumerate(reports):
         plot_pareto(ax, r.sweep.trials, r.front, objectives, label=r.sweep.name, color=f"C{i % 10}", speed_label=r.sweep.speed_label)
     ax.set_title("Pareto fronts, overlaid")
-    _save(fig, out / "pareto.png")
+    return fig
+
+
+def write_comparison_report(reports: list[SweepReport], objectives: Objectives, fronts: Figure, out: Path, top: int = 5) -> Path:
+    """One page comparing sweeps: their fronts overlaid on one plot (comparison_figure's), a row per sweep, the best trials of all."""
+    out.mkdir(parents=True, exist_ok=True)
+    _save(fronts, out / "pareto.png")
 
     rows = []
     for r in reports:
@@ -557,21 +576,41 @@ def terminal_summary(reports: list[SweepReport], objectives: Objectives, shown: 
     return "\n".join(lines)
 
 
-def _local_results(results: Path | str, names: Sequence[str]) -> Path:
-    """The folder holding the named sweeps' files on this machine: --results, or for a URI analyze's own copies of them.
+@dataclass
+class Analysis:
+    """What `analyze` wrote and found: report.md to read, the terminal summary, and each sweep's tables and figures."""
 
-    Every sweep at a URI is checked before anything is copied; the reports are written beside the copies.
-    """
-    folders = [sweep_folder(results, name, RESULT_FILES, for_analysis=True) for name in names]
-    for folder in folders:
-        folder.check_present()
-    for folder in folders:
-        folder.pull()
-    return folders[0].root
+    reports: list[SweepReport]  # one per sweep, in the order named
+    report: Path  # the report.md to read: the sweep's own, or for several sweeps the comparison's
+    text: str  # the summary `asl-tune analyze` prints
+    comparison: Figure | None = None  # several sweeps: their fronts overlaid (the comparison's pareto.png)
+
+    @property
+    def front(self) -> pd.DataFrame:
+        """The finished trials on each sweep's Pareto front, a `sweep` column first."""
+        return self._stacked([r.front for r in self.reports])
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        """Each sweep's top trials as its report ranks them (an `on_front` column says which are on the front), a `sweep` column first."""
+        return self._stacked([r.top for r in self.reports])
+
+    @property
+    def figures(self) -> dict[str, Figure]:
+        """The report's plots: SWEEP_FIGURES' stems for one sweep; `<sweep>/<stem>` and `comparison` for several."""
+        if len(self.reports) == 1:
+            return dict(self.reports[0].figures)
+        figures = {f"{r.sweep.name}/{stem}": fig for r in self.reports for stem, fig in r.figures.items()}
+        return {**figures, "comparison": self.comparison}
+
+    def _stacked(self, frames: list[pd.DataFrame]) -> pd.DataFrame:
+        named = [frame.assign(sweep=r.sweep.name) for r, frame in zip(self.reports, frames)]
+        stacked = pd.concat(named, ignore_index=True)
+        return stacked[["sweep", *[c for c in stacked.columns if c != "sweep"]]]
 
 
-def analyze(names: Sequence[str], results: Path, objectives: Objectives | None = None, speed: SpeedOn | None = None) -> tuple[Path, str]:
-    """Write each sweep's report (and, for several, a comparison); return the report.md to read and the terminal summary.
+def analyze(names: Sequence[str], results: Path, objectives: Objectives | None = None, speed: SpeedOn | None = None) -> Analysis:
+    """Write each sweep's report (and, for several, a comparison); return what was written and found.
 
     speed (analysis.speed.speed_on): measure each architecture alone there, and use those figures for
     the speed columns; None: the figures the trials took during training.
@@ -582,13 +621,14 @@ def analyze(names: Sequence[str], results: Path, objectives: Objectives | None =
     for metric, mode in objectives:
         if not is_objective_metric(metric) or mode not in MODES:
             raise AslTuneError(f"--objectives: must be known metric:max|min pairs, got {metric}:{mode}")
-    results = _local_results(results, names)
+    results = local_results(results, names)
     sweeps = [load_sweep(results, name, objectives) for name in names]  # refuse before writing anything
     sweeps = [use_speed(sweep, speed) for sweep in sweeps]
     reference = reference_point(pd.concat([finished(s.trials) for s in sweeps], ignore_index=True), objectives)
     reports = [write_sweep_report(sweep, objectives, reference) for sweep in sweeps]
     text = terminal_summary(reports, objectives)
     if len(reports) == 1:
-        return reports[0].report, text
-    path = write_comparison_report(reports, objectives, comparison_folder(results, names))
-    return path, f"{text}\ncomparison: {path}"
+        return Analysis(reports, reports[0].report, text)
+    fronts = comparison_figure(reports, objectives)
+    path = write_comparison_report(reports, objectives, fronts, comparison_folder(results, names))
+    return Analysis(reports, path, f"{text}\ncomparison: {path}", fronts)
