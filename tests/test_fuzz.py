@@ -222,6 +222,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
 @example(argv=["train", "--data", "missing-data", "--out", "out", "--lr", "1e999"])
 @example(argv=["sweep", "--data", "missing-data", "--results", "results", "--seed", "9" * 400])
 @example(argv=["sweep", "--data", "missing-data", "--results", "results", "--cpus-per-trial", "nan"])
+@example(argv=["sweep", "--data", "missing-data", "--results", "results", "--num-samples", "1" + "0" * 400])  # OverflowError in math.isfinite
 @example(argv=["sweep", "--data", "missing-data", "--results", "results", "--name", "."])
 @example(argv=["sweep", "--data", "missing-data", "--results", "results", "--space", ""])
 @example(argv=["analyze", "\r", "--results", "results"])  # the name's line break split the message in two

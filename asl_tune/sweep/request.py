@@ -24,6 +24,7 @@ import fcntl
 import json
 import math
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,6 +105,8 @@ class SweepState:
 def _positive(option: str, value, allow_zero: bool = False) -> None:
     if value is None:
         return
+    if isinstance(value, int) and abs(value) > sys.float_info.max:  # 10**400: math.isfinite cannot even take it
+        raise AslTuneError(f"{option}: must be a finite number, got {value}")
     ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         raise AslTuneError(f"{option}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
