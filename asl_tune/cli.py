@@ -78,26 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object on the last stdout line")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sweep", help="search a space of configurations with Ray Tune and Optuna", description="Run a hyperparameter sweep: Optuna proposes settings from a search space, Ray Tune runs the trials (here or on a cluster) and stops weak ones early (ASHA), and every result lands in Parquet under RESULTS/NAME. With no options: the cpu-quick space on the embedded synthetic dataset, into results/cpu-quick.")
-    p.add_argument("--space", default=None, help="search-space YAML file, or the name of one in search_spaces/ (default cpu-quick)")
-    _add_data_options(p)
-    p.add_argument("--name", help="sweep name, the folder under --results (default: the space's name)")
-    p.add_argument("--results", default="results", help="where sweep folders go (default results/): a folder (on a cluster, one every node shares), or a URI pyarrow's filesystems open (s3://bucket/path, gs://bucket/path, file:///path): the sweep then runs in a working copy in the cache folder ($ASL_TUNE_CACHE, else $XDG_CACHE_HOME/asl-tune or ~/.cache/asl-tune, under sweeps/) and its sweep.json, space.yaml, study.db and Parquet files are copied to URI/NAME/ as they change; Ray's checkpoints go to URI/NAME/run-K/. s3:// and gs:// go through pyarrow's filesystem layer and have not been tested against a real bucket")
-    p.add_argument("--num-samples", dest="num_samples", type=int, help="trials to run (default: the space's num_samples); with --extend, trials to add")
-    p.add_argument("--max-concurrent", dest="max_concurrent", type=int, help="most trials at once (default: as many as the resources allow)")
-    p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float, default=1.0, help="CPUs per trial; torch uses this many threads (default 1)")
-    p.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float, help="GPUs per trial, fractions allowed: 0.25 packs four trials on a GPU (default 1 when the cluster has GPUs, else 0)")
-    p.add_argument("--address", help="join a running Ray cluster at host:port (or auto) instead of starting one on 127.0.0.1")
-    p.add_argument("--storage", help="where trials keep checkpoints, as a URI Ray supports (s3://bucket/path, gs://...), under STORAGE/NAME/; for a cluster whose nodes share no filesystem with a folder --results (default: inside the sweep folder, or URI/NAME/ when --results is a URI)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the searcher, the split (the same for every trial) and each trial's weights and order, unless the space fixes or searches seed (default 0)")
-    p.add_argument("--extend", action="store_true", help="add --num-samples trials to the existing sweep NAME; the searcher learns from all earlier trials")
-    p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard on 127.0.0.1 (off by default; it has no authentication)")
-    p.set_defaults(func=cmd_sweep)
+    _add_sweep_parser(sub)
 
     p = sub.add_parser("resume", help="finish a sweep whose driver died", description="Continue an interrupted sweep: finished trials are kept, interrupted trials continue from their last checkpoint, the searcher keeps what it learned, and the sweep ends with exactly the trials it asked for.")
     p.add_argument("name", help="the sweep's name (its folder under --results)")
     p.add_argument("--results", default="results", help="where sweep folders are (default results/): a folder, or the URI the sweep was started with, whose files are first copied to this machine's working copy, so any driver machine can resume it")
     p.add_argument("--address", help="Ray cluster to run on (default: the one the sweep used, else a local instance)")
+    p.add_argument("--verbose", action="store_true", help="show Ray Tune's own status tables and log lines instead of asl-tune's one line per trial event and its status line")
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("analyze", help="summaries, Pareto fronts and plots from sweeps' Parquet results", description="Read sweeps' Parquet results (finished, running or copied back from a cluster) and write RESULTS/NAME/report/: report.md, pareto_front.parquet, and the Pareto, learning-curve, confusion, pair and importance plots. Several names also write a comparison report with their fronts overlaid. When --results is a URI, the Parquet files are copied to the cache folder ($ASL_TUNE_CACHE, else $XDG_CACHE_HOME/asl-tune or ~/.cache/asl-tune, under sweeps/<hash>/.analyze/NAME/) and the report is written there, not to the URI; its path is printed.")
@@ -125,6 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_data_synth)
     return parser
+
+
+def _add_sweep_parser(sub) -> None:
+    """`asl-tune sweep` and its options."""
+    p = sub.add_parser("sweep", help="search a space of configurations with Ray Tune and Optuna", description="Run a hyperparameter sweep: Optuna proposes settings from a search space, Ray Tune runs the trials (here or on a cluster) and stops weak ones early (ASHA), and every result lands in Parquet under RESULTS/NAME. With no options: the cpu-quick space on the embedded synthetic dataset, into results/cpu-quick.")
+    p.add_argument("--space", default=None, help="search-space YAML file, or the name of one in search_spaces/ (default cpu-quick)")
+    _add_data_options(p)
+    p.add_argument("--name", help="sweep name, the folder under --results (default: the space's name)")
+    p.add_argument("--results", default="results", help="where sweep folders go (default results/): a folder (on a cluster, one every node shares), or a URI pyarrow's filesystems open (s3://bucket/path, gs://bucket/path, file:///path): the sweep then runs in a working copy in the cache folder ($ASL_TUNE_CACHE, else $XDG_CACHE_HOME/asl-tune or ~/.cache/asl-tune, under sweeps/) and its sweep.json, space.yaml, study.db and Parquet files are copied to URI/NAME/ as they change; Ray's checkpoints go to URI/NAME/run-K/. s3:// and gs:// go through pyarrow's filesystem layer and have not been tested against a real bucket")
+    p.add_argument("--num-samples", dest="num_samples", type=int, help="trials to run (default: the space's num_samples); with --extend, trials to add")
+    p.add_argument("--max-concurrent", dest="max_concurrent", type=int, help="most trials at once (default: as many as the resources allow)")
+    p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float, default=1.0, help="CPUs per trial; torch uses this many threads (default 1)")
+    p.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float, help="GPUs per trial, fractions allowed: 0.25 packs four trials on a GPU (default 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--address", help="join a running Ray cluster at host:port (or auto) instead of starting one on 127.0.0.1")
+    p.add_argument("--storage", help="where trials keep checkpoints, as a URI Ray supports (s3://bucket/path, gs://...), under STORAGE/NAME/; for a cluster whose nodes share no filesystem with a folder --results (default: inside the sweep folder, or URI/NAME/ when --results is a URI)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the searcher, the split (the same for every trial) and each trial's weights and order, unless the space fixes or searches seed (default 0)")
+    p.add_argument("--extend", action="store_true", help="add --num-samples trials to the existing sweep NAME; the searcher learns from all earlier trials")
+    p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard on 127.0.0.1 (off by default; it has no authentication)")
+    p.add_argument("--verbose", action="store_true", help="show Ray Tune's own status tables and log lines instead of asl-tune's one line per trial event and its status line")
+    p.set_defaults(func=cmd_sweep)
 
 
 def _dataset_dir(args: argparse.Namespace) -> Path:
@@ -240,13 +247,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     api.sweep(
         space=args.space, data=args.data, results=args.results, name=args.name, num_samples=args.num_samples,
         max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
-        storage=args.storage, seed=args.seed, extend=args.extend, external=args.external, dashboard=args.dashboard,
+        storage=args.storage, seed=args.seed, extend=args.extend, external=args.external, dashboard=args.dashboard, verbose=args.verbose,
     )
 
 
 def cmd_resume(args: argparse.Namespace) -> None:
     """asl-tune resume: finish an interrupted sweep (api.resume)."""
-    api.resume(args.name, args.results, args.address)
+    api.resume(args.name, args.results, args.address, verbose=args.verbose)
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
