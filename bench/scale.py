@@ -12,7 +12,7 @@ as Tune takes them):
          epochs, no Tune: the cost per result over the first 100 trials and over the last 100, for the
          recorder and for each storage (SQLite, Optuna's JournalStorage).
 
-    python bench/scale.py --json                                          # N = 100, and the micro bench
+    python bench/scale.py --json                                          # N = 100, and the micro bench at 2,000 trials
     python bench/scale.py --sizes 1000 --no-mirror --micro-trials 0 --json  # N = 1,000
 """
 
@@ -53,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[100], help="trials per sweep in the stack part (default 100; 1000 takes about 20 min on 2 cores: --sizes 1000 --no-mirror --micro-trials 0)")
     p.add_argument("--epochs", type=int, default=10, help="epochs each made-up trial reports in the stack part (default 10)")
-    p.add_argument("--micro-trials", type=int, default=10000, help="trials in the micro bench (default 10000); 0 skips it")
-    p.add_argument("--micro-epochs", type=int, default=2, help="epochs per trial in the micro bench (default 2: 10,000 x 20 takes most of an hour on 2 busy cores)")
+    p.add_argument("--micro-trials", type=int, default=2000, help="trials in the micro bench (default 2000; 10,000 takes over 30 min on 2 busy cores); 0 skips it")
+    p.add_argument("--micro-epochs", type=int, default=2, help="epochs per trial in the micro bench (default 2)")
     p.add_argument("--concurrency", type=int, default=2, help="trials at once (default 2: each asks for half the CPUs of a 2-core machine)")
     p.add_argument("--no-mirror", action="store_true", help="skip the setting with the mirror to a file:// URI")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last stdout line")
