@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+from contextlib import closing
 from pathlib import Path
 
 from asl_tune.errors import AslTuneError
@@ -30,10 +31,9 @@ def check_study(study: Path, shown: str) -> str | None:
     if not study.exists():
         return None
     try:
-        with sqlite3.connect(f"file:{study}?mode=ro", uri=True) as db:
+        with closing(sqlite3.connect(f"file:{study}?mode=ro", uri=True)) as db:  # closed however the reads end
             (ok,) = db.execute("PRAGMA quick_check").fetchone()
             db.execute("SELECT count(*) FROM studies").fetchone()
-        db.close()
     except sqlite3.Error as e:
         return f"{shown}: not a readable Optuna study ({e})"
     return None if ok == "ok" else f"{shown}: the study's database is damaged ({ok})"
@@ -48,9 +48,9 @@ def check_tables(folder: Path, shown: str) -> None:
             raise AslTuneError(f"{shown}/{name}: damaged, cannot be read ({_first_line(e)}); {BACKUP}; nothing was changed") from None
 
 
-def missing_checkpoints(folder: Path) -> dict[str, tuple[str, str]]:
-    """trial_id -> (status, where its checkpoint should be) of each trial whose checkpoint, named in trials.parquet, is not on disk."""
-    trials = read_trials(folder)
+def missing_checkpoints(folder: Path, trials) -> dict[str, tuple[str, str]]:
+    """trial_id -> (status, where its checkpoint should be) of each trial whose checkpoint, named in trials (the
+    folder's trials.parquet, read once by the caller), is not on disk."""
     if "checkpoint" not in trials:
         return {}
     named = trials[trials["checkpoint"].notna() & (trials["checkpoint"].astype(str) != "")]
@@ -76,12 +76,14 @@ def check_for_resume(folder: Path, shown: str, run_dir: str | None, earlier_tria
     if why:
         raise AslTuneError(f"{why}; {BACKUP}; resume needs it to go on asking for settings; nothing was changed")
     check_tables(folder, shown)
-    if run_dir is not None and not (folder / run_dir).exists() and len(read_trials(folder)) > earlier_trials:
+    trials = read_trials(folder)
+    if run_dir is not None and not (folder / run_dir).exists() and len(trials) > earlier_trials:
         raise AslTuneError(f"{shown}/{run_dir}: missing, and trials.parquet has trials of that run: Tune's saved state is gone; {BACKUP}; nothing was changed")
-    for tid, (status, checkpoint) in missing_checkpoints(folder).items():
+    missing = missing_checkpoints(folder, trials)
+    for tid, (status, checkpoint) in missing.items():
         if status in CONTINUED:
             raise AslTuneError(f"{checkpoint}: missing, and trial {tid} ({status}) continues from it; {BACKUP}; nothing was changed")
-    _note_missing_weights(folder)
+    _note_missing_weights(missing)
 
 
 def check_for_extend(folder: Path, shown: str) -> None:
@@ -90,7 +92,7 @@ def check_for_extend(folder: Path, shown: str) -> None:
     if why:
         raise AslTuneError(f"{why}; {BACKUP}; --extend learns from it; nothing was changed")
     check_tables(folder, shown)
-    _note_missing_weights(folder)
+    _note_missing_weights(missing_checkpoints(folder, read_trials(folder)))
 
 
 def check_for_analysis(folder: Path, shown: str) -> None:
@@ -101,7 +103,7 @@ def check_for_analysis(folder: Path, shown: str) -> None:
     space = _unreadable(lambda: load_space(folder / SPACE_FILE)) if (folder / SPACE_FILE).exists() else None
     for damaged in filter(None, [why, record, space]):
         _note(f"{damaged}; analyze does not need it and goes on; resume and --extend refuse until it is put back")
-    _note_missing_weights(folder)
+    _note_missing_weights(missing_checkpoints(folder, read_trials(folder)))
 
 
 def _unreadable(read) -> str | None:
@@ -113,8 +115,8 @@ def _unreadable(read) -> str | None:
     return None
 
 
-def _note_missing_weights(folder: Path) -> None:
-    for tid, (status, checkpoint) in missing_checkpoints(folder).items():
+def _note_missing_weights(missing: dict[str, tuple[str, str]]) -> None:
+    for tid, (status, checkpoint) in missing.items():
         if status not in CONTINUED:
             _note(f"{checkpoint}: missing; trial {tid} ({status}) keeps its results, but its weights cannot be loaded")
 
