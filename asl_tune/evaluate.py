@@ -105,6 +105,7 @@ class Timed:
 
     warmup: int = 3  # untimed runs of each kind first: first-call allocation and kernel selection stay out
     batches: int = 20  # timed batches of 64 (infer_img_per_s)
+    rounds: int = 5  # the batches are timed in this many equal groups and the median group's rate kept: a burst of other work spoils one group, not the figure
     latencies: int = 100  # timed single images (latency_ms_p50 / p95)
 
 
@@ -134,12 +135,15 @@ def measure_speed(model: nn.Module, batcher: Batcher, rows: np.ndarray, autocast
     for _ in range(batch_warmup):
         run(rows_t)
     _sync(dev)
-    n, start = 0, time.perf_counter()
-    while more(n, 2, timed.batches if timed else 200, start):
-        run(rows_t)
-        n += 1
-    _sync(dev)
-    infer_img_per_s = 64 * n / (time.perf_counter() - start)
+    if timed is not None:
+        infer_img_per_s = _median_rate(run, rows_t, timed.batches, timed.rounds, dev)
+    else:
+        n, start = 0, time.perf_counter()
+        while more(n, 2, 200, start):
+            run(rows_t)
+            n += 1
+        _sync(dev)
+        infer_img_per_s = 64 * n / (time.perf_counter() - start)
     for i in range(single_warmup):
         run(rows_t[i % 64 : i % 64 + 1])
     lat: list[float] = []
@@ -156,6 +160,18 @@ def measure_speed(model: nn.Module, batcher: Batcher, rows: np.ndarray, autocast
         "latency_ms_p95": p95,
         "keeps_up_30fps": bool(p95 <= FRAME_BUDGET_MS),
     }
+
+
+def _median_rate(run, rows_t: torch.Tensor, batches: int, rounds: int, dev: torch.device) -> float:
+    """Images a second at batch 64: `batches` runs in `rounds` groups (as equal as they split), each group timed, the median rate kept."""
+    rates = []
+    for size in np.diff(np.linspace(0, batches, min(rounds, batches) + 1).round().astype(int)):
+        start = time.perf_counter()
+        for _ in range(size):
+            run(rows_t)
+        _sync(dev)
+        rates.append(64 * size / (time.perf_counter() - start))
+    return float(np.median(rates))
 
 
 def score(model: nn.Module, images: np.ndarray, labels: np.ndarray, classes: list[str], device: torch.device) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +63,11 @@ def test_speed_alone_compares_analyzes_figure_with_the_inference_bench(tiny_data
                          "--repeats", "2", "--budget-s", "0.1", "--batches", "2", "--latencies", "10", timeout=300)
     for key in ("infer_img_per_s", "latency_ms_p50", "latency_ms_p95"):
         assert positive(figures[f"bench_{key}"]) and len(figures[f"analyze_{key}"]) == 2 and all(positive(v) for v in figures[f"analyze_{key}"])
+        analyze = statistics.median(figures[f"analyze_{key}"])
+        assert figures[f"deviation_{key}"] == pytest.approx(abs(analyze / figures[f"bench_{key}"] - 1))
         worst = max(abs(v / figures[f"bench_{key}"] - 1) for v in figures[f"analyze_{key}"])
-        assert figures[f"deviation_{key}"] == pytest.approx(worst)
+        assert figures[f"largest_deviation_{key}"] == pytest.approx(worst) and worst >= figures[f"deviation_{key}"]
+        assert figures[f"bench_spread_{key}"] == pytest.approx(max(abs(v / figures[f"bench_{key}"] - 1) for v in figures[f"bench_{key}_rounds"]))
     assert figures["within_10pct"] == (figures["deviation_infer_img_per_s"] <= 0.1 and figures["deviation_latency_ms_p50"] <= 0.1)
     assert (figures["classes"], figures["timed"]["batches"], figures["timed"]["latencies"]) == (5, 2, 10)
 

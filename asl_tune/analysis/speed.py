@@ -6,7 +6,8 @@ GPU: those figures say as much about its neighbours as about the network. Speed 
 architecture (head width, image size, number of classes), the device, its threads and the precision,
 not on the weights, so one fresh DexNet per architecture is timed, set up as the trainer sets it up
 (channels-last and autocast on a GPU), on random uint8 images through the trainer's Batcher: warm-up,
-then a fixed number of batches of 64 and of single images (`asl_tune.evaluate.Timed`).
+then a fixed number of batches of 64, timed in groups whose median rate is kept, and of single images
+(`asl_tune.evaluate.Timed`).
 
 speed.parquet holds one row per (architecture, device_name, precision, threads); a second analyze on
 the same machine finds its rows there and measures nothing. The number of classes is not a column of
@@ -233,7 +234,7 @@ def use_speed(sweep: Sweep, on: SpeedOn | None) -> Sweep:
         speed_label=f"measured alone on {setting['device_name']}, {threads}, {setting['precision']}",
         speed_note=(
             f"measured alone on {setting['device_name']} ({threads}, {setting['precision']}) by asl-tune analyze: each of the "
-            f"{len(table)} architectures once, {on.timed.warmup} warm-up runs, then {on.timed.batches} timed batches of 64 and "
+            f"{len(table)} architectures once, {on.timed.warmup} warm-up runs, then {on.timed.batches} timed batches of 64 (in {on.timed.rounds} groups, the median group's rate kept) and "
             f"{on.timed.latencies} single images (`{SPEED_FILE}`), {_machine_load(table)}; the figures the trials took during "
             f"training, under load, are the {UNDER_LOAD}* columns"
         ),
