@@ -57,7 +57,7 @@ def sweep(
     space: str | Path | None = None, data: str | Path | None = None, results: str | Path = "results", name: str | None = None,
     num_samples: int | None = None, max_concurrent: int | None = None, cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None,
     address: str | None = None, storage: str | None = None, seed: int = 0, extend: bool = False, external: str | Path | None = None,
-    dashboard: bool = False, verbose: bool = False,
+    dashboard: bool = False, verbose: bool = False, tensorboard: bool = False, mlflow: str | None = None, ship_code: bool = True,
 ) -> Sweep:
     """Run a sweep as `asl-tune sweep` does (extend=True: add num_samples trials to the sweep `name`); return its handle once it ends."""
     from asl_tune.sweep.request import SweepRequest
@@ -70,16 +70,17 @@ def sweep(
         space_path=resolve(space), data=_path(data), external=_path(external), name=name, results=results,
         num_samples=num_samples, max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial,
         gpus_per_trial=gpus_per_trial, address=address, storage=storage, seed=seed, extend=extend, dashboard=dashboard, verbose=verbose,
+        tensorboard=tensorboard, mlflow=mlflow, ship_code=ship_code,
     )
     folder = run_sweep(request)
     return Sweep(folder.name, results, folder)
 
 
-def resume(name: str, results: str | Path = "results", address: str | None = None, verbose: bool = False) -> Sweep:
+def resume(name: str, results: str | Path = "results", address: str | None = None, verbose: bool = False, ship_code: bool = True) -> Sweep:
     """Finish a sweep whose driver died, as `asl-tune resume NAME` does; return its handle once it ends."""
     from asl_tune.sweep.run import resume_sweep
 
-    return Sweep(name, results, resume_sweep(name, results, address, verbose=verbose))
+    return Sweep(name, results, resume_sweep(name, results, address, verbose=verbose, ship_code=ship_code))
 
 
 def load(name: str, results: str | Path = "results") -> Results:

@@ -61,7 +61,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 def _add_speed_options(p: argparse.ArgumentParser) -> None:
     """analyze's --speed-on and --threads: which speed figures the front uses, and how they are taken."""
-    p.add_argument("--speed-on", dest="speed_on", default="cpu", metavar="cpu|cuda|training", help="where the speed figures that the front, plots, 30-fps verdict and report use come from (infer_img_per_s, latency_ms_p50/p95, keeps_up_30fps). cpu or cuda: each distinct architecture among the finished trials (head width, image size, classes) is timed once, alone, on this machine's CPU or GPU (3 warm-up runs, then 20 batches of 64 and 100 single images) and kept in RESULTS/NAME/speed.parquet, so the next analyze on this machine measures nothing; the trials' own figures stay as under_load_*. training: the figures each trial took in its first epoch, while other trials shared its cores or GPU. Default cpu: a figure of the model alone, the same for every trial of one architecture, as for a deployment that runs on a CPU")
+    p.add_argument("--speed-on", dest="speed_on", default="cpu", metavar="cpu|cuda|training", help="where the speed figures that the front, plots, 30-fps verdict and report use come from (infer_img_per_s, latency_ms_p50/p95, keeps_up_30fps). cpu or cuda: each distinct architecture among the finished trials (head width, image size, classes) is timed once, alone, on this machine's CPU or GPU (3 warm-up runs, then 20 batches of 64 timed in 5 groups, the median group kept, and 100 single images) and kept in RESULTS/NAME/speed.parquet, so the next analyze on this machine measures nothing; the trials' own figures stay as under_load_*. training: the figures each trial took in its first epoch, while other trials shared its cores or GPU. Default cpu: a figure of the model alone, the same for every trial of one architecture, as for a deployment that runs on a CPU")
     p.add_argument("--threads", type=int, help="torch CPU threads while timing with --speed-on cpu or cuda (default: torch's own choice on this machine)")
 
 
@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the sweep's name (its folder under --results)")
     p.add_argument("--results", default="results", help="where sweep folders are (default results/): a folder, or the URI the sweep was started with, whose files are first copied to this machine's working copy, so any driver machine can resume it")
     p.add_argument("--address", help="Ray cluster to run on (default: the one the sweep used, else a local instance)")
+    _add_ship_code_option(p)
     p.add_argument("--verbose", action="store_true", help="show Ray Tune's own status tables and log lines instead of asl-tune's one line per trial event and its status line")
     p.set_defaults(func=cmd_resume)
 
@@ -130,8 +131,15 @@ def _add_sweep_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the searcher, the split (the same for every trial) and each trial's weights and order, unless the space fixes or searches seed (default 0)")
     p.add_argument("--extend", action="store_true", help="add --num-samples trials to the existing sweep NAME; the searcher learns from all earlier trials")
     p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard on 127.0.0.1 (off by default; it has no authentication)")
+    _add_ship_code_option(p)
+    p.add_argument("--tensorboard", action="store_true", help="also write each trial's per-epoch figures and final metrics as TensorBoard event files under RESULTS/NAME/tensorboard/TRIAL_ID/, for `tensorboard --logdir RESULTS/NAME` (off by default; kept for resume)")
+    p.add_argument("--mlflow", metavar="URI", help="also log each trial as an MLflow run at this tracking URI (a server, http://host:5000, or a store), in an experiment named after the sweep: its settings as params, per-epoch and final metrics, tagged asl_tune_trial_id; needs pip install 'asl-tune[mlflow]' (off by default; kept for resume)")
     p.add_argument("--verbose", action="store_true", help="show Ray Tune's own status tables and log lines instead of asl-tune's one line per trial event and its status line")
     p.set_defaults(func=cmd_sweep)
+
+
+def _add_ship_code_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-ship-code", dest="ship_code", action="store_false", help="with --address: run the asl_tune installed on the cluster's nodes; by default the driver sends its own asl_tune package to the workers (Ray runtime_env py_modules), so nodes need only the dependencies")
 
 
 def _dataset_dir(args: argparse.Namespace) -> Path:
@@ -248,12 +256,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         space=args.space, data=args.data, results=args.results, name=args.name, num_samples=args.num_samples,
         max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
         storage=args.storage, seed=args.seed, extend=args.extend, external=args.external, dashboard=args.dashboard, verbose=args.verbose,
+        tensorboard=args.tensorboard, mlflow=args.mlflow, ship_code=args.ship_code,
     )
 
 
 def cmd_resume(args: argparse.Namespace) -> None:
     """asl-tune resume: finish an interrupted sweep (api.resume)."""
-    api.resume(args.name, args.results, args.address, verbose=args.verbose)
+    api.resume(args.name, args.results, args.address, verbose=args.verbose, ship_code=args.ship_code)
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:

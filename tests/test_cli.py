@@ -170,6 +170,7 @@ def test_data_check_lists_counts_splits_and_skipped_files(tiny_dataset, capsys):
     (["--address", "127.0.0.1:notaport"], "--address: must be host:port"),
     (["--space", "no-such-space"], "--space: no file 'no-such-space'"),
     (["--extend", "--name", "never-ran"], "--extend: there is no sweep named 'never-ran'"),
+    (["--no-ship-code"], "--no-ship-code: applies with --address only (a local Ray runs this machine's asl_tune), got it without --address"),
     (["--storage", "/not/a/uri"], "--storage: must be a URI"),
     (["--results", "foo://x"], "--results: must be a folder or a URI pyarrow's filesystems open (s3://bucket/path, gs://bucket/path, file:///path), got foo://x"),
     (["--results", "file://host/x"], "--results: must be a folder or a URI pyarrow's filesystems open"),

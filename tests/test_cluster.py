@@ -75,15 +75,23 @@ def alive_nodes(address: str) -> int:
     return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
 
 
-def test_a_sweep_joins_a_two_node_cluster_started_outside_it(tmp_path, monkeypatch):
-    """`ray start --head` as a subprocess, a second node joining it, then `asl-tune sweep --address` as a subprocess."""
+def test_a_sweep_joins_a_two_node_cluster_started_outside_it_whose_nodes_lack_asl_tune(tmp_path, monkeypatch):
+    """`ray start --head` as a subprocess, a second node joining it, then `asl-tune sweep --address` as a subprocess.
+
+    On the nodes, `import asl_tune` fails (a package of that name that refuses to load comes first on their
+    PYTHONPATH), as on nodes that have only the dependencies: the driver ships its asl_tune to the workers."""
     data = make_dataset(tmp_path / "data", per_class=30, size=32)
     port = free_port()
     address = f"127.0.0.1:{port}"
     # Token authentication, Ray's default for a cluster it starts: every process is given the same token.
     for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}.items():
         monkeypatch.setenv(key, value)
-    env = dict(os.environ)
+    absent = tmp_path / "nodes-site" / "asl_tune"
+    absent.mkdir(parents=True)
+    (absent / "__init__.py").write_text("raise ImportError('asl_tune is not installed on this node')\n")
+    env = {**os.environ, "PYTHONPATH": str(absent.parent)}  # the nodes' (and so their workers') environment; not the driver's
+    no_import = subprocess.run([sys.executable, "-c", "import asl_tune"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert no_import.returncode != 0 and "not installed on this node" in no_import.stderr  # the premise
     space = write_space(tmp_path / "joined.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 2}, early_stopping=False)
     head_command = [RAY, "start", "--block", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"]
     with process_group(head_command, env) as head:

@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from asl_tune.errors import AslTuneError
@@ -101,8 +102,11 @@ def scoped_environment(defaults: dict[str, str]) -> Iterator[None]:
 
 
 @contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = False) -> Iterator[None]:
+def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = False, ship_code: bool = True) -> Iterator[None]:
     """Ray, started or joined for the duration of the block; reuses an instance already running in this process.
+
+    Joining a cluster, this asl_tune package goes to its workers (ship_code: Ray's runtime_env py_modules), so
+    nodes need only the dependencies and run the driver's version of the trainer; ship_code=False uses theirs.
 
     Ray reads LOCAL_ENV (and JOIN_ENV) as it starts its processes, and Tune as it runs: they are set before
     ray.init, and os.environ is put back as it was after ray.shutdown (also when the block raises).
@@ -114,7 +118,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
         return
     with scoped_environment({**LOCAL_ENV, **(JOIN_ENV if address else {})}):
         if address:
-            _join(address)
+            _join(address, ship_code)
         else:
             _start_local(num_cpus, num_gpus, dashboard)
         try:
@@ -123,12 +127,19 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
             ray.shutdown()
 
 
-def _join(address: str) -> None:
+def shipped_code() -> dict:
+    """The runtime_env that sends this asl_tune package (the driver's copy, edits included) to every worker of the job."""
+    import asl_tune
+
+    return {"py_modules": [str(Path(asl_tune.__file__).resolve().parent)], "excludes": ["__pycache__", "*.pyc"]}
+
+
+def _join(address: str, ship_code: bool = True) -> None:
     import ray
 
     check_reachable(address)
     try:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address=address, runtime_env=shipped_code() if ship_code else None, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError) as e:
         # An explicit address never sends Ray's token unless asked to (Ray's rule): say so when it may be the cause.
         hint = "" if os.environ.get("RAY_AUTH_MODE") else "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token) as for any Ray driver"

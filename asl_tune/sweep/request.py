@@ -65,6 +65,9 @@ class SweepRequest:
     extend: bool = False
     dashboard: bool = False
     verbose: bool = False  # Ray Tune's own tables instead of asl-tune's status line
+    tensorboard: bool = False  # each trial's epochs as TensorBoard event files under the sweep folder
+    mlflow: str | None = None  # an MLflow tracking URI: each trial as a run there
+    ship_code: bool = True  # with --address: send this asl_tune package to the cluster's workers (runtime_env py_modules)
 
 
 @dataclass
@@ -81,6 +84,8 @@ class SweepState:
     address: str | None
     runs: list[dict] = field(default_factory=list)  # {"dir", "num_samples", "started", "finished"}
     storage: str | None = None  # where Ray keeps checkpoints (a URI such as s3://...), else the sweep folder
+    tensorboard: bool = False  # trackers the sweep logs to (--tensorboard, --mlflow): kept for resume and --extend
+    mlflow: str | None = None
 
     def ray_root(self, folder: Path) -> str:
         """The folder or URI that holds this sweep's Ray runs."""
@@ -140,6 +145,8 @@ def check_request(req: SweepRequest) -> Checked:
         raise AslTuneError(f"--seed: must be >= 0, got {req.seed}")
     if req.address:
         cluster.check_reachable(req.address)  # before any decoding: a dead address fails in seconds
+    if not req.ship_code and not req.address:
+        raise AslTuneError("--no-ship-code: applies with --address only (a local Ray runs this machine's asl_tune), got it without --address")
     if req.storage is not None and "://" not in req.storage:
         raise AslTuneError(f"--storage: must be a URI Ray's storage supports, such as s3://bucket/path or gs://bucket/path, got {req.storage!r}")
     if is_uri(req.results):
@@ -169,6 +176,10 @@ def check_request(req: SweepRequest) -> Checked:
     for folder, refusal in sweep.writable_places():
         _check_writable(folder, refusal)
     image_sizes(space)  # refuses a searched image_size that is not categorical
+    if req.mlflow:  # last: it may create the sweep's MLflow experiment
+        from asl_tune.sweep.tracking import check_mlflow
+
+        check_mlflow(req.mlflow, name)
     return Checked(space, name, sweep, state)
 
 

@@ -88,7 +88,8 @@ def run_sweep(req: SweepRequest) -> Path:
     if state is None:  # a new sweep: its data is checked and decoded before its folder exists
         data_dir, datasets, externals = _load_data(req.data, req.external, image_sizes(space))
         storage = req.storage or sweep.ray_storage  # results at a URI: Ray's runs go there too
-        state = SweepState(name, str(data_dir), str(Path(req.external).resolve()) if req.external else None, req.cpus_per_trial, req.gpus_per_trial, req.max_concurrent, req.seed, req.address, storage=storage)
+        state = SweepState(name, str(data_dir), str(Path(req.external).resolve()) if req.external else None, req.cpus_per_trial, req.gpus_per_trial, req.max_concurrent, req.seed, req.address, storage=storage,
+                           tensorboard=req.tensorboard, mlflow=req.mlflow)
     num_samples = int(req.num_samples or space.num_samples)
     created = _make_folder(folder)
     with exclusive(folder, name):  # refused here, touching nothing, while another driver holds the sweep
@@ -99,9 +100,10 @@ def run_sweep(req: SweepRequest) -> Path:
             if req.extend:  # the sweep's folder is checked whole before its data is decoded, Ray starts or anything is written
                 integrity.check_for_extend(folder, sweep.location)
                 data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, image_sizes(space))
-            with _quiet(req.verbose), cluster.ray_session(req.address, dashboard=req.dashboard):
+            with _quiet(req.verbose), cluster.ray_session(req.address, dashboard=req.dashboard, ship_code=req.ship_code):
                 if req.extend:
                     state = SweepState.read(folder)  # as it stands now that we hold the lock
+                    state.tensorboard, state.mlflow = state.tensorboard or req.tensorboard, req.mlflow or state.mlflow  # --extend may add a tracker
                 gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
                 if not req.extend:
                     shutil.copyfile(req.space_path, folder / SPACE_FILE)
@@ -119,7 +121,7 @@ def run_sweep(req: SweepRequest) -> Path:
             raise
 
 
-def resume_sweep(name: str, results: Path | str = Path("results"), address: str | None = None, verbose: bool = False) -> Path:
+def resume_sweep(name: str, results: Path | str = Path("results"), address: str | None = None, verbose: bool = False, ship_code: bool = True) -> Path:
     """`asl-tune resume`: finish a sweep whose driver died; finished trials are kept, interrupted ones continue."""
     space, sweep, state, address = check_resume(name, results, address)
     folder = sweep.path
@@ -136,7 +138,7 @@ def resume_sweep(name: str, results: Path | str = Path("results"), address: str 
         earlier = sum(r["num_samples"] for r in state.runs[:-1])
         integrity.check_for_resume(folder, sweep.location, None if state.storage else run["dir"], earlier)
         data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, image_sizes(space))
-        with _quiet(verbose), cluster.ray_session(address):
+        with _quiet(verbose), cluster.ray_session(address, ship_code=ship_code):
             gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
             run_path = state.run_path(folder, run)
             trainable = _trainable(space, datasets, externals, state.cpus_per_trial, gpus)
@@ -232,6 +234,7 @@ def _scheduler(space: SearchSpace, n_train: int):
 def _new_tuner(space, sweep: SweepFolder, run_dir: str, num_samples: int, datasets, externals, state: SweepState, gpus: float, first_run: bool):
     from ray import tune
 
+    from asl_tune.sweep import tracking
     from asl_tune.sweep.recorder import ParquetRecorder
 
     any_ds = next(iter(datasets.values()))
@@ -247,7 +250,7 @@ def _new_tuner(space, sweep: SweepFolder, run_dir: str, num_samples: int, datase
         run_config=tune.RunConfig(
             name=Path(run_dir).name,
             storage_path=state.ray_root(sweep.path),
-            callbacks=[ParquetRecorder(sweep, space, num_samples)],
+            callbacks=[ParquetRecorder(sweep, space, num_samples), *tracking.callbacks(sweep.path, space, state.name, state.tensorboard, state.mlflow)],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=0 if progress.shows_status() else 1,  # Ray's tables only with --verbose
