@@ -99,7 +99,8 @@ def run_asl_tune(n: int, epochs: int, concurrency: int, work: Path, mirrored: bo
     from asl_tune.sweep.mirror import MirroredSweepFolder, SweepFolder
     from asl_tune.sweep.recorder import ParquetRecorder
     from asl_tune.sweep.request import MIRRORED
-    from asl_tune.sweep.run import _scheduler, _searcher
+    from asl_tune.sweep.run import _searcher
+    from asl_tune.sweep.schedule import scheduler as _scheduler
     from asl_tune.sweep.space import load_space
 
     name = f"scale-{n}{'-mirror' if mirrored else ''}"

@@ -1,6 +1,7 @@
 """What a sweep prints while it runs: one line per trial event, and a compact live status.
 
     trial 3f2a91c0 started (head 256, lr 0.0123, 4 epochs, 100% of the data)
+    trial 3f2a91c0 at rung 1 (1 epoch of images): val_accuracy 0.2500, cutoff 0.1875 over 3 trials: continues
     [1/8] trial 3f2a91c0 completed: val_accuracy 0.3125 (head 256, lr 0.0123, 4 epochs, 100% of the data)
     sweep: 1/8 done, 2 running, 5 pending; best val_accuracy 0.3125 (3f2a91c0); 1m40s elapsed, ~11m left
 
@@ -8,7 +9,7 @@ On a terminal the status line is rewritten in place (a carriage return, about on
 a pipe it is a plain line, at most every 30 seconds, and never carries a carriage return. `--verbose` brings
 back Ray Tune's own tables instead of the status line (`quiet(False)`).
 
-The recorder (recorder.py) owns one SweepProgress; it is pickled with the recorder when Tune saves its
+Rung lines come from the scheduler (schedule.py) through announce(). The recorder (recorder.py) owns one SweepProgress; it is pickled with the recorder when Tune saves its
 state, so it holds no stream and no clock that would not survive that.
 """
 
@@ -23,6 +24,7 @@ from typing import Iterator
 TTY_EVERY_S = 1.0  # how often the in-place status line is redrawn on a terminal
 LOG_EVERY_S = 30.0  # how often a status line is written to a log or a pipe
 _QUIET = [True]  # False while a sweep runs with --verbose (Ray's tables shown, no status line)
+_SHOWN: list["SweepProgress"] = []  # the sweep's progress that printed last: announce() prints through it
 
 
 @contextmanager
@@ -38,6 +40,14 @@ def quiet(on: bool) -> Iterator[None]:
 def shows_status() -> bool:
     """Whether the sweep now running shows asl-tune's status line (not --verbose)."""
     return _QUIET[-1]
+
+
+def announce(line: str) -> None:
+    """A trial event from elsewhere in the driver (the scheduler's rung decisions), printed as the recorder prints its own."""
+    if _SHOWN:
+        _SHOWN[-1].event(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _duration(seconds: float) -> str:
@@ -59,6 +69,7 @@ class SweepProgress:
 
     def event(self, line: str) -> None:
         """One line for a trial event; on a terminal the status line is cleared first and redrawn at the next status()."""
+        _SHOWN[:] = [self]
         self._clear()
         print(line, file=sys.stderr, flush=True)
         if sys.stderr.isatty():
@@ -72,6 +83,7 @@ class SweepProgress:
         if not _QUIET[-1] or not (final or now - self._last >= (TTY_EVERY_S if tty else LOG_EVERY_S)):
             return
         self._last = now
+        _SHOWN[:] = [self]
         line = self.line(trials, now - self._start)
         if tty:
             sys.stderr.write("\r" + line.ljust(self._drawn) + ("\n" if final else ""))

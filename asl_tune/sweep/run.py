@@ -212,29 +212,11 @@ def _searcher(space: SearchSpace, sweep: SweepFolder, name: str, seed: int, max_
     return ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
 
 
-def _scheduler(space: SearchSpace, n_train: int):
-    """ASHA on training images seen, so a trial on 30% of the data is judged after as many images, not epochs."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    max_t = space.max_epochs() * space.max_fraction() * n_train
-    grace = min(space.grace_epochs * n_train, max_t)
-    if not space.early_stopping or grace >= max_t:
-        return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="images_seen",
-        metric=space.metric,
-        mode=space.mode,
-        max_t=max_t,
-        grace_period=grace,
-        reduction_factor=space.reduction_factor,
-        stop_last_trials=False,  # a trial at max_t finishes its own last epoch and final evaluation
-    )
-
-
 def _new_tuner(space, sweep: SweepFolder, run_dir: str, num_samples: int, datasets, externals, state: SweepState, gpus: float, first_run: bool):
     from ray import tune
 
     from asl_tune.sweep import tracking
+    from asl_tune.sweep.schedule import scheduler
     from asl_tune.sweep.recorder import ParquetRecorder
 
     any_ds = next(iter(datasets.values()))
@@ -243,7 +225,7 @@ def _new_tuner(space, sweep: SweepFolder, run_dir: str, num_samples: int, datase
         _trainable(space, datasets, externals, state.cpus_per_trial, gpus),
         tune_config=tune.TuneConfig(
             search_alg=_searcher(space, sweep, state.name, state.seed, state.max_concurrent, first_run),
-            scheduler=_scheduler(space, n_train),
+            scheduler=scheduler(space, n_train),
             num_samples=num_samples,
             reuse_actors=True,  # one worker process runs trial after trial: no spawn, no re-import, data already mapped
         ),
