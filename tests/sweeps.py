@@ -16,6 +16,7 @@ import yaml
 
 from asl_tune.results import read_confusion, read_epochs, read_trials
 
+RAY_TABLES = ("Trial status", "Configuration for experiment", "╭", "│")  # Ray Tune's own output, shown only with --verbose
 TINY_FIXED = {"image_size": 32, "batch_size": 16, "momentum": 0.9}
 
 

@@ -15,10 +15,7 @@ import pytest
 
 from asl_tune.synth import render_dataset
 from conftest import make_dataset
-from sweeps import run_cli, write_space
-
-RAY_TABLES = ("Trial status", "Configuration for experiment", "╭", "│")
-
+from sweeps import RAY_TABLES, run_cli, write_space
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:

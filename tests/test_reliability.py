@@ -24,7 +24,7 @@ from asl_tune.results import ResultsStore, read_epochs, read_trials, trial_row
 from asl_tune.sweep.study import sqlite_url
 from asl_tune.sweep.trainable import WORK_PREFIX
 from conftest import make_dataset
-from sweeps import assert_consistent, cli, kill_group, read, run_cli, run_to_end, wait_for, wait_for_saved_state, write_space
+from sweeps import RAY_TABLES, assert_consistent, cli, kill_group, read, run_cli, run_to_end, wait_for, wait_for_saved_state, write_space
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -269,6 +269,8 @@ def test_sigterm_and_ctrl_c_stop_a_sweep_that_then_resumes_with_nothing_lost_or_
         last = out.strip().splitlines()[-1]
         assert last.startswith(f"asl-tune: stopped: sweep 'preempt' stopped by {signum.name}") and "Traceback" not in out, out[-3000:]
         assert f"`asl-tune resume preempt --results {tmp_path / 'results'}`" in last, last
-    run_cli(["resume", "preempt", *results], tmp_path, 400)
+        assert not [t for t in RAY_TABLES if t in out], out[-3000:]  # asl-tune's lines, not Ray's tables
+    verbose = run_cli(["resume", "preempt", "--verbose", *results], tmp_path, 400)
+    assert any(t in verbose for t in RAY_TABLES[:2]), verbose[-3000:]  # --verbose on resume brings Ray's tables back
     trials, epochs = assert_consistent(folder, 2)  # no trial lost or doubled; each trial's epochs 1..3 once each
     assert set(trials["status"]) == {"completed"} and len(epochs) == 2 * 3

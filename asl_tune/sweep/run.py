@@ -151,6 +151,8 @@ def resume_sweep(name: str, results: Path | str = Path("results"), address: str 
                 # Tune restores our recorder and searcher as pickled; each finds this machine's copy of the sweep
                 # folder itself (mirror.MirroredSweepFolder works out its working copy where it is unpickled).
                 tuner = tune.Tuner.restore(run_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+                if getattr(tuner, "_local_tuner", None) is not None:  # not through ray:// (Ray Client), which keeps the saved one
+                    tuner._local_tuner.get_run_config().verbose = _ray_verbosity()  # this resume's --verbose, not the first run's
             print(f"resuming sweep {name!r} from {run_path}", file=sys.stderr)
             return _fit(tuner, sweep, state)
 
@@ -212,6 +214,11 @@ def _searcher(space: SearchSpace, sweep: SweepFolder, name: str, seed: int, max_
     return ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
 
 
+def _ray_verbosity() -> int:
+    """RunConfig.verbose: Ray Tune's status tables only with --verbose (asl-tune's status line otherwise)."""
+    return 0 if progress.shows_status() else 1
+
+
 def _new_tuner(space, sweep: SweepFolder, run_dir: str, num_samples: int, datasets, externals, state: SweepState, gpus: float, first_run: bool):
     from ray import tune
 
@@ -235,7 +242,7 @@ def _new_tuner(space, sweep: SweepFolder, run_dir: str, num_samples: int, datase
             callbacks=[ParquetRecorder(sweep, space, num_samples), *tracking.callbacks(sweep.path, space, state.name, state.tensorboard, state.mlflow)],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            verbose=0 if progress.shows_status() else 1,  # Ray's tables only with --verbose
+            verbose=_ray_verbosity(),
         ),
     )
 
