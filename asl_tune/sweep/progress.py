@@ -6,8 +6,8 @@
     sweep: 1/8 done, 2 running, 5 pending; best val_accuracy 0.3125 (3f2a91c0); 1m40s elapsed, ~11m left
 
 On a terminal the status line is rewritten in place (a carriage return, about once a second); in a log or
-a pipe it is a plain line, at most every 30 seconds, and never carries a carriage return. `--verbose` brings
-back Ray Tune's own tables instead of the status line (`quiet(False)`).
+a pipe it is a plain line, at most once a minute (the event lines carry the news between), and never
+carries a carriage return. `--verbose` brings back Ray Tune's own tables instead (`quiet(False)`).
 
 Rung lines come from the scheduler (schedule.py) through announce(). The recorder (recorder.py) owns one SweepProgress; it is pickled with the recorder when Tune saves its
 state, so it holds no stream and no clock that would not survive that.
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 TTY_EVERY_S = 1.0  # how often the in-place status line is redrawn on a terminal
-LOG_EVERY_S = 30.0  # how often a status line is written to a log or a pipe
+LOG_EVERY_S = 60.0  # how often a status line is written to a log or a pipe: an 8-trial CPU sweep stays well under 60 lines
 _QUIET = [True]  # False while a sweep runs with --verbose (Ray's tables shown, no status line)
 _SHOWN: list["SweepProgress"] = []  # the sweep's progress that printed last: announce() prints through it
 
