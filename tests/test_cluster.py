@@ -105,6 +105,19 @@ def test_a_sweep_joins_a_two_node_cluster_started_outside_it_whose_nodes_lack_as
     assert "sweep 'joined' done" in out
 
 
+def test_a_joined_clusters_workers_get_the_drivers_asl_tune_and_its_device_choice(monkeypatch):
+    import asl_tune
+    from asl_tune.sweep.cluster import job_runtime_env
+    from asl_tune.train import DEVICE_ENV
+
+    monkeypatch.setenv(DEVICE_ENV, "cpu")
+    env = job_runtime_env(ship_code=True)
+    assert env["py_modules"] == [str(Path(asl_tune.__file__).resolve().parent)] and env["env_vars"] == {DEVICE_ENV: "cpu"}
+    assert job_runtime_env(ship_code=False) == {"env_vars": {DEVICE_ENV: "cpu"}}
+    monkeypatch.delenv(DEVICE_ENV)
+    assert job_runtime_env(ship_code=False) is None
+
+
 def _answers(address: str) -> bool:
     host, port = address.rsplit(":", 1)
     try:

@@ -36,6 +36,9 @@ LOCAL_ENV = {
 }
 # Run in every worker Ray starts for us: imports the trainer (torch) before the first trial asks for it.
 WARM_UP = "asl_tune.sweep.trainable.warm_up"
+# The driver's settings its trials on a joined cluster's nodes get too (a local Ray's workers inherit them anyway):
+# ASL_TUNE_DEVICE, train.DEVICE_ENV (not imported: the driver never loads torch).
+FORWARDED_ENV = ("ASL_TUNE_DEVICE",)
 # Bound how long joining a dead cluster may take (Ray's default retries for minutes).
 JOIN_ENV = {"RAY_NUM_REDIS_GET_RETRIES": "2", "RAY_py_gcs_connect_timeout_s": "5", "RAY_gcs_rpc_server_connect_timeout_s": "5"}
 
@@ -127,11 +130,18 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
             ray.shutdown()
 
 
-def shipped_code() -> dict:
-    """The runtime_env that sends this asl_tune package (the driver's copy, edits included) to every worker of the job."""
+def job_runtime_env(ship_code: bool = True) -> dict | None:
+    """The runtime_env a joined cluster's workers get: this asl_tune package (the driver's copy, edits included)
+    unless ship_code is False, and the driver's FORWARDED_ENV settings; None when there is neither."""
     import asl_tune
 
-    return {"py_modules": [str(Path(asl_tune.__file__).resolve().parent)], "excludes": ["__pycache__", "*.pyc"]}
+    env: dict = {}
+    if ship_code:
+        env.update(py_modules=[str(Path(asl_tune.__file__).resolve().parent)], excludes=["__pycache__", "*.pyc"])
+    forwarded = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    if forwarded:
+        env["env_vars"] = forwarded
+    return env or None
 
 
 def _join(address: str, ship_code: bool = True) -> None:
@@ -139,7 +149,7 @@ def _join(address: str, ship_code: bool = True) -> None:
 
     check_reachable(address)
     try:
-        ray.init(address=address, runtime_env=shipped_code() if ship_code else None, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address=address, runtime_env=job_runtime_env(ship_code), log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError) as e:
         # An explicit address never sends Ray's token unless asked to (Ray's rule): say so when it may be the cause.
         hint = "" if os.environ.get("RAY_AUTH_MODE") else "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token) as for any Ray driver"
