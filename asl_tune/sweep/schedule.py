@@ -15,6 +15,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from asl_tune.sweep import progress
 from asl_tune.sweep.space import SearchSpace
 
+FINAL_KEY = "test_accuracy"  # in a trial's last report only: the trainer's final evaluation on the test split
+
 
 def scheduler(space: SearchSpace, n_train: int):
     """ASHA on training images seen, or FIFO when the space turns early stopping off or its first rung is its last."""
@@ -53,6 +55,8 @@ class AnnouncedASHA(ASHAScheduler):
         # The rungs this trial has not reached yet, with the cutoff it will be judged against at each, before ASHA records it.
         ahead = {milestone: (bracket.cutoff(recorded), len(recorded)) for milestone, recorded in bracket._rungs if trial.trial_id not in recorded}
         action = super().on_trial_result(tune_controller, trial, result)
+        if FINAL_KEY in result:  # the trial's last report (its test evaluation): it ends now whatever ASHA says
+            return action
         rungs = [milestone for milestone, _ in reversed(bracket._rungs)]  # ASHA keeps them highest first
         for milestone, recorded in bracket._rungs:
             if milestone in ahead and trial.trial_id in recorded and milestone < self._max_t:  # at max_t the trial is done: nothing to decide
