@@ -109,3 +109,24 @@ def test_a_searcher_in_step_with_the_study_changes_nothing_when_restored(tmp_pat
     assert again.reconcile() == {"recreated": 0, "requeued": 0, "retold": 0}
     (trial,) = study_trials(tmp_path)
     assert trial.state == (TrialState.FAIL if error else TrialState.COMPLETE)
+
+
+def test_a_result_reads_nothing_from_the_study_and_a_trial_it_finished_first_is_known_without_a_read(tmp_path, monkeypatch):
+    """A count, not a timing: a result costs the study one write (its intermediate value) and no read, also after a
+    restore from a Tune state older than the study (the study's finished trials are learned once, by reconcile)."""
+    search = searcher(tmp_path)
+    search.suggest("t1")
+    search.suggest("t2")
+    search.save(str(tmp_path / "searcher.pkl"))
+    search.on_trial_complete("t1", result(0.7, 1))  # the study goes ahead of the state Tune saved
+    again = restored(tmp_path, tmp_path / "searcher.pkl")
+    reads = []
+    for name in ("get_trial", "_get_trials", "get_all_trials"):
+        real = getattr(again._storage, name)
+        monkeypatch.setattr(again._storage, name, lambda *a, _real=real, _name=name, **k: reads.append(_name) or _real(*a, **k))
+    again.on_trial_result("t1", result(0.6, 2))  # re-run from its checkpoint by Tune; the study keeps what it had
+    for step in (1, 2, 3):
+        again.on_trial_result("t2", result(0.1 * step, step))
+    assert reads == []
+    t1, t2 = study_trials(tmp_path)
+    assert t1.value == 0.7 and t1.intermediate_values == {} and t2.intermediate_values == {1: 0.1, 2: 0.2, 3: 0.30000000000000004}

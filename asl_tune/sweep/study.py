@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.trial import Trial, TrialState, create_trial
 from ray.tune.search.optuna import OptunaSearch
@@ -65,19 +66,11 @@ class StudySearch(OptunaSearch):
         # Saved with Tune's state (OptunaSearch pickles __dict__); absent in a searcher pickled before it existed.
         return self.__dict__.setdefault("_told", {})
 
-    def _study_trial(self, trial_id: str):
-        """The study's current record of a Tune trial, or None when the study has no such trial."""
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None:
-            return None
-        try:
-            return self._ot_study._storage.get_trial(ot_trial._trial_id)
-        except KeyError:
-            return None
-
-    def _finished_in_study(self, trial_id: str) -> bool:
-        frozen = self._study_trial(trial_id)
-        return frozen is not None and frozen.state.is_finished()
+    def _finished_ids(self) -> set[str]:
+        """Tune trial ids the study has finished, as far as this searcher knows: the ones it told, and the ones
+        reconcile() found finished. Kept here so a result needs no read of the study (a read of one trial in
+        SQLite costs several queries, as much as the rest of the driver's work on a result; issue 15)."""
+        return self.__dict__.setdefault("_finished", set())
 
     def suggest(self, trial_id: str):
         """Optuna's settings for a new Tune trial; the study's trial carries the asl-tune trial id (user attribute
@@ -89,44 +82,84 @@ class StudySearch(OptunaSearch):
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self._finished_in_study(trial_id):
+        if trial_id in self._finished_ids():
             log.debug("trial %s is already finished in the study; result not reported again", trial_id)
             return
-        super().on_trial_result(trial_id, result)
+        try:
+            super().on_trial_result(trial_id, result)
+        except UpdateFinishedTrialError:
+            # Finished in the study by a driver this searcher was not restored from (the write itself found it
+            # finished, so no read is spent on asking first): the study keeps what it was told first.
+            self._finished_ids().add(trial_id)
+            log.debug("trial %s is already finished in the study; result not reported", trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if self._finished_in_study(trial_id):
+        """Tell the study how the trial ended, as Ray's OptunaSearch does, unless the study already finished it.
+
+        Ray's own version runs only for a trial it already completed or never saw (it warns): otherwise Study.tell
+        is called here, since it returns the study's final record of the trial, which is what is saved with Tune's
+        state (see reconcile), so that no read of its own is needed. `skip_if_finished`: a trial the study finished
+        first (a driver killed after telling it) keeps what it was told then.
+        """
+        if trial_id in self._finished_ids():
             self._completed_trials.add(trial_id)
             return
-        super().on_trial_complete(trial_id, result, error)
-        frozen = self._study_trial(trial_id)
-        if frozen is not None and frozen.state.is_finished():
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)  # Ray's warning (or error) for these
+        value, state = _outcome(self.metric, result, error)
+        try:
+            frozen = self._ot_study.tell(self._ot_trials[trial_id], value, state=state, skip_if_finished=True)
+        except Exception as exc:  # as Ray's: e.g. a NaN value; the study keeps the trial running
+            log.warning(exc)
+        else:
             self._told_trials()[trial_id] = (frozen.state.name, frozen.values)
+            self._finished_ids().add(trial_id)
+        self._completed_trials.add(trial_id)
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         self.reconcile()
 
     def reconcile(self) -> dict[str, int]:
-        """Bring the study in step with the Tune state this searcher was restored with; return what was done."""
+        """Bring the study in step with the Tune state this searcher was restored with; return what was done.
+
+        The study is read once, whole (a trial at a time would be as many reads as the sweep has trials).
+        """
         storage, study_id = self._ot_study._storage, self._ot_study._study_id
+        # Read from study.db itself (self._storage, the RDBStorage the searcher was given), not through the study's
+        # cache: that was pickled with Tune's state and may hold trials the study.db beside it never recorded.
+        in_study = {frozen._trial_id: frozen for frozen in (self._storage or storage).get_all_trials(study_id, deepcopy=False)}
         done = {"recreated": 0, "requeued": 0, "retold": 0}
         for trial_id, ot_trial in list(self._ot_trials.items()):
-            if self._study_trial(trial_id) is None and trial_id not in self._completed_trials:
+            if ot_trial._trial_id not in in_study and trial_id not in self._completed_trials:
                 # The study was copied before it recorded this trial: record it again, with the settings Tune runs.
                 template = create_trial(state=TrialState.RUNNING, params=ot_trial._cached_frozen_trial.params, distributions=ot_trial._cached_frozen_trial.distributions)
                 self._ot_trials[trial_id] = Trial(self._ot_study, storage.create_new_trial(study_id, template_trial=template))
                 done["recreated"] += 1
         known = {t._trial_id for t in self._ot_trials.values()}
-        for frozen in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            if frozen._trial_id not in known:  # asked after Tune's last save: Tune will ask again
+        for frozen in in_study.values():
+            if frozen.state == TrialState.RUNNING and frozen._trial_id not in known:  # asked after Tune's last save: Tune will ask again
                 storage.set_trial_state_values(frozen._trial_id, TrialState.WAITING)
                 done["requeued"] += 1
         for trial_id, (state, values) in self._told_trials().items():
-            frozen = self._study_trial(trial_id)
+            frozen = in_study.get(self._ot_trials[trial_id]._trial_id) if trial_id in self._ot_trials else None
             if frozen is not None and not frozen.state.is_finished():
                 storage.set_trial_state_values(frozen._trial_id, TrialState[state], values)
                 done["retold"] += 1
+        # What the study finished: a trial Tune's older state still runs reports again, and is ignored (see above).
+        finished = {tid for tid, t in self._ot_trials.items() if t._trial_id in in_study and in_study[t._trial_id].state.is_finished()}
+        self.__dict__["_finished"] = finished | {tid for tid in self._told_trials() if tid in self._ot_trials}
         if any(done.values()):
             log.warning("study.db was out of step with Tune's saved state: %(recreated)d trial(s) recorded again, %(requeued)d put back in the queue, %(retold)d completion(s) told again", done)
         return done
+
+
+def _outcome(metric: str | list[str], result: dict | None, error: bool) -> tuple:
+    """The value(s) and state Ray's OptunaSearch tells the study for a trial that ended with `result` (same rules)."""
+    if not result:
+        value = None
+    else:
+        value = [result.get(m) for m in metric] if isinstance(metric, list) else result.get(metric)
+    if value is not None:
+        return value, TrialState.COMPLETE
+    return None, TrialState.FAIL if error else TrialState.PRUNED
