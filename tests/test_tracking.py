@@ -103,3 +103,24 @@ def test_an_mlflow_uri_that_cannot_be_used_is_refused_in_one_line_before_anythin
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"asl-tune: error: --mlflow: cannot log to the MLflow tracking URI {uri!r}: "), lines
     assert "MLFLOW_ALLOW_FILE_STORE" in lines[0] and not (tmp_path / "results").exists()
+
+
+def test_a_trial_mlflow_cannot_log_is_told_once_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    """MLflow holds a copy of the Parquet files' contents: its failure (here the trial's run deleted from the store
+    mid-trial) is one line, once per trial, never an exception in Tune's loop."""
+    import shutil
+
+    from asl_tune.sweep.space import load_space, resolve
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    callback = MlflowTrials(uri, "lost", load_space(resolve("cpu-quick")))
+    trial = SimpleNamespace(trial_id="abc_00001", config={}, last_result={"val_accuracy": 0.5, "epochs_completed": 1})
+    callback.on_trial_start(0, [], trial)
+    run = MlflowClient(uri).get_run(callback._runs[trial.trial_id])
+    shutil.rmtree(tmp_path / "mlruns" / run.info.experiment_id / run.info.run_id)
+    callback.on_trial_result(0, [], trial, {"epoch_row": {"epoch": 1, "val_accuracy": 0.5}})
+    callback.on_trial_complete(0, [], trial)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("--mlflow:")]
+    assert len(lines) == 1 and lines[0].startswith(f"--mlflow: trial abc_00001 is not fully logged to {uri} ("), lines
+    assert lines[0].endswith("the Parquet files have it all, and the sweep goes on")

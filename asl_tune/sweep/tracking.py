@@ -28,6 +28,7 @@ from typing import Iterator
 from ray.tune import Callback
 
 from asl_tune.errors import AslTuneError
+from asl_tune.sweep import progress
 from asl_tune.sweep.recorder import EPOCH_ROW, NOT_TRIAL_COLUMNS
 from asl_tune.sweep.space import SearchSpace
 
@@ -166,9 +167,10 @@ class MlflowTrials(Callback):
         self._client = None
         self._experiment_id: str | None = None
         self._runs: dict[str, str] = {}  # trial id -> run id
+        self._failed: set[str] = set()  # trials whose logging failed (told once each)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None, "_experiment_id": None, "_runs": {}}
+        return {**self.__dict__, "_client": None, "_experiment_id": None, "_runs": {}, "_failed": set()}
 
     @property
     def client(self):
@@ -196,29 +198,50 @@ class MlflowTrials(Callback):
         if metrics:
             self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
+    # Tune's hooks: MLflow holds a copy of what the Parquet files hold, so a failure to log (a tracking server
+    # down, a run deleted) is told once per trial and the sweep goes on.
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        run_id = self._run_id(trial)
+        self._tolerate(trial, self._start, trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        self._tolerate(trial, self._result, trial, result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._tolerate(trial, self._end, trial, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._tolerate(trial, self._end, trial, "FAILED")
+
+    def _tolerate(self, trial, step, *args) -> None:
+        try:
+            step(*args)
+        except Exception as e:  # MLflow's errors have no common base below Exception
+            if trial.trial_id not in self._failed:
+                self._failed.add(trial.trial_id)
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                progress.announce(f"--mlflow: trial {trial.trial_id} is not fully logged to {self.uri} ({first}); the Parquet files have it all, and the sweep goes on")
+
+    def _start(self, trial) -> None:
         from mlflow.entities import Param
 
+        run_id = self._run_id(trial)
         known = self.client.get_run(run_id).data.params
         fresh = [Param(k, v) for k, v in _params(self.space, trial).items() if k not in known]
         if fresh:
             self.client.log_batch(run_id, params=fresh)
         self.client.update_run(run_id, status="RUNNING")  # a resumed trial's run was left FAILED or unfinished
 
-    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+    def _result(self, trial, result: dict) -> None:
         scalars = epoch_scalars(result)
         if scalars is not None:
             self._log(self._run_id(trial), scalars[1], scalars[0])
 
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+    def _end(self, trial, status: str) -> None:
         run_id = self._run_id(trial)
-        result = trial.last_result or {}
-        self._log(run_id, final_scalars(result), int(result.get("epochs_completed") or 0))
-        self.client.set_terminated(run_id, "FINISHED")
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self.client.set_terminated(self._run_id(trial), "FAILED")
+        if status == "FINISHED":
+            result = trial.last_result or {}
+            self._log(run_id, final_scalars(result), int(result.get("epochs_completed") or 0))
+        self.client.set_terminated(run_id, status)
 
 
 def callbacks(folder: Path, space: SearchSpace, sweep_name: str, tensorboard: bool, mlflow: str | None) -> list:
