@@ -13,7 +13,7 @@ as Tune takes them):
          recorder and for each storage (SQLite, Optuna's JournalStorage).
 
     python bench/scale.py --json                                          # N = 100, and the micro bench at 2,000 trials
-    python bench/scale.py --sizes 1000 --no-mirror --micro-trials 0 --json  # N = 1,000
+    python bench/scale.py --sizes 100 1000 --no-mirror --micro-trials 0 --json  # N = 100 and 1,000, bare Tune in the same run
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ params:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[100], help="trials per sweep in the stack part (default 100; 1000 takes about 20 min on 2 cores: --sizes 1000 --no-mirror --micro-trials 0)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[100], help="trials per sweep in the stack part (default 100; --sizes 100 1000 --no-mirror --micro-trials 0 took 5.5 min on the 2 cores at load 1-3, about 20 min at load 8-12)")
     p.add_argument("--epochs", type=int, default=10, help="epochs each made-up trial reports in the stack part (default 10)")
     p.add_argument("--micro-trials", type=int, default=2000, help="trials in the micro bench (default 2000; 10,000 takes over 30 min on 2 busy cores); 0 skips it")
     p.add_argument("--micro-epochs", type=int, default=2, help="epochs per trial in the micro bench (default 2)")
