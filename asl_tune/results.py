@@ -20,6 +20,7 @@ import errno
 import io
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pyarrow as pa
@@ -27,6 +28,9 @@ import pyarrow.parquet as pq
 
 from asl_tune.errors import AslTuneError
 from asl_tune.files import write_atomically
+
+if TYPE_CHECKING:
+    import numpy as np
 
 TRIALS = "trials.parquet"
 EPOCHS = "epochs.parquet"
