@@ -6,8 +6,11 @@ as Tune takes them):
   stack  the real driver stack, at each N in --sizes: Tune with asl-tune's searcher (OptunaSearch, TPE,
          its study storage), ASHA and the Parquet recorder, writing to a folder ("asl_tune") and, as a
          second setting, mirrored to a file:// URI ("asl_tune_mirror"); then the same trainable under
-         bare Ray Tune ("bare_tune": no callbacks, the default searcher, FIFO). All three in one Ray
-         instance, with asl-tune's Ray settings (Ray's own result loggers off) for all.
+         bare Ray Tune ("bare_tune": no callbacks, the default searcher, FIFO), and under Ray Tune and
+         Optuna wired by hand ("tune_optuna": Ray's OptunaSearch with TPE in memory, Ray's ASHA on the same
+         rungs, no callbacks), which splits asl-tune's cost into what TPE and ASHA cost anyone and what
+         asl-tune adds (its SQLite study, the recorder, progress lines). All in one Ray instance, with
+         asl-tune's Ray settings (Ray's own result loggers off) for all.
   micro  the recorder and the study storage called directly, --micro-trials trials x --micro-epochs
          epochs, no Tune: the cost per result over the first 100 trials and over the last 100, for the
          recorder and for each storage (SQLite, Optuna's JournalStorage).
@@ -147,6 +150,30 @@ def run_bare_tune(n: int, epochs: int, concurrency: int, work: Path) -> dict:
     return _run(tuner)
 
 
+def run_tune_optuna(n: int, epochs: int, concurrency: int, work: Path) -> dict:
+    """The trainable under Ray Tune and Optuna as a user wires them by hand: OptunaSearch (TPE, its in-memory
+    storage), Ray's ASHA on asl-tune's rungs (images seen, the same grace and reduction factor), no callbacks."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from asl_tune.sweep.space import load_space
+
+    space_path = work / "scale.yaml"
+    space_path.write_text(SPACE.format(epochs=epochs))
+    space = load_space(space_path)
+    max_t = space.max_epochs() * space.max_fraction() * N_TRAIN
+    asha = ASHAScheduler(time_attr="images_seen", max_t=max_t, grace_period=min(space.grace_epochs * N_TRAIN, max_t),
+                         reduction_factor=space.reduction_factor, stop_last_trials=False)
+    tuner = tune.Tuner(
+        _trainable(epochs, concurrency),
+        param_space={"lr": tune.loguniform(0.001, 0.1), "head_width": tune.choice([16, 32, 64, 128])},
+        tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", search_alg=OptunaSearch(seed=0), scheduler=asha, num_samples=n, reuse_actors=True),
+        run_config=tune.RunConfig(name=f"tune-optuna-{n}", storage_path=str(work / "tune-optuna"), verbose=0),
+    )
+    return _run(tuner)
+
+
 def _sizes(folder: Path) -> dict:
     """Bytes on disk per top-level entry of a sweep folder (a folder: all its files), and the count of files."""
     sizes = {}
@@ -169,6 +196,7 @@ def stack(args: argparse.Namespace, work: Path) -> dict:
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)
         for n in args.sizes:
             settings = [("bare_tune", lambda: run_bare_tune(n, args.epochs, args.concurrency, work)),
+                        ("tune_optuna", lambda: run_tune_optuna(n, args.epochs, args.concurrency, work)),
                         ("asl_tune", lambda: run_asl_tune(n, args.epochs, args.concurrency, work, False))]
             if not args.no_mirror:
                 settings.append(("asl_tune_mirror", lambda: run_asl_tune(n, args.epochs, args.concurrency, work, True)))
@@ -281,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         ratio_per_result_vs_bare_tune={n: (ours[n]["wall_s"] / ours[n]["results"]) / (bare[n]["wall_s"] / bare[n]["results"]) for n in args.sizes},
         driver_cpu_s_per_result=_each(ours, "driver_cpu_s_per_result"),
         bare_tune_driver_cpu_s_per_result=_each(bare, "driver_cpu_s_per_result"),
+        # Against Tune + OptunaSearch + ASHA wired by hand: what asl-tune adds beyond what TPE and ASHA cost anyone.
+        tune_optuna_wall_s=_each(runs["tune_optuna"], "wall_s"),
+        ratio_vs_tune_optuna={n: ours[n]["wall_s"] / runs["tune_optuna"][n]["wall_s"] for n in args.sizes},
+        tune_optuna_driver_cpu_s_per_result=_each(runs["tune_optuna"], "driver_cpu_s_per_result"),
         recorder_cost_growth=micro_figures["growth"]["recorder"] if micro_figures else None,
         driver_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         runs=runs,

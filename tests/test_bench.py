@@ -94,11 +94,12 @@ def test_overhead_runs_a_real_sweep_and_the_same_trials_alone(tiny_dataset):
 def test_scale_runs_asl_tunes_stack_and_bare_tune_and_the_recorder_microbench():
     figures = run_script("scale.py", "--sizes", "6", "--epochs", "2", "--micro-trials", "10", "--micro-epochs", "2", timeout=300)
     assert figures["n_trials"] == [6]
-    for key in ("asl_tune_wall_s", "bare_tune_wall_s", "ratio_vs_bare_tune", "driver_cpu_s_per_result", "mirror_wall_s"):
+    for key in ("asl_tune_wall_s", "bare_tune_wall_s", "ratio_vs_bare_tune", "driver_cpu_s_per_result", "mirror_wall_s", "tune_optuna_wall_s", "ratio_vs_tune_optuna"):
         assert set(figures[key]) == {"6"} and positive(figures[key]["6"]), key  # per size: JSON names N as a string
     assert figures["ratio_vs_bare_tune"]["6"] == pytest.approx(figures["asl_tune_wall_s"]["6"] / figures["bare_tune_wall_s"]["6"])
     assert positive(figures["recorder_cost_growth"]) and positive(figures["driver_peak_rss_mb"])
-    for setting in ("bare_tune", "asl_tune", "asl_tune_mirror"):  # 2 epochs is within ASHA's grace: every trial runs both
+    assert figures["ratio_vs_tune_optuna"]["6"] == pytest.approx(figures["asl_tune_wall_s"]["6"] / figures["tune_optuna_wall_s"]["6"])
+    for setting in ("bare_tune", "tune_optuna", "asl_tune", "asl_tune_mirror"):  # 2 epochs is within ASHA's grace: every trial runs both
         assert (figures["runs"][setting]["6"]["results"], figures["runs"][setting]["6"]["errors"]) == (12, 0), setting
     ours = figures["runs"]["asl_tune_mirror"]["6"]
     assert ours["files_bytes"]["trials.parquet"]["files"] == ours["uri_files_bytes"]["trials.parquet"]["files"] == 1 + 6  # schema part + a part per trial

@@ -233,7 +233,7 @@ def test_a_local_ray_listens_on_loopback_without_a_dashboard_and_starts_its_work
 
 
 def test_same_seed_gives_the_same_configurations_and_metrics(tmp_path, data):
-    space = write_space(tmp_path / "again.yaml", 3, params={"head_width": {"type": "categorical", "choices": [16, 24, 32]}, "lr": {"type": "float", "low": 0.005, "high": 0.05, "log": True}}, fixed={"epochs": 2}, early_stopping=False)
+    space = write_space(tmp_path / "again.yaml", 3, params={"head_width": {"type": "categorical", "choices": [16, 24, 32]}, "lr": {"type": "float", "low": 0.005, "high": 0.05, "log": True}}, fixed={"epochs": 1}, early_stopping=False)
     runs = []
     for name in ("first", "second"):
         run_cli(["sweep", "--space", str(space), "--name", name, "--data", str(data), "--results", str(tmp_path), "--max-concurrent", "1", "--seed", "7"], tmp_path, 300)
