@@ -105,10 +105,15 @@ def test_autocast_to_none_is_full_precision():
         assert lin(torch.ones(1, 4)).dtype == torch.bfloat16
 
 
+def _four_images() -> Batcher:
+    """A CPU Batcher over 4 random 8 px images, for the speed tests (their models ignore what the pixels are)."""
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
+    return Batcher(images, torch.device("cpu"), channels_last=False)
+
+
 def test_timed_speed_runs_exactly_the_warm_up_and_timed_counts():
     """With Timed, every call does the same work: warm-up, then exactly that many batches of 64 and single images."""
-    images = np.random.default_rng(0).integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
-    batcher = Batcher(images, torch.device("cpu"), channels_last=False)
+    batcher = _four_images()
     sizes = []
 
     class Count(nn.Module):
@@ -124,8 +129,7 @@ def test_timed_speed_runs_exactly_the_warm_up_and_timed_counts():
 def test_timed_speed_keeps_the_median_group_so_one_stalled_batch_does_not_move_the_figure():
     """Another process taking the cores for one batch (here: one forward pass sleeps 50x longer) spoils one group of
     the timed batches, not the figure: a figure of the whole time would fall about tenfold."""
-    images = np.random.default_rng(0).integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
-    batcher = Batcher(images, torch.device("cpu"), channels_last=False)
+    batcher = _four_images()
     calls = []
 
     class Stall(nn.Module):

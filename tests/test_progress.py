@@ -4,6 +4,7 @@ brings back Ray Tune's tables. Checked on real sweeps, piped and under a pseudo-
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
@@ -39,6 +40,9 @@ def test_a_piped_sweep_prints_its_events_and_status_in_plain_lines_and_verbose_b
     rungs = re.findall(r"^trial (\w+) at rung 1 \(1 epoch of images\): val_accuracy [\d.]+, (the first to reach it|cutoff [\d.]+ over 1 trial): (continues|stopped)$", out, re.M)
     assert sorted(tid for tid, _, _ in rungs) == sorted(started) and sorted(judged[:3] for _, judged, _ in rungs) == ["cut", "the"], out
     assert all((decision == "stopped") == (ended[tid][1] == "stopped early") for tid, _, decision in rungs), out
+    # TensorBoard and MLflow are off unless asked for: no event files, no tracker in the sweep's record.
+    state = json.loads((tmp_path / "results" / "piped" / "sweep.json").read_text())
+    assert (state["tensorboard"], state["mlflow"]) == (False, None) and not (tmp_path / "results" / "piped" / "tensorboard").exists()
     assert re.search(r"^sweep: 2/2 done, 0 running, 0 pending; best val_accuracy [\d.]+ \(\w+\); \d+m\d\ds elapsed$", out, re.M), out
     assert len(out.strip().splitlines()) < 25, out  # about 500 lines for 8 trials before
 

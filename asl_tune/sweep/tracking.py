@@ -144,14 +144,15 @@ def _quick_http() -> Iterator[None]:
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
-def check_mlflow(uri: str, experiment: str) -> str:
-    """The MLflow experiment's id at `uri` (created if new); any refusal is one AslTuneError line, before the sweep starts."""
+def check_mlflow(uri: str, experiment: str):
+    """An MLflow client for `uri` and the id of the experiment there (created if new); any refusal is one
+    AslTuneError line, so the sweep checks it before it starts."""
     client_type = _mlflow()
     try:
         with _quick_http():
             client = client_type(uri)
             found = client.get_experiment_by_name(experiment)
-            return found.experiment_id if found is not None else client.create_experiment(experiment)
+            return client, found.experiment_id if found is not None else client.create_experiment(experiment)
     except Exception as e:  # MLflow's errors have no common base below Exception (MlflowException, requests', OSError)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise AslTuneError(f"--mlflow: cannot log to the MLflow tracking URI {uri!r}: {first}") from None
@@ -175,8 +176,7 @@ class MlflowTrials(Callback):
     @property
     def client(self):
         if self._client is None:
-            self._experiment_id = check_mlflow(self.uri, self.sweep_name)
-            self._client = _mlflow()(self.uri)
+            self._client, self._experiment_id = check_mlflow(self.uri, self.sweep_name)
         return self._client
 
     def _run_id(self, trial) -> str:
