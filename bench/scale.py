@@ -9,13 +9,16 @@ as Tune takes them):
          bare Ray Tune ("bare_tune": no callbacks, the default searcher, FIFO), and under Ray Tune and
          Optuna wired by hand ("tune_optuna": Ray's OptunaSearch with TPE in memory, Ray's ASHA on the same
          rungs, no callbacks), which splits asl-tune's cost into what TPE and ASHA cost anyone and what
-         asl-tune adds (its SQLite study, the recorder, progress lines). All in one Ray instance, with
+         asl-tune adds (its study file, the recorder, progress lines). All in one Ray instance, with
          asl-tune's Ray settings (Ray's own result loggers off) for all.
   micro  the recorder and the study storage called directly, --micro-trials trials x --micro-epochs
          epochs, no Tune: the cost per result over the first 100 trials and over the last 100, for the
-         recorder and for each storage (SQLite, Optuna's JournalStorage).
+         recorder and for asl-tune's study storage ("study": Optuna's journal, appended in batches);
+         "recorder_and_study" is what the driver pays. With --micro-compare also Optuna's own journal file
+         backend ("optuna_journal": a lock and an fsync per change) and the SQLite study.db ("sqlite") of
+         sweeps made before study.log.
 
-    python bench/scale.py --json                                          # N = 100, and the micro bench at 2,000 trials
+    python bench/scale.py --json                                          # N = 100, and the micro bench at 10,000 trials x 20 epochs
     python bench/scale.py --sizes 100 1000 --no-mirror --micro-trials 0 --json  # N = 100 and 1,000, bare Tune in the same run
 """
 
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import emit, machine, say  # noqa: E402
 
+SETTINGS = ("bare_tune", "tune_optuna", "asl_tune", "asl_tune_mirror")
 WINDOW = 100  # trials whose results are averaged for "the cost at N" in the micro bench
 N_TRAIN = 1000  # images per epoch the made-up trials claim (ASHA's time axis)
 SPACE = """name: scale
@@ -56,10 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[100], help="trials per sweep in the stack part (default 100; --sizes 100 1000 --no-mirror --micro-trials 0 took 5.5 min on the 2 cores at load 1-3, about 20 min at load 8-12)")
     p.add_argument("--epochs", type=int, default=10, help="epochs each made-up trial reports in the stack part (default 10)")
-    p.add_argument("--micro-trials", type=int, default=2000, help="trials in the micro bench (default 2000; 10,000 takes over 30 min on 2 busy cores); 0 skips it")
-    p.add_argument("--micro-epochs", type=int, default=2, help="epochs per trial in the micro bench (default 2)")
+    p.add_argument("--micro-trials", type=int, default=10000, help="trials in the micro bench (default 10,000); 0 skips it")
+    p.add_argument("--micro-epochs", type=int, default=20, help="epochs per trial in the micro bench (default 20)")
+    p.add_argument("--micro-compare", action="store_true", help="also time, in the micro bench, Optuna's own journal file backend (a lock and an fsync per change, about 3 ms a result) and the SQLite study.db of sweeps made before study.log (about 18 ms a result): at the default sizes they add about 10 and 60 min")
     p.add_argument("--concurrency", type=int, default=2, help="trials at once (default 2: each asks for half the CPUs of a 2-core machine)")
     p.add_argument("--no-mirror", action="store_true", help="skip the setting with the mirror to a file:// URI")
+    p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), help="which settings of the stack part to run (default: all; e.g. --settings asl_tune --sizes 10000 for the driver's RSS at 10,000 trials); ratios need asl_tune and the setting they divide by")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last stdout line")
     return p.parse_args(argv)
 
@@ -200,7 +206,7 @@ def stack(args: argparse.Namespace, work: Path) -> dict:
                         ("asl_tune", lambda: run_asl_tune(n, args.epochs, args.concurrency, work, False))]
             if not args.no_mirror:
                 settings.append(("asl_tune_mirror", lambda: run_asl_tune(n, args.epochs, args.concurrency, work, True)))
-            for setting, run in settings:
+            for setting, run in [(s, r) for s, r in settings if s in args.settings]:
                 say(f"{setting}: {n} trials x {args.epochs} epochs")
                 runs.setdefault(setting, {})[n] = run()
                 say(f"{setting}: {n} trials in {runs[setting][n]['wall_s']:.1f} s, {runs[setting][n]['results']} results")
@@ -224,7 +230,8 @@ def micro(args: argparse.Namespace, work: Path) -> dict:
 
     from asl_tune.sweep.recorder import ParquetRecorder
     from asl_tune.sweep.space import load_space
-    from asl_tune.sweep.study import study_storage
+    from asl_tune.sweep.mirror import SweepFolder
+    from asl_tune.sweep.study import SweepStudyStorage, study_storage
 
     space_path = work / "micro.yaml"
     space_path.write_text(SPACE.format(epochs=args.micro_epochs))
@@ -232,9 +239,12 @@ def micro(args: argparse.Namespace, work: Path) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder = work / "micro" / "recorder"
     recorder = ParquetRecorder(folder, space, args.micro_trials)
-    (work / "micro" / "sqlite").mkdir(parents=True)
-    storages = {"sqlite": study_storage(work / "micro" / "sqlite", "study.db"),
-                "journal": optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(work / "micro" / "study.log")))}
+    for sub in ("study", "optuna_journal", "sqlite"):
+        (work / "micro" / sub).mkdir(parents=True)
+    storages = {"study": study_storage(work / "micro" / "study")}  # asl-tune's: Optuna's journal, written in batches
+    if args.micro_compare:
+        storages["optuna_journal"] = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(work / "micro" / "optuna_journal" / "study.log")))
+        storages["sqlite"] = SweepStudyStorage(SweepFolder(work / "micro", "sqlite"), "study.db")  # what sweeps made before study.log use
     studies = {k: optuna.create_study(study_name="micro", storage=s) for k, s in storages.items()}
     seconds = {k: [0.0] * args.micro_trials for k in ("recorder", *storages)}
     t0 = time.perf_counter()
@@ -246,12 +256,13 @@ def micro(args: argparse.Namespace, work: Path) -> dict:
         if (k + 1) % 1000 == 0:
             say(f"micro: {k + 1} trials in {time.perf_counter() - t0:.0f} s")
     w = min(WINDOW, max(args.micro_trials // 2, 1))
+    seconds["recorder_and_study"] = [r + q for r, q in zip(seconds["recorder"], seconds["study"])]  # what asl-tune's driver pays
     per_result = {key: {"first": sum(s[:w]) / (w * args.micro_epochs), "last": sum(s[-w:]) / (w * args.micro_epochs)} for key, s in seconds.items()}
     return {
         "trials": args.micro_trials, "epochs": args.micro_epochs, "window_trials": w,
         "cost_per_result_ms": {key: {k: v * 1000 for k, v in c.items()} for key, c in per_result.items()},
         "growth": {key: c["last"] / c["first"] for key, c in per_result.items()},
-        "files_bytes": {"recorder": _sizes(folder), "sqlite": _sizes(work / "micro" / "sqlite"), "journal_bytes": (work / "micro" / "study.log").stat().st_size},
+        "files_bytes": {"recorder": _sizes(folder), **{k: _sizes(work / "micro" / k) for k in storages}},
         "wall_s": time.perf_counter() - t0,
     }
 
@@ -298,35 +309,43 @@ def main(argv: list[str] | None = None) -> int:
         micro_figures = micro(args, work) if args.micro_trials else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ours, bare = runs["asl_tune"], runs["bare_tune"]
+    ours, bare, by_hand = runs.get("asl_tune", {}), runs.get("bare_tune", {}), runs.get("tune_optuna", {})
+
+    def ratio(a: dict, b: dict, per_result: bool = False) -> dict | None:
+        if not (a and b):
+            return None
+        return {n: (a[n]["wall_s"] / (a[n]["results"] if per_result else 1)) / (b[n]["wall_s"] / (b[n]["results"] if per_result else 1)) for n in args.sizes}
+
     figures.update(
         n_trials=args.sizes,
         epochs=args.epochs,
+        settings=[s for s in SETTINGS if s in runs],
         asl_tune_wall_s=_each(ours, "wall_s"),
         bare_tune_wall_s=_each(bare, "wall_s"),
-        ratio_vs_bare_tune={n: ours[n]["wall_s"] / bare[n]["wall_s"] for n in args.sizes},
+        ratio_vs_bare_tune=ratio(ours, bare),
         # ASHA stops trials early, so asl-tune's sweep runs fewer results than bare Tune's: the same ratio per result.
-        ratio_per_result_vs_bare_tune={n: (ours[n]["wall_s"] / ours[n]["results"]) / (bare[n]["wall_s"] / bare[n]["results"]) for n in args.sizes},
+        ratio_per_result_vs_bare_tune=ratio(ours, bare, per_result=True),
         driver_cpu_s_per_result=_each(ours, "driver_cpu_s_per_result"),
         bare_tune_driver_cpu_s_per_result=_each(bare, "driver_cpu_s_per_result"),
         # Against Tune + OptunaSearch + ASHA wired by hand: what asl-tune adds beyond what TPE and ASHA cost anyone.
-        tune_optuna_wall_s=_each(runs["tune_optuna"], "wall_s"),
-        ratio_vs_tune_optuna={n: ours[n]["wall_s"] / runs["tune_optuna"][n]["wall_s"] for n in args.sizes},
-        tune_optuna_driver_cpu_s_per_result=_each(runs["tune_optuna"], "driver_cpu_s_per_result"),
-        recorder_cost_growth=micro_figures["growth"]["recorder"] if micro_figures else None,
+        tune_optuna_wall_s=_each(by_hand, "wall_s"),
+        ratio_vs_tune_optuna=ratio(ours, by_hand),
+        tune_optuna_driver_cpu_s_per_result=_each(by_hand, "driver_cpu_s_per_result"),
+        # The recorder and the study's storage together, what the driver pays per result: last 100 trials / first 100.
+        recorder_cost_growth=micro_figures["growth"]["recorder_and_study"] if micro_figures else None,
         driver_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         runs=runs,
         micro=micro_figures,
     )
     if "asl_tune_mirror" in runs:
         figures["mirror_wall_s"] = _each(runs["asl_tune_mirror"], "wall_s")
-        figures["mirror_ratio_vs_bare_tune"] = {n: runs["asl_tune_mirror"][n]["wall_s"] / bare[n]["wall_s"] for n in args.sizes}
+        figures["mirror_ratio_vs_bare_tune"] = ratio(runs["asl_tune_mirror"], bare)
     emit(figures, args.json)
     return 0
 
 
-def _each(runs: dict, key: str) -> dict:
-    return {n: run[key] for n, run in runs.items()}
+def _each(runs: dict, key: str) -> dict | None:
+    return {n: run[key] for n, run in runs.items()} if runs else None
 
 
 if __name__ == "__main__":

@@ -80,6 +80,23 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, wh
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def load_study(folder: Path, name: str | None = None):
+    """A sweep folder's Optuna study (its name: the sweep's), read through Optuna's own journal backend, as
+    optuna-dashboard opens study.log; also how a test writes to it, as a driver killed mid-write would have."""
+    import optuna
+
+    path = Path(folder) / "study.log"
+    assert path.is_file(), f"{path}: no study"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    return optuna.load_study(study_name=name or Path(folder).name, storage=storage)
+
+
+def study_states(folder: Path) -> tuple[int, set[str]]:
+    """How many trials a sweep folder's study has, and their states' names."""
+    trials = load_study(folder).get_trials(deepcopy=False)
+    return len(trials), {t.state.name for t in trials}
+
+
 def read(folder: Path, name: str) -> pd.DataFrame:
     """One results file as it stands, read as a whole snapshot even while the sweep rewrites it."""
     readers = {"trials": read_trials, "epochs": read_epochs, "confusion": read_confusion}

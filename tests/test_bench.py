@@ -92,7 +92,7 @@ def test_overhead_runs_a_real_sweep_and_the_same_trials_alone(tiny_dataset):
 
 
 def test_scale_runs_asl_tunes_stack_and_bare_tune_and_the_recorder_microbench():
-    figures = run_script("scale.py", "--sizes", "6", "--epochs", "2", "--micro-trials", "10", "--micro-epochs", "2", timeout=300)
+    figures = run_script("scale.py", "--sizes", "6", "--epochs", "2", "--micro-trials", "10", "--micro-epochs", "2", "--micro-compare", timeout=300)
     assert figures["n_trials"] == [6]
     for key in ("asl_tune_wall_s", "bare_tune_wall_s", "ratio_vs_bare_tune", "driver_cpu_s_per_result", "mirror_wall_s", "tune_optuna_wall_s", "ratio_vs_tune_optuna"):
         assert set(figures[key]) == {"6"} and positive(figures[key]["6"]), key  # per size: JSON names N as a string
@@ -103,7 +103,9 @@ def test_scale_runs_asl_tunes_stack_and_bare_tune_and_the_recorder_microbench():
         assert (figures["runs"][setting]["6"]["results"], figures["runs"][setting]["6"]["errors"]) == (12, 0), setting
     ours = figures["runs"]["asl_tune_mirror"]["6"]
     assert ours["files_bytes"]["trials.parquet"]["files"] == ours["uri_files_bytes"]["trials.parquet"]["files"] == 1 + 6  # schema part + a part per trial
-    assert set(figures["micro"]["growth"]) == {"recorder", "sqlite", "journal"}
+    assert ours["files_bytes"]["study.log"]["files"] == ours["uri_files_bytes"]["study.log"]["files"] == 1  # the study's journal, copied up
+    assert set(figures["micro"]["growth"]) == {"recorder", "study", "optuna_journal", "sqlite", "recorder_and_study"}
+    assert figures["recorder_cost_growth"] == figures["micro"]["growth"]["recorder_and_study"]
 
 
 @pytest.mark.parametrize("grid", ["grid", "grid-e8"])

@@ -62,15 +62,29 @@ def running_without_checkpoint(folder: Path) -> None:
     store.flush()
 
 
+def garble_journal(path: Path) -> None:
+    """A line in the middle of the study's journal overwritten (a last line cut short is what a kill leaves: not damage)."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[len(lines) // 2] = b"not a journal entry\n"
+    path.write_bytes(b"".join(lines))
+
+
+def legacy_garbage(folder: Path) -> None:
+    """A sweep made before study.log, whose study.db is garbage."""
+    (folder / "study.log").unlink()
+    (folder / "study.db").write_bytes(b"not a database " * 64)
+
+
 DAMAGE = {
     "sweep.json truncated": (lambda f: (f / "sweep.json").write_text((f / "sweep.json").read_text()[:40]), "sweep.json"),
     "space.yaml invalid": (lambda f: (f / "space.yaml").write_text("name: whole\nnum_samples: -3\nparams: {}\n"), "space.yaml"),
-    "study.db garbage": (lambda f: (f / "study.db").write_bytes(b"not a database " * 64), "study.db"),
+    "study.log garbage": (lambda f: garble_journal(f / "study.log"), "study.log"),
+    "study.db garbage (made before study.log)": (lambda f: legacy_garbage(f), "study.db"),
     "a Parquet file truncated": (lambda f: truncate(a_part(f, "epochs.parquet")), "epochs.parquet"),
     "ray/run-1 deleted": (lambda f: shutil.rmtree(f / "ray" / "run-1"), "ray/run-1"),
     "a continued trial's checkpoint missing": (running_without_checkpoint, "checkpoint_"),
 }
-REFUSED = [("resume", d) for d in DAMAGE] + [("extend", d) for d in ("sweep.json truncated", "space.yaml invalid", "study.db garbage", "a Parquet file truncated")] + [("analyze", "a Parquet file truncated")]
+REFUSED = [("resume", d) for d in DAMAGE] + [("extend", d) for d in ("sweep.json truncated", "space.yaml invalid", "study.log garbage", "study.db garbage (made before study.log)", "a Parquet file truncated")] + [("analyze", "a Parquet file truncated")]
 
 
 def command(verb: str, results: Path) -> list[str]:
@@ -103,7 +117,7 @@ def test_analyze_goes_on_without_what_it_does_not_need_and_names_it(finished, tm
     weights are each named in a note, and the report is written."""
     folder = tmp_path / "results" / "whole"
     shutil.copytree(finished, folder)
-    DAMAGE["study.db garbage"][0](folder)
+    DAMAGE["study.log garbage"][0](folder)
     DAMAGE["sweep.json truncated"][0](folder)
     trials = read_trials(folder)
     gone = _at(folder, trials["checkpoint"].iloc[0])
@@ -112,7 +126,28 @@ def test_analyze_goes_on_without_what_it_does_not_need_and_names_it(finished, tm
 
     assert main([*command("analyze", tmp_path / "results"), "--speed-on", "training"]) == 0  # no speed to time alone: the notes are the point
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("asl-tune: note: ")]
-    assert any("study.db" in n and "goes on" in n for n in notes), notes
+    assert any("study.log" in n and "goes on" in n for n in notes), notes
     assert any("sweep.json" in n for n in notes), notes
     assert any(str(gone) in n and "weights cannot be loaded" in n for n in notes), notes
     assert (folder / "report" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_a_sweep_made_before_study_log_is_extended_in_its_sqlite_study(finished, tmp_path):
+    """The older layout: the study in study.db (SQLite), no study.log. --extend learns from it and grows it there,
+    and writes no study.log beside it (the same study, copied into SQLite with Optuna's own copy_study)."""
+    import optuna
+
+    from asl_tune.sweep.study import sqlite_url
+    from sweeps import load_study
+
+    folder = tmp_path / "results" / "whole"
+    shutil.copytree(finished, folder)
+    journal = load_study(folder)
+    optuna.copy_study(from_study_name="whole", from_storage=journal._storage, to_storage=sqlite_url(folder / "study.db"))
+    (folder / "study.log").unlink()
+    assert main(command("extend", tmp_path / "results")) == 0
+    assert not (folder / "study.log").exists()
+    study = optuna.load_study(study_name="whole", storage=sqlite_url(folder / "study.db"))
+    assert len(study.trials) == 3 and {t.state.name for t in study.trials} == {"COMPLETE"}
+    assert len(read_trials(folder)) == 3

@@ -14,11 +14,12 @@ import pytest
 
 from asl_tune.errors import AslTuneError
 from asl_tune.results import ResultsStore, read_trials, trial_row, write_atomic
+from asl_tune.sweep import mirror
 from asl_tune.sweep.mirror import ANALYZE_DIR, MirroredSweepFolder, SweepFolder, sweep_folder
 from asl_tune.sweep.recorder import ParquetRecorder
 from asl_tune.sweep.request import place
 from asl_tune.sweep.space import load_space
-from asl_tune.sweep.study import study_storage
+from asl_tune.sweep.study import flush_study, study_storage
 from sweeps import write_space
 
 
@@ -51,10 +52,11 @@ def test_a_uri_is_copied_up_as_files_change_and_down_whole(tmp_path, monkeypatch
     sweep.path.mkdir(parents=True)
     (sweep.path / "sweep.json").write_text("{}")
     (sweep.path / "notes.txt").write_text("not mirrored")
-    with sqlite3.connect(sweep.path / "study.db") as db:
+    with sqlite3.connect(sweep.path / "study.db") as db:  # a sweep made before study.log
         db.execute("create table t (x)")
+    (sweep.path / "study.log").write_text('{"op_code":0}\n')
     sweep.sync(final=True)
-    assert set(files_in(remote)) == {"sweep.json", "study.db"}  # only the mirrored files, and no temporary
+    assert set(files_in(remote)) == {"sweep.json", "study.db", "study.log"}  # only the mirrored files, and no temporary
     (sweep.path / "sweep.json").write_text('{"runs": []}')
     sweep.sync()
     assert (remote / "sweep.json").read_text() == '{"runs": []}'
@@ -103,7 +105,7 @@ def test_the_study_and_the_recorder_find_this_machines_working_copy_when_unpickl
     monkeypatch.setenv("ASL_TUNE_CACHE", str(tmp_path / "cache-a"))
     sweep = place(uri, "s")
     sweep.path.mkdir(parents=True)
-    storage = study_storage(sweep, "study.db")
+    storage = study_storage(sweep)
     optuna.create_study(study_name="s", storage=storage)
     recorder = ParquetRecorder(sweep, load_space(write_space(tmp_path / "s.yaml", 1, params={"lr": {"type": "float", "low": 0.01, "high": 0.1}})), 1)
     saved = pickle.dumps((storage, recorder))
@@ -112,9 +114,11 @@ def test_the_study_and_the_recorder_find_this_machines_working_copy_when_unpickl
     moved = place(uri, "s")
     moved.path.mkdir(parents=True)
     storage_b, recorder_b = pickle.loads(saved)
-    assert storage_b.url == f"sqlite:///{moved.path / 'study.db'}"
-    optuna.create_study(study_name="s", storage=storage_b)  # opens cache-b's study.db, not cache-a's
-    assert (moved.path / "study.db").is_file()
+    assert storage_b._backend.path == moved.path / "study.log"
+    assert not (moved.path / "study.log").exists()  # cache-a's study was not carried along in the pickle
+    optuna.create_study(study_name="s", storage=storage_b)  # writes cache-b's study.log, not cache-a's
+    flush_study(storage_b)
+    assert (moved.path / "study.log").is_file() and (sweep.path / "study.log").is_file()  # cache-a's, written when pickled
     assert recorder_b.folder == moved.path and recorder_b.sweep.location == f"{uri}/s"
 
 
@@ -148,3 +152,33 @@ def test_a_flush_copies_up_only_the_parts_it_wrote_and_removes_a_dropped_trials(
     moved = pickle.loads(pickle.dumps(sweep))
     moved.pull()
     assert list(read_trials(moved.path)["trial_id"]) == ["b", "old"]
+
+
+def test_a_file_that_grows_is_copied_again_only_after_twenty_times_its_last_copy_and_always_at_the_end(tmp_path, monkeypatch):
+    """study.log grows with the sweep and is copied whole: a copy that took 1 s (a clock the test moves) is not
+    followed by another for 20 s (COPY_SHARE), however often it changes; the final sync copies it regardless."""
+    clock = [100.0]
+    monkeypatch.setattr(mirror.time, "monotonic", lambda: clock[0])
+    monkeypatch.setenv("ASL_TUNE_CACHE", str(tmp_path / "cache"))
+    sweep = place((tmp_path / "bucket").as_uri(), "s")
+    sweep.path.mkdir(parents=True)
+    upload, copies = sweep._upload, []
+
+    def slow_upload(src, name):
+        upload(src, name)
+        copies.append((name, src.read_text()))
+        clock[0] += 1.0  # the copy took a second
+
+    monkeypatch.setattr(sweep, "_upload", slow_upload)
+    study = sweep.path / "study.log"
+    remote = tmp_path / "bucket" / "s" / "study.log"
+    for k in range(1, 7):  # syncs at 100 s (the copy ends at 101 s), 105, 109, 113, 117 and 121 s
+        study.write_text("line\n" * k)
+        sweep.sync(changed=())
+        clock[0] += 4.0
+    assert copies == [("study.log", "line\n"), ("study.log", "line\n" * 6)]  # at 100 s and at 121 s, not in between
+    study.write_text("line\n" * 7)
+    sweep.sync(changed=())
+    assert remote.read_text() == "line\n" * 6  # within 20 s of the last copy
+    sweep.sync(final=True)
+    assert remote.read_text() == "line\n" * 7 and len(copies) == 3

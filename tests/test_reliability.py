@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -21,10 +20,9 @@ import ray
 
 from asl_tune.sweep import cluster
 from asl_tune.results import ResultsStore, read_epochs, read_trials, trial_row
-from asl_tune.sweep.study import sqlite_url
 from asl_tune.sweep.trainable import WORK_PREFIX
 from conftest import make_dataset
-from sweeps import RAY_TABLES, assert_consistent, cli, kill_group, read, run_cli, run_to_end, wait_for, wait_for_saved_state, write_space
+from sweeps import RAY_TABLES, assert_consistent, cli, kill_group, load_study, read, run_cli, run_to_end, study_states, wait_for, wait_for_saved_state, write_space
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -102,9 +100,7 @@ def test_chaos_three_driver_kills_then_resume(tmp_path, data):
     assert kills >= 2
     trials, _ = assert_consistent(folder, 4)
     assert set(trials["status"]) == {"completed"}
-    with sqlite3.connect(folder / "study.db") as db:
-        complete = db.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
-    assert complete == 4
+    assert study_states(folder) == (4, {"COMPLETE"})
 
 
 def test_resume_reconciles_a_study_ahead_of_tunes_saved_state_and_a_trial_tune_forgot(tmp_path, data):
@@ -118,7 +114,7 @@ def test_resume_reconciles_a_study_ahead_of_tunes_saved_state_and_a_trial_tune_f
         wait_for(lambda: (read(folder, "epochs")["epoch"] >= 2).any(), 240, driver, "the first trial's second epoch")
         wait_for_saved_state(folder / "ray" / "run-1", time.time(), proc=driver)
         kill_group(driver)
-    study = optuna.load_study(study_name="window", storage=sqlite_url(folder / "study.db"))
+    study = load_study(folder)
     running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     # The premise: the kill landed while a trial ran (a fast device can finish 4 tiny epochs before it).
     assert len(running) == 1, f"expected one running trial at the kill, the study has {[t.state.name for t in study.trials]}"
@@ -134,7 +130,7 @@ def test_resume_reconciles_a_study_ahead_of_tunes_saved_state_and_a_trial_tune_f
     assert "trial forgotten started after Tune last saved its state" in out
     trials, _ = assert_consistent(folder, 2)
     assert "forgotten" not in set(trials["trial_id"]) and set(trials["status"]) == {"completed"}
-    study = optuna.load_study(study_name="window", storage=sqlite_url(folder / "study.db"))
+    study = load_study(folder)
     assert len(study.trials) == 2 and {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
     assert study.trials[running.number].value == 0.125  # the study keeps what it was told first
     assert study.trials[orphan.number].params == orphan.params  # Tune's next trial took the orphan's settings
@@ -237,8 +233,7 @@ def test_same_seed_gives_the_same_configurations_and_metrics(tmp_path, data):
     runs = []
     for name in ("first", "second"):
         run_cli(["sweep", "--space", str(space), "--name", name, "--data", str(data), "--results", str(tmp_path), "--max-concurrent", "1", "--seed", "7"], tmp_path, 300)
-        with sqlite3.connect(tmp_path / name / "study.db") as db:
-            params = db.execute("select t.number, p.param_name, p.param_value from trials t join trial_params p using (trial_id) order by t.number, p.param_name").fetchall()
+        params = [(t.number, k, v) for t in load_study(tmp_path / name).trials for k, v in sorted(t.params.items())]
         trials = read_trials(tmp_path / name)
         metrics = trials.sort_values(["params_head_width", "params_lr"])[["params_head_width", "params_lr", "val_accuracy", "test_accuracy"]].reset_index(drop=True)
         runs.append((params, metrics))

@@ -1,8 +1,10 @@
-"""The searcher keeps the Optuna study (real SQLite) in step with Tune's saved state across a killed driver.
+"""The searcher keeps the Optuna study (its real journal file, study.log) in step with Tune's saved state across a killed driver.
 
 Each test stands in for one ordering of "the study was written" and "Tune saved its state (and the
-searcher's)" that a SIGKILL can leave behind; `save` is what Tune calls when it saves its state, and
-`restore` what `asl-tune resume` calls through Tuner.restore.
+searcher's)" that a SIGKILL can leave behind; `save` is what Tune calls when it saves its state (the
+journal writes what it holds first), `flush` what the journal does at the latest a second after a change,
+and `restore` what `asl-tune resume` calls through Tuner.restore. A sweep made before study.log keeps its
+SQLite study.db: the orderings are run on that layout too.
 """
 
 from __future__ import annotations
@@ -14,13 +16,22 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from asl_tune.sweep.study import StudySearch, study_storage
+from asl_tune.sweep.study import StudySearch, SweepStudyStorage, flush_study, read_journal, sqlite_url, study_storage
 
 SPACE = {"lr": FloatDistribution(1e-3, 1e-1, log=True), "head_width": CategoricalDistribution([16, 32])}
+LAYOUTS = ["study.log", "study.db"]
+
+
+@pytest.fixture(params=LAYOUTS)
+def folder(request, tmp_path):
+    """A sweep folder whose study is in `study.log` (Optuna's journal), or in `study.db` (SQLite: sweeps made before study.log)."""
+    if request.param == "study.db":
+        optuna.storages.RDBStorage(sqlite_url(tmp_path / "study.db"))  # an (empty) study database, as older sweeps have
+    return tmp_path
 
 
 def searcher(folder) -> StudySearch:
-    return StudySearch(space=SPACE, metric="val_accuracy", mode="max", sampler=optuna.samplers.RandomSampler(seed=0), study_name="s", storage=study_storage(folder, "study.db"))
+    return StudySearch(space=SPACE, metric="val_accuracy", mode="max", sampler=optuna.samplers.RandomSampler(seed=0), study_name="s", storage=study_storage(folder))
 
 
 def restored(folder, saved) -> StudySearch:
@@ -30,91 +41,173 @@ def restored(folder, saved) -> StudySearch:
     return fresh
 
 
-def study_trials(folder) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name="s", storage=study_storage(folder, "study.db")).get_trials(deepcopy=False)
+def flush(search: StudySearch) -> None:
+    """What the journal does at the latest FLUSH_EVERY_S after a change (SQLite has written already)."""
+    flush_study(search._storage)
+
+
+def study_file(folder) -> str:
+    return "study.db" if (folder / "study.db").exists() else "study.log"
+
+
+def external(folder) -> optuna.Study:
+    """The study as another process opens it from the file: Optuna's own storage classes (optuna-dashboard's)."""
+    if study_file(folder) == "study.db":
+        return optuna.load_study(study_name="s", storage=sqlite_url(folder / "study.db"))
+    return optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / "study.log"))))
+
+
+def study_trials(folder, search: StudySearch | None = None) -> list[optuna.trial.FrozenTrial]:
+    """The trials in the study's file (after `search` wrote what it holds)."""
+    if search is not None:
+        flush(search)
+    return external(folder).get_trials(deepcopy=False)
 
 
 def result(value: float, step: int) -> dict:
     return {"val_accuracy": value, "training_iteration": step}
 
 
-def test_reports_for_a_trial_the_study_already_finished_are_ignored(tmp_path):
-    """Study ahead: it finished the trial, Tune's older state re-runs the last epoch and reports it again."""
-    search = searcher(tmp_path)
+def test_reports_for_a_trial_the_study_already_finished_are_ignored(folder):
+    """Study ahead: the driver told the study the trial's end after Tune's last save, then was killed; the
+    restored Tune re-runs the trial's last epoch, which reports again and ends again."""
+    search = searcher(folder)
     search.suggest("t1")
     search.on_trial_result("t1", result(0.5, 1))
-    study = optuna.load_study(study_name="s", storage=study_storage(tmp_path, "study.db"))
-    study.tell(study.get_trials()[0].number, 0.7)  # what the driver told before it was killed
-    search.on_trial_result("t1", result(0.6, 2))  # Ray's OptunaSearch raises UpdateFinishedTrialError here
-    search.on_trial_complete("t1", result(0.9, 2))
-    (trial,) = study_trials(tmp_path)
+    search.save(str(folder / "searcher.pkl"))  # Tune saves its state ...
+    search.on_trial_complete("t1", result(0.7, 1))  # ... the driver tells the study and writes it, and is killed
+    flush(search)
+    again = restored(folder, folder / "searcher.pkl")
+    again.on_trial_result("t1", result(0.6, 2))  # Ray's OptunaSearch raises UpdateFinishedTrialError here
+    again.on_trial_complete("t1", result(0.9, 2))
+    (trial,) = study_trials(folder, again)
     assert trial.state == TrialState.COMPLETE and trial.value == 0.7  # the study keeps what it was told first
     assert trial.intermediate_values == {1: 0.5}
 
 
-def test_a_trial_the_study_started_after_tunes_last_save_is_handed_out_again(tmp_path):
+def test_a_trial_the_study_started_after_tunes_last_save_is_handed_out_again(folder):
     """Tune forgot a trial the study started: its settings go to the next trial Tune asks for, not a new draw."""
-    search = searcher(tmp_path)
+    search = searcher(folder)
     search.suggest("t1")
-    search.save(str(tmp_path / "searcher.pkl"))  # Tune saves its state here ...
-    orphan = search.suggest("t2")  # ... and the driver dies after this ask
-    again = restored(tmp_path, tmp_path / "searcher.pkl")
-    assert [t.state for t in study_trials(tmp_path)] == [TrialState.RUNNING, TrialState.WAITING]
+    search.save(str(folder / "searcher.pkl"))  # Tune saves its state here ...
+    orphan = search.suggest("t2")  # ... and the driver dies after this ask (and its write)
+    flush(search)
+    again = restored(folder, folder / "searcher.pkl")
+    assert [t.state for t in study_trials(folder, again)] == [TrialState.RUNNING, TrialState.WAITING]
     assert again.suggest("t3") == orphan
     again.on_trial_complete("t3", result(0.4, 1))
     again.on_trial_complete("t1", result(0.3, 1))
-    trials = study_trials(tmp_path)
+    trials = study_trials(folder, again)
     assert len(trials) == 2 and [t.value for t in trials] == [0.3, 0.4]
 
 
-def test_a_completion_the_study_lost_is_told_again_from_tunes_saved_state(tmp_path):
-    """Study behind: a copy of study.db from before the trial finished, with Tune's state from after."""
-    search = searcher(tmp_path)
+def _copy(folder, src: str, dest: str) -> None:
+    name = study_file(folder)
+    shutil.copy(folder / f"{src}{name}", folder / f"{dest}{name}")
+
+
+def test_a_completion_the_study_lost_is_told_again_from_tunes_saved_state(folder):
+    """Study behind: a copy of the study from before the trial finished, with Tune's state from after (results
+    at a URI: the study is copied up after Tune's state)."""
+    search = searcher(folder)
     search.suggest("t1")
-    shutil.copy(tmp_path / "study.db", tmp_path / "older.db")
+    flush(search)
+    _copy(folder, "", "older.")
     search.on_trial_complete("t1", result(0.8, 3))
-    search.save(str(tmp_path / "searcher.pkl"))
-    shutil.copy(tmp_path / "older.db", tmp_path / "study.db")
-    assert [t.state for t in study_trials(tmp_path)] == [TrialState.RUNNING]
-    again = restored(tmp_path, tmp_path / "searcher.pkl")
-    (trial,) = study_trials(tmp_path)
+    search.save(str(folder / "searcher.pkl"))
+    _copy(folder, "older.", "")
+    assert [t.state for t in study_trials(folder)] == [TrialState.RUNNING]
+    again = restored(folder, folder / "searcher.pkl")
+    (trial,) = study_trials(folder, again)
     assert trial.state == TrialState.COMPLETE and trial.value == 0.8
     assert again.reconcile() == {"recreated": 0, "requeued": 0, "retold": 0}  # in step now: nothing more to do
 
 
-def test_a_trial_the_study_never_recorded_is_recorded_with_the_settings_tune_runs(tmp_path):
-    """Study behind by a whole trial: a copy of study.db from before Tune's running trial was asked for."""
-    search = searcher(tmp_path)
+def test_a_trial_the_study_never_recorded_is_recorded_with_the_settings_tune_runs(folder):
+    """Study behind by a whole trial: a copy of the study from before Tune's running trial was asked for."""
+    search = searcher(folder)
     search.suggest("t0")
     search.on_trial_complete("t0", result(0.2, 1))
-    shutil.copy(tmp_path / "study.db", tmp_path / "older.db")
+    flush(search)
+    _copy(folder, "", "older.")
     settings = search.suggest("t1")
-    search.save(str(tmp_path / "searcher.pkl"))
-    shutil.copy(tmp_path / "older.db", tmp_path / "study.db")
-    again = restored(tmp_path, tmp_path / "searcher.pkl")
+    search.save(str(folder / "searcher.pkl"))
+    _copy(folder, "older.", "")
+    again = restored(folder, folder / "searcher.pkl")
     again.on_trial_result("t1", result(0.5, 1))
     again.on_trial_complete("t1", result(0.6, 2))
-    trials = study_trials(tmp_path)
+    trials = study_trials(folder, again)
     assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials)
     assert trials[1].params == settings and trials[1].value == 0.6 and trials[1].intermediate_values == {1: 0.5}
 
 
 @pytest.mark.parametrize("error", [False, True])
-def test_a_searcher_in_step_with_the_study_changes_nothing_when_restored(tmp_path, error):
-    search = searcher(tmp_path)
+def test_a_searcher_in_step_with_the_study_changes_nothing_when_restored(folder, error):
+    search = searcher(folder)
     search.suggest("t1")
     search.on_trial_complete("t1", None if error else result(0.5, 1), error=error)
-    search.save(str(tmp_path / "searcher.pkl"))
-    again = restored(tmp_path, tmp_path / "searcher.pkl")
+    search.save(str(folder / "searcher.pkl"))
+    again = restored(folder, folder / "searcher.pkl")
     assert again.reconcile() == {"recreated": 0, "requeued": 0, "retold": 0}
-    (trial,) = study_trials(tmp_path)
+    (trial,) = study_trials(folder, again)
     assert trial.state == (TrialState.FAIL if error else TrialState.COMPLETE)
 
 
-def test_a_result_reads_nothing_from_the_study_and_a_trial_it_finished_first_is_known_without_a_read(tmp_path, monkeypatch):
-    """A count, not a timing: a result costs the study one write (its intermediate value) and no read, also after a
-    restore from a Tune state older than the study (the study's finished trials are learned once, by reconcile)."""
+def test_the_journal_is_written_in_batches_at_tunes_saves_and_each_entry_once(tmp_path, monkeypatch):
+    """A count, not a timing: asking, 3 trials x 10 results and their ends write nothing to study.log until Tune
+    saves its state (or a second passes); the save appends every entry in one write, and the file then holds
+    each entry once, whole, in order, and reads back as the same study."""
     search = searcher(tmp_path)
+    writes = []
+    real_open = open
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        if str(file).endswith("study.log") and "a" in mode:
+            writes.append(mode)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    search.save(str(tmp_path / "searcher.pkl"))  # the study's creation
+    assert writes == ["ab"]
+    lines_before = len(list(read_journal(tmp_path / "study.log")))
+    for k in range(3):
+        search.suggest(f"t{k}")
+        for step in range(1, 11):
+            search.on_trial_result(f"t{k}", result(0.01 * step + k, step))
+        search.on_trial_complete(f"t{k}", result(0.1 + k, 10))
+    assert writes == ["ab"] and len(list(read_journal(tmp_path / "study.log"))) == lines_before
+    search.save(str(tmp_path / "searcher.pkl"))
+    assert writes == ["ab", "ab"]
+    entries = list(read_journal(tmp_path / "study.log"))
+    # Per trial: created, 2 settings, the asl-tune trial id, 10 intermediate values, its end.
+    assert len(entries) - lines_before == 3 * (1 + 2 + 1 + 10 + 1)
+    trials = study_trials(tmp_path)
+    assert [t.value for t in trials] == [0.1, 1.1, 2.1] and all(len(t.intermediate_values) == 10 for t in trials)
+
+
+def test_a_line_cut_short_by_a_kill_is_not_read_and_is_cut_off_before_the_next_write(tmp_path):
+    search = searcher(tmp_path)
+    search.suggest("t1")
+    search.save(str(tmp_path / "searcher.pkl"))
+    whole = (tmp_path / "study.log").read_bytes()
+    with open(tmp_path / "study.log", "ab") as f:
+        f.write(b'{"op_code":6,"worker_id":"x","trial_id":0,"sta')  # the kill, mid-write
+    again = restored(tmp_path, tmp_path / "searcher.pkl")
+    assert [t.state for t in study_trials(tmp_path)] == [TrialState.RUNNING]  # Optuna's reader skips it too
+    again.on_trial_complete("t1", result(0.5, 1))
+    (trial,) = study_trials(tmp_path, again)
+    assert trial.state == TrialState.COMPLETE and trial.value == 0.5
+    text = (tmp_path / "study.log").read_bytes()
+    assert text.startswith(whole) and text.endswith(b"\n") and b'"sta{' not in text and text.count(b"\n") == whole.count(b"\n") + 1
+
+
+def test_a_result_reads_nothing_from_the_study_and_a_trial_it_finished_first_is_known_without_a_read(tmp_path, monkeypatch):
+    """A count, not a timing: a result costs the study no read, also after a restore from a Tune state older than
+    the study (the study's finished trials are learned once, by reconcile). On study.db (older sweeps), where a
+    read is several SQL queries."""
+    optuna.storages.RDBStorage(sqlite_url(tmp_path / "study.db"))
+    search = searcher(tmp_path)
+    assert isinstance(search._storage, SweepStudyStorage)
     search.suggest("t1")
     search.suggest("t2")
     search.save(str(tmp_path / "searcher.pkl"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from asl_tune.sweep.run import run_sweep
 from asl_tune.train import device_name, load_trained, pick_device
 from asl_tune.sweep.trainable import FAULT_ENV
 from conftest import make_dataset
-from sweeps import assert_consistent, cli, kill_group, read, run_cli, wait_for, wait_for_saved_state, write_space
+from sweeps import assert_consistent, cli, kill_group, read, run_cli, study_states, wait_for, wait_for_saved_state, write_space
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -110,9 +109,7 @@ def test_extend_adds_trials_that_the_same_study_learns_from(faulty_sweep):
     assert rc == 0
     trials = read(folder, "trials")
     assert len(trials) == 4 and set(before["trials"]["trial_id"]) < set(trials["trial_id"])
-    with sqlite3.connect(folder / "study.db") as db:
-        (n,) = db.execute("select count(*) from trials").fetchone()
-        states = {s for (s,) in db.execute("select state from trials")}
+    n, states = study_states(folder)
     assert n == 4 and "RUNNING" not in states
     assert_consistent(folder, 4)
 
@@ -201,12 +198,6 @@ def test_analyze_renders_every_plot_from_a_real_sweep(faulty_sweep, capsys):
 # ---------------------------------------------------------------- results at a URI (file:// stands in for s3://, gs://)
 
 
-def _study_trials(db) -> tuple[int, set[str]]:
-    with sqlite3.connect(db) as conn:
-        (n,) = conn.execute("select count(*) from trials").fetchone()
-        return n, {s for (s,) in conn.execute("select state from trials")}
-
-
 @pytest.fixture(scope="module")
 def uri_sweep(tmp_path_factory, data):
     """A 2-trial sweep with --results file://.../bucket and its working copy in cache-a, then extended by
@@ -219,7 +210,7 @@ def uri_sweep(tmp_path_factory, data):
         mp.setenv("ASL_TUNE_CACHE", str(work / "cache-a"))
         rc = main(["sweep", "--space", str(space), "--data", str(data), "--results", uri, "--seed", "2"])
         before = pd.read_parquet(f"{uri}/remote/trials.parquet")
-        study_before = _study_trials(work / "bucket" / "remote" / "study.db")
+        study_before = study_states(work / "bucket" / "remote")
         mp.setenv("ASL_TUNE_CACHE", str(work / "cache-b"))
         rc_extend = main(["sweep", "--name", "remote", "--extend", "--num-samples", "1", "--results", uri])
     finally:
@@ -233,7 +224,7 @@ def test_a_sweep_with_results_at_a_uri_mirrors_its_files_there(uri_sweep):
     assert len(before) == 2 and before["trial_id"].is_unique and set(before["status"]) == {"completed"}
     assert n_study == 2 and states == {"COMPLETE"}
     remote = work / "bucket" / "remote"
-    mirrored = {"sweep.json", "space.yaml", "study.db", "trials.parquet", "epochs.parquet", "confusion.parquet", "per_class.parquet"}
+    mirrored = {"sweep.json", "space.yaml", "study.log", "trials.parquet", "epochs.parquet", "confusion.parquet", "per_class.parquet"}
     assert mirrored <= {p.name for p in remote.iterdir()}  # the tables: folders of parts (results/README.md)
     assert not [p.name for p in remote.rglob("*") if ".tmp" in p.name]  # every copy was renamed into place
     assert (remote / "run-1" / "tuner.pkl").is_file()  # Ray's run, at the URI too
@@ -251,7 +242,7 @@ def test_extend_from_an_empty_working_copy_continues_the_study_at_the_uri(uri_sw
     trials, _ = assert_consistent(remote, 3)
     assert set(before["trial_id"]) < set(trials["trial_id"])
     assert len(pd.read_parquet(f"{uri}/remote/trials.parquet")) == 3
-    assert _study_trials(remote / "study.db") == (3, {"COMPLETE"})  # one study, grown by one trial
+    assert study_states(remote) == (3, {"COMPLETE"})  # one study, grown by one trial
     state = json.loads((remote / "sweep.json").read_text())
     assert [r["finished"] for r in state["runs"]] == [True, True] and state["storage"] == uri
     assert (remote / "run-2" / "tuner.pkl").is_file()
@@ -289,7 +280,7 @@ def test_resume_on_another_machine_pulls_an_interrupted_sweep_from_the_uri(tmp_p
     trials, _ = assert_consistent(remote, 2)
     assert started <= set(trials["trial_id"])  # Tune restored the run (a fresh start would give new trial ids)
     assert set(trials["status"]) == {"completed"}
-    assert _study_trials(remote / "study.db") == (2, {"COMPLETE"})
+    assert study_states(remote) == (2, {"COMPLETE"})
     assert json.loads((remote / "sweep.json").read_text())["runs"][0]["finished"]
     assert (old_copy / "trials.parquet").stat().st_mtime_ns == old_mtime  # the first machine's copy was left alone
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -22,10 +21,10 @@ from asl_tune.sweep import cluster
 from asl_tune.cli import main
 from asl_tune.data import load_dataset, make_splits
 from asl_tune.sweep.space import load_space, resolve
-from asl_tune.sweep.study import TRIAL_ID_ATTR, sqlite_url
+from asl_tune.sweep.study import TRIAL_ID_ATTR
 from asl_tune.train import load_trained
 from conftest import class_image, make_dataset
-from sweeps import assert_consistent, read, write_space
+from sweeps import assert_consistent, load_study, read, write_space
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -94,10 +93,8 @@ def multi(tmp_path_factory, data) -> Path:
 
 def test_two_objectives_make_one_study_with_two_directions_that_extend_continues(multi):
     folder = multi
-    with sqlite3.connect(folder / "study.db") as db:
-        studies = db.execute("select study_name from studies").fetchall()
-    assert studies == [("multi",)]  # the extension grew the same study, it did not add one
-    study = optuna.load_study(study_name="multi", storage=sqlite_url(folder / "study.db"))
+    study = load_study(folder)
+    assert [s.study_name for s in study._storage.get_all_studies()] == ["multi"]  # the extension grew the same study, it did not add one
     assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
     assert len(study.trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     trials, _ = assert_consistent(folder, 3)
@@ -110,13 +107,13 @@ def test_two_objectives_make_one_study_with_two_directions_that_extend_continues
 
 
 def test_optuna_dashboard_opens_the_sweeps_study_with_its_trials_and_values(multi, tmp_path):
-    """`optuna-dashboard sqlite:///results/NAME/study.db`, as the README says, on 127.0.0.1: its API lists the
+    """`optuna-dashboard results/NAME/study.log`, as the README says, on 127.0.0.1: its API lists the
     study, its three trials, their two values and the asl-tune trial id of each."""
     dashboard = Path(sys.executable).with_name("optuna-dashboard")  # the venv's, as `pip install '.[test]'` puts it
     if not dashboard.exists():
         pytest.skip("optuna-dashboard is not installed (it is in the test extra)")
     port = free_port()
-    server = subprocess.Popen([str(dashboard), sqlite_url(multi / "study.db"), "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+    server = subprocess.Popen([str(dashboard), str(multi / "study.log"), "--host", "127.0.0.1", "--port", str(port), "--quiet"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         summaries = api_get(port, "/api/studies", server)["study_summaries"]

@@ -17,7 +17,7 @@ Choices worth knowing:
   the worst end counted instead of adding zero. `asl_tune.analysis.report.analyze` takes that worst over
   every finished trial of every sweep it is given, so compared sweeps' hypervolumes share one reference.
 - Parameter importance is Optuna's PED-ANOVA, run on an in-memory study rebuilt from trials.parquet
-  (so it needs no study.db and works on copied-back results).
+  (so it needs no study and works on copied-back results).
 - Confusion-pair rates come from each trial's full test confusion matrix (confusion.parquet), not
   from trials.parquet's pair_* columns: a trial records only the watch list and its own five worst
   pairs there, so a pair is missing wherever it was not among them and any average of those columns

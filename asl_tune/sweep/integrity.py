@@ -6,7 +6,8 @@ anything is written, so the folder keeps the same bytes. A damaged piece that th
 weights) is named in a note, and the command goes on.
 
 Checked: `sweep.json` and `space.yaml` (read by request.py, which refuses them in one line already), the
-study (an SQLite file whose tables Optuna wrote), each Parquet table, Tune's folder of the run being resumed,
+study (Optuna's journal, whose every whole line must replay; or, in a sweep made before it, an SQLite file
+whose tables Optuna wrote), each Parquet table, Tune's folder of the run being resumed,
 and the checkpoints that trials.parquet names.
 """
 
@@ -18,7 +19,7 @@ from contextlib import closing
 from pathlib import Path
 
 from asl_tune.errors import AslTuneError
-from asl_tune.sweep.request import RAY_DIR, SPACE_FILE, STUDY_FILE, SWEEP_FILE, SweepState
+from asl_tune.sweep.request import LEGACY_STUDY_FILE, RAY_DIR, SPACE_FILE, SWEEP_FILE, SweepState, study_file
 from asl_tune.sweep.space import load_space
 from asl_tune.results import RESULT_FILES, read_table, read_trials
 
@@ -30,6 +31,37 @@ def check_study(study: Path, shown: str) -> str | None:
     """Why the study file cannot be used (None: it can, or there is none yet). Read-only: the file is not touched."""
     if not study.exists():
         return None
+    if study.name == LEGACY_STUDY_FILE:
+        return _check_sqlite_study(study, shown)
+    import optuna
+
+    try:
+        storage = optuna.storages.JournalStorage(_ReadOnlyJournal(study))
+        storage.get_all_studies()  # replays every whole line: an entry Optuna cannot apply raises
+    except Exception as e:  # noqa: BLE001 - whatever Optuna raises replaying a damaged journal
+        return f"{shown}: not a readable Optuna journal ({_first_line(e)})"
+    return None
+
+
+def _ReadOnlyJournal(path: Path):
+    """A journal backend that only reads the file (Optuna's own creates a missing file, and locks it to write)."""
+    from itertools import islice
+
+    from optuna.storages.journal import BaseJournalBackend
+
+    from asl_tune.sweep.study import read_journal
+
+    class ReadOnlyJournal(BaseJournalBackend):
+        def read_logs(self, log_number_from: int):
+            return islice(read_journal(path), log_number_from, None)
+
+        def append_logs(self, logs) -> None:
+            raise PermissionError(f"{path}: opened read-only")
+
+    return ReadOnlyJournal()
+
+
+def _check_sqlite_study(study: Path, shown: str) -> str | None:
     try:
         with closing(sqlite3.connect(f"file:{study}?mode=ro", uri=True)) as db:  # closed however the reads end
             (ok,) = db.execute("PRAGMA quick_check").fetchone()
@@ -72,7 +104,7 @@ def _at(folder: Path, checkpoint: str) -> Path:
 def check_for_resume(folder: Path, shown: str, run_dir: str | None, earlier_trials: int) -> None:
     """Everything `resume` needs: the study, the tables, Tune's folder of the run (run_dir, relative to the
     sweep folder; None when Ray's storage is elsewhere), the checkpoints of the trials it continues."""
-    why = check_study(folder / STUDY_FILE, f"{shown}/{STUDY_FILE}")
+    why = _check_study_of(folder, shown)
     if why:
         raise AslTuneError(f"{why}; {BACKUP}; resume needs it to go on asking for settings; nothing was changed")
     check_tables(folder, shown)
@@ -88,7 +120,7 @@ def check_for_resume(folder: Path, shown: str, run_dir: str | None, earlier_tria
 
 def check_for_extend(folder: Path, shown: str) -> None:
     """Everything `--extend` needs: the study (it goes on learning from it) and the tables."""
-    why = check_study(folder / STUDY_FILE, f"{shown}/{STUDY_FILE}")
+    why = _check_study_of(folder, shown)
     if why:
         raise AslTuneError(f"{why}; {BACKUP}; --extend learns from it; nothing was changed")
     check_tables(folder, shown)
@@ -98,12 +130,17 @@ def check_for_extend(folder: Path, shown: str) -> None:
 def check_for_analysis(folder: Path, shown: str) -> None:
     """analyze needs the tables only; a damaged study or missing weights are named and the analysis goes on."""
     check_tables(folder, shown)
-    why = check_study(folder / STUDY_FILE, f"{shown}/{STUDY_FILE}")
+    why = _check_study_of(folder, shown)
     record = _unreadable(lambda: SweepState.read(folder, f"{shown}/{SWEEP_FILE}")) if (folder / SWEEP_FILE).exists() else None
     space = _unreadable(lambda: load_space(folder / SPACE_FILE)) if (folder / SPACE_FILE).exists() else None
     for damaged in filter(None, [why, record, space]):
         _note(f"{damaged}; analyze does not need it and goes on; resume and --extend refuse until it is put back")
     _note_missing_weights(missing_checkpoints(folder, read_trials(folder)))
+
+
+def _check_study_of(folder: Path, shown: str) -> str | None:
+    name = study_file(folder)
+    return check_study(folder / name, f"{shown}/{name}")
 
 
 def _unreadable(read) -> str | None:

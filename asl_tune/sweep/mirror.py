@@ -4,14 +4,17 @@
 never asks which it holds: `SweepFolder` is a folder on this machine, the record itself (pull and sync have
 nothing to do); `MirroredSweepFolder` keeps a working copy of `<URI>/<name>/` and copies it.
 
-A running sweep needs local files: the Optuna study is SQLite, which cannot live on object storage, and
-the lock is an flock. So when `--results` is a URI the sweep runs in a staging folder on the driver,
+A running sweep needs local files: the Optuna study is a file appended to (an object cannot be appended to),
+and the lock is an flock. So when `--results` is a URI the sweep runs in a staging folder on the driver,
 
     <cache>/sweeps/<hash of the URI>/<name>/        (<cache>: see data.cache_root, $ASL_TUNE_CACHE)
 
-and its small files (sweep.json, space.yaml, study.db, and the parts in the *.parquet folders) are copied to
+and its small files (sweep.json, space.yaml, study.log, and the parts in the *.parquet folders) are copied to
 `<URI>/<name>/` whenever they change: at the start, after every results flush and every step of Tune's loop,
-and at the end. A flush names the parts it wrote or removed (results.ResultsStore.flush), and only those are
+and at the end. A file that grows with the sweep (study.log: 20 MB at 10,000 trials) is copied whole, so a
+file whose copy took over 50 ms is copied again no sooner than its last copy took / COPY_SHARE: copies take
+at most a twentieth of the time, however large the file gets (the end of the sweep copies everything). The study at the URI may then be
+behind Tune's state there; `resume` reconciles the two (study.StudySearch). A flush names the parts it wrote or removed (results.ResultsStore.flush), and only those are
 copied or removed there, so a copy costs the same in a sweep of 10 trials and of 10,000.
 Ray's checkpoints and experiment state go to `<URI>/<name>/run-<k>/` through Ray's own storage layer.
 
@@ -21,7 +24,8 @@ so they work from a machine whose staging folder is empty or stale.
 Copies are whole files and a reader never sees a torn one: an object-store PUT is atomic, and on a
 filesystem (file://, hdfs://) the copy is written under a temporary name and moved over the target
 (files.write_atomically), as is every copy down.
-study.db is copied through SQLite's backup API, so each copy is a consistent snapshot.
+study.db (the study of sweeps made before study.log) is copied through SQLite's backup API, so each copy is
+a consistent snapshot; study.log only ever grows by whole appends, and its readers skip an unfinished line.
 
 The lock only excludes a second driver on the same machine: two machines running the same URI sweep at
 once are not detected (object stores have no locks).
@@ -36,6 +40,7 @@ import posixpath
 import shutil
 import sqlite3
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -50,6 +55,7 @@ OBJECT_STORES = ("s3", "gcs", "abfs")  # pyarrow filesystems where one PUT repla
 ANALYZE_DIR = ".analyze"  # analyze's own copies, beside (never inside) a running sweep's staging folder
 DEFAULT_RESULTS = "results"  # --results when not given: suggested commands leave it out
 _SQLITE_SIDE_FILES = ("-journal", "-wal", "-shm")
+COPY_SHARE = 0.05  # the most of the sweep's time that copying one of the mirrored files up may take (see above)
 
 
 def is_uri(results) -> bool:
@@ -194,6 +200,7 @@ class MirroredSweepFolder(SweepFolder):
         self._at_path = ""
         self._pushed: dict[str, tuple[int, int]] = {}  # path in the folder -> (mtime_ns, size) of the local file last copied up
         self._made_dirs: set[str] = set()  # folders at the URI known to exist
+        self._next_copy: dict[str, float] = {}  # file in self.files -> time.monotonic() before which it is not copied again (COPY_SHARE)
         self._warned = False
 
     def __getstate__(self) -> dict:
@@ -333,6 +340,8 @@ class MirroredSweepFolder(SweepFolder):
         """
         try:
             for name in self.files:
+                if not final and time.monotonic() < self._next_copy.get(name, 0.0):
+                    continue  # its last copy was recent, for what it costs; looked at again at the next sync
                 if changed is None or not (self.path / name).is_dir():
                     self._push(name, listed=False)
             for path in changed or ():
@@ -363,6 +372,7 @@ class MirroredSweepFolder(SweepFolder):
         key = (st.st_mtime_ns, st.st_size)
         if self._pushed.get(name) == key:
             return
+        started = time.monotonic()
         if name.endswith(".db"):
             with tempfile.TemporaryDirectory(prefix="asl-tune-db-") as tmp:
                 snapshot = Path(tmp) / name
@@ -376,6 +386,9 @@ class MirroredSweepFolder(SweepFolder):
         else:
             self._upload(src, name)
         self._pushed[name] = key
+        now = time.monotonic()
+        if name in self.files and (now - started) / COPY_SHARE >= 1.0:  # a copy under 50 ms: copied whenever it changes
+            self._next_copy[name] = now + (now - started) / COPY_SHARE
 
     def _remove(self, name: str) -> None:
         """Remove the URI's file `name`, if it is a file there (a folder of parts that replaced it is left alone)."""

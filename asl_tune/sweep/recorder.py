@@ -128,7 +128,7 @@ class ParquetRecorder(Callback):
             self._flush()
 
     def on_step_end(self, iteration, trials, **info):
-        # The searcher writes study.db when it asks for a trial, before the trial starts: copy it up now,
+        # The searcher writes the study when it asks for a trial, before the trial starts: copy it up now,
         # so the study at the URI keeps up with the experiment state Tune saved there in this step.
         self.sweep.sync(changed=())
         self.progress.status(trials)

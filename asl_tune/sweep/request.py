@@ -4,7 +4,8 @@ A sweep lives in one folder, `<results>/<name>/`:
 
     sweep.json      what was asked: space, data, resources, and one entry per run (first, extensions)
     space.yaml      the search space, copied, so the sweep can be resumed or extended as it began
-    study.db        the Optuna study (SQLite): the searcher's memory, shared by every run
+    study.log       the Optuna study (Optuna's journal; study.db, SQLite, in sweeps made before it): the
+                    searcher's memory, shared by every run
     ray/run-<k>/    Ray Tune's experiment state and trial checkpoints for run k
     *.parquet       the results (see results.py), written as they arrive
     logs/<trial>.log  a failed trial's settings, traceback and own output (stdout, stderr, asl_tune log)
@@ -40,11 +41,18 @@ from asl_tune.sweep.space import SearchSpace, load_space
 
 SWEEP_FILE = "sweep.json"
 SPACE_FILE = "space.yaml"
-STUDY_FILE = "study.db"
+STUDY_FILE = "study.log"  # the Optuna study, Optuna's journal (see study.py)
+LEGACY_STUDY_FILE = "study.db"  # the study of a sweep made before study.log (SQLite): read and written as it is
 RAY_DIR = "ray"
 LOCK_FILE = ".lock"
 LOGS_DIR = "logs"
-MIRRORED = (SWEEP_FILE, SPACE_FILE, STUDY_FILE, *RESULT_FILES)  # what a sweep at a URI copies there (not .lock)
+MIRRORED = (SWEEP_FILE, SPACE_FILE, STUDY_FILE, LEGACY_STUDY_FILE, *RESULT_FILES)  # what a sweep at a URI copies there (not .lock)
+
+def study_file(folder: Path) -> str:
+    """The file that holds a sweep folder's study: study.db in a sweep made before study.log, else study.log."""
+    old, new = Path(folder) / LEGACY_STUDY_FILE, Path(folder) / STUDY_FILE
+    return LEGACY_STUDY_FILE if old.exists() and not new.exists() else STUDY_FILE
+
 
 @dataclass
 class SweepRequest:

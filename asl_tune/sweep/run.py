@@ -2,7 +2,7 @@
 
 `run_sweep` and `resume_sweep` take a request that request.py has checked, decode the data once,
 start or join Ray, and wire Tune: the trial function (trainable.py) with the arrays in the object store,
-Optuna as searcher (study.py keeps its SQLite study), ASHA on images seen, and the Parquet recorder
+Optuna as searcher (study.py keeps its study, Optuna's journal), ASHA on images seen, and the Parquet recorder
 (recorder.py) as a callback. The sweep's folder and what it holds are described in request.py; the code
 here holds it as one mirror.SweepFolder, a folder or a working copy of one at a URI, and never asks which.
 
@@ -27,7 +27,7 @@ from asl_tune.sweep import cluster, integrity, progress
 from asl_tune.data import DecodedDataset, load_dataset, load_external, make_splits
 from asl_tune.errors import AslTuneError, Stopped
 from asl_tune.sweep.mirror import SweepFolder
-from asl_tune.sweep.request import RAY_DIR, SPACE_FILE, STUDY_FILE, SWEEP_FILE, SweepRequest, SweepState, check_request, check_resume, exclusive, image_sizes
+from asl_tune.sweep.request import RAY_DIR, SPACE_FILE, SWEEP_FILE, SweepRequest, SweepState, check_request, check_resume, exclusive, image_sizes
 from asl_tune.results import FINISHED, read_trials
 from asl_tune.sweep.space import SearchSpace
 
@@ -209,7 +209,7 @@ def _searcher(space: SearchSpace, sweep: SweepFolder, name: str, seed: int, max_
         points_to_evaluate=[dict(p) for p in space.points] if first_run and space.points else None,
         sampler=sampler,
         study_name=name,
-        storage=study_storage(sweep, STUDY_FILE),
+        storage=study_storage(sweep),
     )
     return ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
 
