@@ -35,30 +35,14 @@ def check_study(study: Path, shown: str) -> str | None:
         return _check_sqlite_study(study, shown)
     import optuna
 
+    from asl_tune.sweep.study import ReadOnlyJournal
+
     try:
-        storage = optuna.storages.JournalStorage(_ReadOnlyJournal(study))
+        storage = optuna.storages.JournalStorage(ReadOnlyJournal(study))
         storage.get_all_studies()  # replays every whole line: an entry Optuna cannot apply raises
     except Exception as e:  # noqa: BLE001 - whatever Optuna raises replaying a damaged journal
         return f"{shown}: not a readable Optuna journal ({_first_line(e)})"
     return None
-
-
-def _ReadOnlyJournal(path: Path):
-    """A journal backend that only reads the file (Optuna's own creates a missing file, and locks it to write)."""
-    from itertools import islice
-
-    from optuna.storages.journal import BaseJournalBackend
-
-    from asl_tune.sweep.study import read_journal
-
-    class ReadOnlyJournal(BaseJournalBackend):
-        def read_logs(self, log_number_from: int):
-            return islice(read_journal(path), log_number_from, None)
-
-        def append_logs(self, logs) -> None:
-            raise PermissionError(f"{path}: opened read-only")
-
-    return ReadOnlyJournal()
 
 
 def _check_sqlite_study(study: Path, shown: str) -> str | None:

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -79,6 +80,20 @@ def read_journal(path: Path) -> Iterator[dict[str, Any]]:
             if not isinstance(entry, dict) or "op_code" not in entry:
                 raise ValueError(f"line {number} is not an entry of Optuna's journal")
             yield entry
+
+
+class ReadOnlyJournal(BaseJournalBackend):
+    """A journal file read, never written (Optuna's own backend creates a missing file, and locks it to write):
+    for checking a study before a command touches the folder."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+        return islice(read_journal(self.path), log_number_from, None)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        raise PermissionError(f"{self.path}: opened read-only")
 
 
 class SweepJournal(BaseJournalBackend):
