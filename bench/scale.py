@@ -32,6 +32,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ SPACE = """name: scale
 metric: val_accuracy
 mode: max
 num_samples: 1
-sampler: tpe
+sampler: {sampler}
 early_stopping: {{grace_epochs: 2, reduction_factor: 3}}
 fixed: {{image_size: 32, batch_size: 64, epochs: {epochs}, data_fraction: 1.0, split: blocked}}
 params:
@@ -66,31 +67,79 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=2, help="trials at once (default 2: each asks for half the CPUs of a 2-core machine)")
     p.add_argument("--no-mirror", action="store_true", help="skip the setting with the mirror to a file:// URI")
     p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), help="which settings of the stack part to run (default: all; e.g. --settings asl_tune --sizes 10000 for the driver's RSS at 10,000 trials); ratios need asl_tune and the setting they divide by")
+    p.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help="asl-tune's sampler in the stack part (default tpe; TPE's pass over the finished trials makes an ask cost O(N), so N = 10,000 takes about an hour here with it: random measures the rest of the stack, memory included, at that N in minutes)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last stdout line")
     return p.parse_args(argv)
 
 
-def made_up_epoch(config: dict, epoch: int) -> dict:
-    """One epoch's report as the trainer makes it (train.EPOCH_ROW nested), from the settings alone."""
+CLASSES = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + ["del", "nothing", "space"]  # alphabet.ASL_CLASSES
+
+
+def made_up_epoch(config: dict, epoch: int, last: bool = False) -> dict:
+    """One epoch's report with the keys and sizes of the trainer's (train.trial_metrics, train.EPOCH_ROW nested), made
+    up from the settings alone; the last epoch's also has the test evaluation (29 x 29 confusion, per-class rates)."""
     accuracy = 1 - math.exp(-epoch * config["lr"] * 10) * (0.5 + 0.1 * math.log2(config["head_width"]) / 7)
     row = {"epoch": epoch, "train_loss": 1 - accuracy, "train_accuracy": accuracy, "val_loss": 1 - accuracy, "val_accuracy": accuracy,
            "train_img_per_s": 1000.0, "images_seen": epoch * N_TRAIN, "seconds": 0.001}
-    return {"val_accuracy": accuracy, "images_seen": epoch * N_TRAIN, "epochs_completed": epoch, "epoch_row": row}
+    report = {"status": "running", "val_accuracy": accuracy, "epochs_completed": epoch, "images_seen": epoch * N_TRAIN,
+              "train_img_per_s": 1000.0, "train_seconds": 0.001 * epoch, "n_parameters": 1000 * config["head_width"],
+              "flops_per_image": 5e6, "device": "cpu", "precision": "fp32", "hostname": "bench",
+              "infer_img_per_s": 2000.0, "latency_ms_p50": 1.0, "latency_ms_p95": 1.5, "keeps_up_30fps": True, "epoch_row": row}
+    if last:
+        k = len(CLASSES)
+        confusion = [[90 if t == p else (t * p + epoch) % 3 for p in range(k)] for t in range(k)]
+        report.update(status="completed", test_accuracy=accuracy, test_loss=1 - accuracy, confusion=confusion,
+                      per_class=[{"class_name": c, "support": 100, "precision": 0.9, "recall": 0.9, "fpr": 0.003, "fnr": 0.1} for c in CLASSES],
+                      **{f"pair_{x}_as_{y}": 0.02 for x, y in (("U", "R"), ("R", "U"), ("K", "V"), ("V", "K"), ("M", "N"), ("N", "M"), ("E", "S"), ("S", "E"), ("A", "T"))})
+    return report
 
 
 def trivial_trainable(config: dict) -> None:
     """A trial with no work: reports config["epochs"] made-up epochs as fast as Tune takes them."""
     from ray import tune
 
-    for epoch in range(1, config.get("epochs", 10) + 1):
-        tune.report(made_up_epoch(config, epoch))
+    epochs = config.get("epochs", 10)
+    for epoch in range(1, epochs + 1):
+        tune.report(made_up_epoch(config, epoch, last=epoch == epochs))
+
+
+class PeakRss:
+    """The driver's resident memory, sampled every 0.1 s while a run lasts; .mb is its peak in MB.
+
+    ru_maxrss is the process's peak since it began, so a run after a bigger one would report the bigger
+    one's; this is each run's own (on top of whatever the runs before it left allocated).
+    """
+
+    def __enter__(self) -> "PeakRss":
+        self.mb = self.now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.1):
+            self.mb = max(self.mb, self.now())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.mb = max(self.mb, self.now())
+
+    @staticmethod
+    def now() -> float:
+        try:
+            with open("/proc/self/statm") as f:  # Linux: size, resident, ... in pages
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except OSError:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: the process's peak so far
 
 
 def _run(tuner) -> dict:
-    """Fit the tuner; its wall time, the driver's CPU seconds and the results Tune processed."""
+    """Fit the tuner; its wall time, the driver's CPU seconds, its peak RSS meanwhile and the results Tune processed."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), PeakRss() as rss:
         grid = tuner.fit()
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -98,15 +147,15 @@ def _run(tuner) -> dict:
     results = sum(int((r.metrics or {}).get("training_iteration", 0)) for r in grid)
     errors = sum(1 for r in grid if r.error)
     return {"wall_s": wall, "driver_cpu_s": cpu, "results": results, "errors": errors,
-            "driver_cpu_s_per_result": cpu / max(results, 1), "driver_peak_rss_mb": after.ru_maxrss / 1024}
+            "driver_cpu_s_per_result": cpu / max(results, 1), "driver_peak_rss_mb": rss.mb}
 
 
-def run_asl_tune(n: int, epochs: int, concurrency: int, work: Path, mirrored: bool) -> dict:
+def run_asl_tune(n: int, epochs: int, concurrency: int, work: Path, mirrored: bool, sampler: str = "tpe") -> dict:
     """The trivial trainable under asl-tune's driver stack: StudySearch (TPE, its study storage), ASHA, the Parquet recorder."""
     from ray import tune
 
     from asl_tune.sweep.mirror import MirroredSweepFolder, SweepFolder
-    from asl_tune.sweep.recorder import ParquetRecorder
+    from asl_tune.sweep.recorder import DropRecordedParts, ParquetRecorder
     from asl_tune.sweep.request import MIRRORED
     from asl_tune.sweep.run import _searcher
     from asl_tune.sweep.schedule import scheduler as _scheduler
@@ -114,14 +163,14 @@ def run_asl_tune(n: int, epochs: int, concurrency: int, work: Path, mirrored: bo
 
     name = f"scale-{n}{'-mirror' if mirrored else ''}"
     space_path = work / "scale.yaml"
-    space_path.write_text(SPACE.format(epochs=epochs))
+    space_path.write_text(SPACE.format(epochs=epochs, sampler=sampler))
     space = load_space(space_path)
     sweep = MirroredSweepFolder((work / "bucket").as_uri(), name, MIRRORED) if mirrored else SweepFolder(work / "results", name)
     sweep.path.mkdir(parents=True)
     tuner = tune.Tuner(
         _trainable(epochs, concurrency),
         tune_config=tune.TuneConfig(search_alg=_searcher(space, sweep, name, 0, None, True), scheduler=_scheduler(space, N_TRAIN), num_samples=n, reuse_actors=True),
-        run_config=tune.RunConfig(name="run-1", storage_path=str(sweep.path / "ray"), callbacks=[ParquetRecorder(sweep, space, n)], verbose=0),
+        run_config=tune.RunConfig(name="run-1", storage_path=str(sweep.path / "ray"), callbacks=[ParquetRecorder(sweep, space, n), DropRecordedParts()], verbose=0),
     )
     figures = _run(tuner)
     sweep.sync(final=True)
@@ -166,7 +215,7 @@ def run_tune_optuna(n: int, epochs: int, concurrency: int, work: Path) -> dict:
     from asl_tune.sweep.space import load_space
 
     space_path = work / "scale.yaml"
-    space_path.write_text(SPACE.format(epochs=epochs))
+    space_path.write_text(SPACE.format(epochs=epochs, sampler="tpe"))
     space = load_space(space_path)
     max_t = space.max_epochs() * space.max_fraction() * N_TRAIN
     asha = ASHAScheduler(time_attr="images_seen", max_t=max_t, grace_period=min(space.grace_epochs * N_TRAIN, max_t),
@@ -203,12 +252,13 @@ def stack(args: argparse.Namespace, work: Path) -> dict:
         for n in args.sizes:
             settings = [("bare_tune", lambda: run_bare_tune(n, args.epochs, args.concurrency, work)),
                         ("tune_optuna", lambda: run_tune_optuna(n, args.epochs, args.concurrency, work)),
-                        ("asl_tune", lambda: run_asl_tune(n, args.epochs, args.concurrency, work, False))]
+                        ("asl_tune", lambda: run_asl_tune(n, args.epochs, args.concurrency, work, False, args.sampler))]
             if not args.no_mirror:
-                settings.append(("asl_tune_mirror", lambda: run_asl_tune(n, args.epochs, args.concurrency, work, True)))
+                settings.append(("asl_tune_mirror", lambda: run_asl_tune(n, args.epochs, args.concurrency, work, True, args.sampler)))
             for setting, run in [(s, r) for s, r in settings if s in args.settings]:
                 say(f"{setting}: {n} trials x {args.epochs} epochs")
-                runs.setdefault(setting, {})[n] = run()
+                with cluster.scoped_environment(cluster.tune_environment(n)):  # how often Tune saves its state, as asl-tune sets it for N
+                    runs.setdefault(setting, {})[n] = run()
                 say(f"{setting}: {n} trials in {runs[setting][n]['wall_s']:.1f} s, {runs[setting][n]['results']} results")
         ray.shutdown()
     return runs
@@ -234,7 +284,7 @@ def micro(args: argparse.Namespace, work: Path) -> dict:
     from asl_tune.sweep.study import SweepStudyStorage, study_storage
 
     space_path = work / "micro.yaml"
-    space_path.write_text(SPACE.format(epochs=args.micro_epochs))
+    space_path.write_text(SPACE.format(epochs=args.micro_epochs, sampler="tpe"))
     space = load_space(space_path)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder = work / "micro" / "recorder"
@@ -248,13 +298,14 @@ def micro(args: argparse.Namespace, work: Path) -> dict:
     studies = {k: optuna.create_study(study_name="micro", storage=s) for k, s in storages.items()}
     seconds = {k: [0.0] * args.micro_trials for k in ("recorder", *storages)}
     t0 = time.perf_counter()
-    for k in range(args.micro_trials):
-        trial = _Trial(f"{k:08x}_{k:05d}", {"lr": 0.001 * (1 + k % 100), "head_width": 16 << (k % 4)})
-        seconds["recorder"][k] = _record_trial(recorder, trial, args.micro_epochs)
-        for key, study in studies.items():
-            seconds[key][k] = _store_trial(study, trial, args.micro_epochs)
-        if (k + 1) % 1000 == 0:
-            say(f"micro: {k + 1} trials in {time.perf_counter() - t0:.0f} s")
+    with PeakRss() as rss:  # the recorder's tables and every storage's study, all N trials held at the end
+        for k in range(args.micro_trials):
+            trial = _Trial(f"{k:08x}_{k:05d}", {"lr": 0.001 * (1 + k % 100), "head_width": 16 << (k % 4)})
+            seconds["recorder"][k] = _record_trial(recorder, trial, args.micro_epochs)
+            for key, study in studies.items():
+                seconds[key][k] = _store_trial(study, trial, args.micro_epochs)
+            if (k + 1) % 1000 == 0:
+                say(f"micro: {k + 1} trials in {time.perf_counter() - t0:.0f} s")
     w = min(WINDOW, max(args.micro_trials // 2, 1))
     seconds["recorder_and_study"] = [r + q for r, q in zip(seconds["recorder"], seconds["study"])]  # what asl-tune's driver pays
     per_result = {key: {"first": sum(s[:w]) / (w * args.micro_epochs), "last": sum(s[-w:]) / (w * args.micro_epochs)} for key, s in seconds.items()}
@@ -264,7 +315,40 @@ def micro(args: argparse.Namespace, work: Path) -> dict:
         "growth": {key: c["last"] / c["first"] for key, c in per_result.items()},
         "files_bytes": {"recorder": _sizes(folder), **{k: _sizes(work / "micro" / k) for k in storages}},
         "wall_s": time.perf_counter() - t0,
+        "peak_rss_mb": rss.mb,
+        "tune_trial_kb": tune_trial_kb(min(args.micro_trials, 1000), args.epochs),
     }
+
+
+def tune_trial_kb(n: int, epochs: int) -> dict:
+    """What Tune keeps of a trial in the driver for the whole sweep: n of its Trial objects fed a made-up trial's
+    reports as Tune stores them (Trial.update_last_result: the last result and running statistics of each number),
+    whole, and after asl-tune's DropRecordedParts; KB a trial of Python's heap (tracemalloc)."""
+    import gc
+    import tracemalloc
+
+    from ray.tune.experiment import Trial
+
+    from asl_tune.sweep.recorder import DropRecordedParts
+
+    out = {}
+    for name, drop in (("whole", False), ("parts_dropped", True)):
+        gc.collect()
+        tracemalloc.start()
+        trials = []
+        for k in range(n):
+            trial = Trial("bench", config={"lr": 0.001 * (1 + k % 100), "head_width": 16 << (k % 4)}, stub=True)
+            for epoch in range(1, epochs + 1):
+                result = {**made_up_epoch(trial.config, epoch, last=epoch == epochs), "training_iteration": epoch}
+                if drop:
+                    DropRecordedParts().on_trial_result(epoch, [], trial, result)
+                trial.update_last_result(result)
+            trials.append(trial)
+        gc.collect()
+        out[name] = tracemalloc.get_traced_memory()[0] / n / 1024
+        tracemalloc.stop()
+        del trials
+    return out
 
 
 def _record_trial(recorder, trial: _Trial, epochs: int) -> float:
@@ -272,7 +356,7 @@ def _record_trial(recorder, trial: _Trial, epochs: int) -> float:
     t0 = time.perf_counter()
     recorder.on_trial_start(0, [], trial)
     for epoch in range(1, epochs + 1):
-        trial.last_result = made_up_epoch(trial.config, epoch)
+        trial.last_result = made_up_epoch(trial.config, epoch, last=epoch == epochs)
         recorder.on_trial_result(0, [], trial, trial.last_result)
     trial.finished = True
     with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # the recorder's progress line, one per trial
@@ -333,7 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         tune_optuna_driver_cpu_s_per_result=_each(by_hand, "driver_cpu_s_per_result"),
         # The recorder and the study's storage together, what the driver pays per result: last 100 trials / first 100.
         recorder_cost_growth=micro_figures["growth"]["recorder_and_study"] if micro_figures else None,
-        driver_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # Tune's own memory a trial for the whole sweep, its result whole and as asl-tune leaves it (DropRecordedParts).
+        tune_trial_kb=micro_figures["tune_trial_kb"] if micro_figures else None,
+        # asl-tune's driver: the highest of its runs' peaks (and the micro bench's); the process's, runs of other settings included, beside it.
+        driver_peak_rss_mb=max([r["driver_peak_rss_mb"] for s in ("asl_tune", "asl_tune_mirror") for r in runs.get(s, {}).values()]
+                               + ([micro_figures["peak_rss_mb"]] if micro_figures else []), default=None),
+        process_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         runs=runs,
         micro=micro_figures,
     )

@@ -98,6 +98,14 @@ def test_scale_runs_asl_tunes_stack_and_bare_tune_and_the_recorder_microbench():
         assert set(figures[key]) == {"6"} and positive(figures[key]["6"]), key  # per size: JSON names N as a string
     assert figures["ratio_vs_bare_tune"]["6"] == pytest.approx(figures["asl_tune_wall_s"]["6"] / figures["bare_tune_wall_s"]["6"])
     assert positive(figures["recorder_cost_growth"]) and positive(figures["driver_peak_rss_mb"])
+    # Each run's own peak, sampled while it ran: asl-tune's highest (with the micro bench's) is the headline;
+    # a sampled peak can't exceed the process's true one (ru_maxrss), all settings included.
+    peaks = {s: figures["runs"][s]["6"]["driver_peak_rss_mb"] for s in figures["runs"]}
+    assert all(positive(v) for v in peaks.values()) and positive(figures["micro"]["peak_rss_mb"])
+    assert figures["driver_peak_rss_mb"] == max(peaks["asl_tune"], peaks["asl_tune_mirror"], figures["micro"]["peak_rss_mb"])
+    assert figures["driver_peak_rss_mb"] <= figures["process_peak_rss_mb"] * 1.01
+    # What Tune keeps a trial: less once the parts only the files need are dropped (a 29 x 29 confusion matrix among them).
+    assert 0 < figures["tune_trial_kb"]["parts_dropped"] < figures["tune_trial_kb"]["whole"]
     assert figures["ratio_vs_tune_optuna"]["6"] == pytest.approx(figures["asl_tune_wall_s"]["6"] / figures["tune_optuna_wall_s"]["6"])
     for setting in ("bare_tune", "tune_optuna", "asl_tune", "asl_tune_mirror"):  # 2 epochs is within ASHA's grace: every trial runs both
         assert (figures["runs"][setting]["6"]["results"], figures["runs"][setting]["6"]["errors"]) == (12, 0), setting

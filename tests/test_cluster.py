@@ -18,7 +18,7 @@ import pytest
 import ray
 
 from asl_tune.errors import AslTuneError
-from asl_tune.sweep.cluster import CONNECT_TIMEOUT_S, JOIN_ENV, LOCAL_ENV, ray_session
+from asl_tune.sweep.cluster import CONNECT_TIMEOUT_S, JOIN_ENV, LOCAL_ENV, SAVE_PERIOD_KEY, ray_session, scoped_environment, tune_environment
 from conftest import make_dataset
 from sweeps import assert_consistent, cli, read, run_cli, run_to_end, wait_for, write_space
 
@@ -204,6 +204,18 @@ def test_a_ray_session_sets_rays_settings_for_its_block_only_even_when_the_block
             raise RuntimeError("the sweep failed")
     assert not ray.is_initialized()
     assert _as_before(before)
+
+
+def test_tune_saves_its_state_every_second_up_to_500_trials_then_a_second_more_per_500_and_a_users_period_wins(monkeypatch):
+    """Tune's save writes every trial of the run: at 10,000 trials a save every second took most of the driver."""
+    assert [tune_environment(n)[SAVE_PERIOD_KEY] for n in (1, 100, 500, 1000, 1250, 10_000)] == ["1", "1", "1", "2", "2.5", "20"]
+    monkeypatch.setenv(SAVE_PERIOD_KEY, "auto")  # Ray's own rule, set by the user: kept
+    with scoped_environment(tune_environment(10_000)):
+        assert os.environ[SAVE_PERIOD_KEY] == "auto"
+    monkeypatch.delenv(SAVE_PERIOD_KEY)
+    with scoped_environment(tune_environment(10_000)):
+        assert os.environ[SAVE_PERIOD_KEY] == "20"
+    assert SAVE_PERIOD_KEY not in os.environ
 
 
 def test_a_join_that_is_refused_leaves_the_environment_as_it_was(monkeypatch):

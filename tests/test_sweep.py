@@ -145,7 +145,7 @@ def test_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path, data):
 
 def test_resume_after_sigkill_of_the_driver_continues_interrupted_trials(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=100, size=32)  # about a second per epoch
-    space = write_space(tmp_path / "killed.yaml", 3, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 6}, early_stopping=False)
+    space = write_space(tmp_path / "killed.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 6}, early_stopping=False)
     args = ["--results", str(tmp_path / "results")]
     folder = tmp_path / "results" / "killed"
     with cli(["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "1", *args], cwd=tmp_path) as driver:
@@ -161,7 +161,7 @@ def test_resume_after_sigkill_of_the_driver_continues_interrupted_trials(tmp_pat
 
     out = run_cli(["resume", "killed", *args], tmp_path, 400)
     assert "resuming sweep 'killed'" in out
-    trials, epochs = assert_consistent(folder, 3)
+    trials, epochs = assert_consistent(folder, 2)  # the interrupted trial, and the one that had not begun
     assert set(trials["status"]) == {"completed"}
     mine = epochs[epochs.trial_id == interrupted].set_index("epoch")
     assert list(mine.index) == [1, 2, 3, 4, 5, 6]
@@ -175,6 +175,25 @@ def test_resume_after_sigkill_of_the_driver_continues_interrupted_trials(tmp_pat
     assert torch.load(final / "checkpoint.pt", weights_only=True)["epoch"] + 1 == 6
     best = re.search(r"best val_accuracy \S+ \(trial (\w+)\)", out).group(1)
     assert f"its weights: {trials.set_index('trial_id').loc[best, 'checkpoint']} " in out
+
+
+def test_tune_keeps_each_trials_numbers_but_not_the_parts_only_the_files_need(faulty_sweep):
+    """Tune holds every trial's last result for the whole sweep, in the driver's memory and in each save of its
+    state: the epoch row, the confusion matrix and the per-class rates are in the Parquet files, not there."""
+    from ray.tune import ExperimentAnalysis
+
+    from asl_tune.sweep.recorder import NOT_TRIAL_COLUMNS
+
+    folder, before, _ = faulty_sweep
+    tune_trials = ExperimentAnalysis(str(folder / "ray" / "run-1")).trials
+    reported = [t for t in tune_trials if t.last_result.get("epochs_completed")]
+    assert len(tune_trials) == 3 and len(reported) >= 2  # the healthy and the diverging trial, at least
+    for trial in reported:
+        assert not set(NOT_TRIAL_COLUMNS) & set(trial.last_result), trial.last_result.keys()
+        assert "val_accuracy" in trial.last_result and not [m for m in trial.metric_analysis if m.startswith("epoch_row")]
+    healthy = before["trials"].loc[before["trials"]["status"] == "completed", "trial_id"]
+    assert len(healthy) == 1 and set(healthy) <= set(before["confusion"]["trial_id"])  # the files have them
+    assert {t.trial_id for t in reported} <= set(before["epochs"]["trial_id"])
 
 
 def test_analyze_renders_every_plot_from_a_real_sweep(faulty_sweep, capsys):
@@ -325,10 +344,10 @@ def _process_settings() -> dict:
 
     from asl_tune.sweep.run import EXPERIMENT_ANALYSIS_LOGGER
 
-    from asl_tune.sweep.cluster import JOIN_ENV, LOCAL_ENV
+    from asl_tune.sweep.cluster import JOIN_ENV, LOCAL_ENV, SAVE_PERIOD_KEY
 
     # Ours, and every variable that was there before; Ray may add its own (see cluster.scoped_environment).
-    return {"environ": {k: os.environ.get(k) for k in [*LOCAL_ENV, *JOIN_ENV, *_ENVIRON_BEFORE]}, "optuna": optuna.logging.get_verbosity(), "logger": logging.getLogger(EXPERIMENT_ANALYSIS_LOGGER).level, "filters": list(warnings.filters)}
+    return {"environ": {k: os.environ.get(k) for k in [*LOCAL_ENV, *JOIN_ENV, SAVE_PERIOD_KEY, *_ENVIRON_BEFORE]}, "optuna": optuna.logging.get_verbosity(), "logger": logging.getLogger(EXPERIMENT_ANALYSIS_LOGGER).level, "filters": list(warnings.filters)}
 
 
 _ENVIRON_BEFORE = dict(__import__("os").environ)  # as this module found it
@@ -340,10 +359,10 @@ def test_a_sweep_leaves_the_process_settings_as_it_found_them_whether_it_finishe
     import optuna
 
     from asl_tune.errors import AslTuneError
-    from asl_tune.sweep.cluster import LOCAL_ENV
+    from asl_tune.sweep.cluster import LOCAL_ENV, SAVE_PERIOD_KEY
     from asl_tune.sweep.run import EXPERIMENT_ANALYSIS_LOGGER
 
-    for key in LOCAL_ENV:
+    for key in [*LOCAL_ENV, SAVE_PERIOD_KEY]:
         if key != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER":  # conftest sets it for every test
             monkeypatch.delenv(key, raising=False)
     logger = logging.getLogger(EXPERIMENT_ANALYSIS_LOGGER)

@@ -224,7 +224,7 @@ def _new_tuner(space, sweep: SweepFolder, run_dir: str, num_samples: int, datase
 
     from asl_tune.sweep import tracking
     from asl_tune.sweep.schedule import scheduler
-    from asl_tune.sweep.recorder import ParquetRecorder
+    from asl_tune.sweep.recorder import DropRecordedParts, ParquetRecorder
 
     any_ds = next(iter(datasets.values()))
     n_train = len(make_splits(any_ds.labels, any_ds.frames, space.fixed.get("split", "blocked"), space.fixed.get("split_seed", state.seed)).train)
@@ -239,7 +239,7 @@ def _new_tuner(space, sweep: SweepFolder, run_dir: str, num_samples: int, datase
         run_config=tune.RunConfig(
             name=Path(run_dir).name,
             storage_path=state.ray_root(sweep.path),
-            callbacks=[ParquetRecorder(sweep, space, num_samples), *tracking.callbacks(sweep.path, space, state.name, state.tensorboard, state.mlflow)],
+            callbacks=[ParquetRecorder(sweep, space, num_samples), *tracking.callbacks(sweep.path, space, state.name, state.tensorboard, state.mlflow), DropRecordedParts()],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=_ray_verbosity(),
@@ -274,13 +274,13 @@ def _stop_on_signals() -> Iterator[list[int]]:
 def _fit(tuner, sweep: SweepFolder, state: SweepState) -> Path:
     """Run the tuner; mark the run finished when every trial ended; say where the results are."""
     name, folder = sweep.name, sweep.path
-    with _stop_on_signals() as received:
+    wanted = state.runs[-1]["num_samples"]
+    with _stop_on_signals() as received, cluster.scoped_environment(cluster.tune_environment(wanted)):
         try:
             grid = tuner.fit()
         finally:
             sweep.sync()  # whatever the run left, a URI gets it
     ended = grid.num_terminated + grid.num_errors
-    wanted = state.runs[-1]["num_samples"]
     trials = read_trials(folder)
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
     resume = f"asl-tune resume {name}{sweep.results_flag}"
