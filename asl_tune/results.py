@@ -192,10 +192,17 @@ def read_per_class(folder: Path) -> pd.DataFrame:
 
 
 class ResultsStore:
-    """The results of one sweep folder, kept in memory; flush rewrites the parts of the trials that changed.
+    """The results of one sweep folder: every trial's row in memory, and the other tables' rows of the trials that
+    may still change; flush rewrites the parts of the trials that changed.
 
     Rows are keyed (trial_id; trial_id+epoch; ...), so a result that arrives twice, as it
     does after a resume re-runs an epoch, replaces the earlier row instead of duplicating it.
+
+    A trial's epoch, confusion and per-class rows leave memory once it has ended and they are written
+    (release_trial), so what the driver holds does not grow with the sweep beyond one row a trial (with them,
+    10,000 trials of 20 epochs held 1.8 GB; bench/RESULTS.md section 8). A store opened on a folder of parts reads only
+    its trials' rows. Rows on disk only are read back from the trial's part when the trial reports again (a
+    resume re-runs it from a checkpoint).
     """
 
     def __init__(self, folder: Path):
@@ -204,10 +211,16 @@ class ResultsStore:
         self.epochs: dict[str, dict[int, dict]] = {}  # trial_id -> epoch -> row
         self.confusion: dict[str, list[dict]] = {}
         self.per_class: dict[str, list[dict]] = {}
+        self._on_disk: dict[str, set[str]] = {name: set() for name in RESULT_FILES if name != TRIALS}  # trials whose rows of that table are in its part only
         self._dirty: set[tuple[str, str]] = set()  # (table, trial_id) whose part is to be rewritten
         self._schemas: dict[str, pa.Schema] = {}  # every column each table's parts hold, as its schema part says
         self._single_files = [name for name in RESULT_FILES if (self.folder / name).is_file()]  # the layout before parts
         for name in RESULT_FILES:
+            schema_part = self.folder / name / SCHEMA_PART
+            if name != TRIALS and schema_part.is_file():  # parts: the trials that have one, and the columns, without their rows
+                self._schemas[name] = pq.read_schema(schema_part)
+                self._on_disk[name] = {n[len("trial-"):-len(".parquet")] for n in os.listdir(self.folder / name) if n.startswith("trial-") and n.endswith(".parquet")}
+                continue
             table = read_table(self.folder, name)
             if table is not None:
                 self._schemas[name] = table.schema
@@ -226,6 +239,28 @@ class ResultsStore:
     def _by_trial(self, name: str) -> dict[str, list[dict]]:
         return {CONFUSION: self.confusion, PER_CLASS: self.per_class}[name]
 
+    def _read_back(self, name: str, trial_id: str) -> None:
+        """A trial's rows of one table into memory again from its part, when they are on disk only."""
+        if trial_id in self._on_disk.get(name, ()):
+            self._on_disk[name].discard(trial_id)
+            try:
+                with open(self.folder / name / part_name(trial_id), "rb") as f:
+                    self._load(name, pq.ParquetFile(pa.BufferReader(f.read())).read().to_pylist())
+            except FileNotFoundError:
+                pass  # removed since (by hand): nothing to keep
+
+    def release_trial(self, trial_id: str) -> None:
+        """An ended trial's epoch, confusion and per-class rows leave memory, once written (its row stays)."""
+        for name, rows in ((EPOCHS, self.epochs), (CONFUSION, self.confusion), (PER_CLASS, self.per_class)):
+            if trial_id in rows and (name, trial_id) not in self._dirty and name not in self._single_files:
+                del rows[trial_id]
+                self._on_disk[name].add(trial_id)
+
+    def rows_in_memory(self) -> dict[str, int]:
+        """How many rows of each table are held in memory (the rest are in their parts only)."""
+        return {TRIALS: len(self.trials), EPOCHS: sum(map(len, self.epochs.values())),
+                CONFUSION: sum(map(len, self.confusion.values())), PER_CLASS: sum(map(len, self.per_class.values()))}
+
     def put_trial(self, row: dict) -> None:
         """Insert or replace a trial's row (keeps columns it already had that row lacks)."""
         old = self.trials.get(row["trial_id"], {})
@@ -236,11 +271,13 @@ class ResultsStore:
         """Insert or replace one epoch's row of a trial."""
         row = {"trial_id": trial_id, **{c: metrics.get(c) for c in EPOCH_COLUMNS[1:]}}
         row["epoch"] = int(row["epoch"])
+        self._read_back(EPOCHS, trial_id)  # the part is rewritten whole: with the epochs before this one
         self.epochs.setdefault(trial_id, {})[row["epoch"]] = row
         self._dirty.add((EPOCHS, trial_id))
 
     def put_confusion(self, trial_id: str, classes: list[str], matrix: list[list[int]]) -> None:
         """Replace a trial's confusion counts, stored long: one row per (true, predicted) cell with a non-zero count."""
+        self._on_disk[CONFUSION].discard(trial_id)  # replaced whole: the rows on disk need not be read
         self.confusion[trial_id] = [
             {"trial_id": trial_id, "true_label": classes[t], "pred_label": classes[p], "count": int(n)}
             for t, row in enumerate(matrix)
@@ -251,13 +288,16 @@ class ResultsStore:
 
     def put_per_class(self, trial_id: str, rows: list[dict]) -> None:
         """Replace a trial's per-class precision/recall rows."""
+        self._on_disk[PER_CLASS].discard(trial_id)
         self.per_class[trial_id] = [{"trial_id": trial_id, **r} for r in rows]
         self._dirty.add((PER_CLASS, trial_id))
 
     def drop_trial(self, trial_id: str) -> None:
         """Remove every row of a trial from every table (its parts are removed at the next flush)."""
         for name, rows in ((TRIALS, self.trials), (EPOCHS, self.epochs), (CONFUSION, self.confusion), (PER_CLASS, self.per_class)):
-            if rows.pop(trial_id, None) is not None:
+            on_disk = trial_id in self._on_disk.get(name, ())
+            self._on_disk.get(name, set()).discard(trial_id)
+            if rows.pop(trial_id, None) is not None or on_disk:
                 self._dirty.add((name, trial_id))
 
     def trial_status(self, trial_id: str) -> str | None:
@@ -266,6 +306,7 @@ class ResultsStore:
         return None if row is None else row["status"]
 
     def _rows(self, name: str, trial_id: str) -> list[dict]:
+        self._read_back(name, trial_id)
         if name == TRIALS:
             return [self.trials[trial_id]] if trial_id in self.trials else []
         if name == EPOCHS:

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from asl_tune.errors import AslTuneError
-from asl_tune.results import ResultsStore, read_epochs, read_trials, trial_row, write_atomic
+from asl_tune.results import ResultsStore, read_confusion, read_epochs, read_trials, trial_row, write_atomic
 
 
 def test_rows_are_keyed_so_repeats_replace_not_duplicate(tmp_path):
@@ -75,6 +75,42 @@ def test_what_a_result_writes_does_not_grow_with_the_results_before_it(tmp_path)
     assert [rows for rows, _ in early] == [2, 3, 4]  # epoch e: e epoch rows and the trial's row
     assert late == early
     assert len(read_epochs(tmp_path)) == 1 + 100 * 3 and read_trials(tmp_path)["trial_id"].is_unique
+
+
+def _ended_trial(store: ResultsStore, trial_id: str, epochs: int = 3) -> None:
+    """A trial through the store as the recorder takes it: its epochs, its test evaluation, its end (a flush), released."""
+    for epoch in range(1, epochs + 1):
+        _one_result(store, trial_id, epoch)
+    store.put_confusion(trial_id, ["R", "U"], [[9, 1], [0, 10]])
+    store.put_per_class(trial_id, [{"class_name": "R", "recall": 0.9}, {"class_name": "U", "recall": 1.0}])
+    store.put_trial(trial_row(trial_id, "completed", {"lr": 0.01}, {"val_accuracy": 0.5}))
+    store.flush()
+    store.release_trial(trial_id)
+
+
+def test_what_the_store_holds_does_not_grow_with_ended_trials_and_their_rows_come_back_when_one_reports_again(tmp_path):
+    """A count, not a memory figure: an ended trial keeps its row in memory, its other rows only on disk."""
+    store = ResultsStore(tmp_path)
+    store.put_trial(trial_row("live", "running", {"lr": 0.01}, {}))
+    store.put_epoch("live", {"epoch": 1, "val_accuracy": 0.5})
+    for k in range(50):
+        _ended_trial(store, f"t{k:03d}")
+    assert store.rows_in_memory() == {"trials.parquet": 51, "epochs.parquet": 1, "confusion.parquet": 0, "per_class.parquet": 0}
+    # A resume re-runs an ended trial from its checkpoint: its part is rewritten with the epochs before, read back.
+    store.put_epoch("t007", {"epoch": 3, "val_accuracy": 0.75})
+    store.flush()
+    epochs = read_epochs(tmp_path)
+    assert list(epochs.loc[epochs.trial_id == "t007", "val_accuracy"]) == [0.5, 0.5, 0.75] and len(epochs) == 50 * 3 + 1
+    # A store opened on the folder (a resumed driver) reads the trials' rows, not the rest; dropping a trial it never read removes its parts.
+    again = ResultsStore(tmp_path)
+    assert again.rows_in_memory() == {"trials.parquet": 51, "epochs.parquet": 0, "confusion.parquet": 0, "per_class.parquet": 0}
+    again.drop_trial("t003")
+    again.put_epoch("live", {"epoch": 2, "val_accuracy": 0.6})
+    again.flush()
+    assert "t003" not in set(read_trials(tmp_path)["trial_id"]) | set(read_epochs(tmp_path)["trial_id"]) | set(read_confusion(tmp_path)["trial_id"])
+    assert not list(tmp_path.glob("*/trial-t003.parquet"))
+    assert list(read_epochs(tmp_path).query("trial_id == 'live'")["epoch"]) == [1, 2]
+    assert len(pd.read_parquet(tmp_path / "per_class.parquet")) == 49 * 2 and pd.read_parquet(tmp_path / "confusion.parquet")["trial_id"].nunique() == 49
 
 
 def test_pandas_reads_a_table_folder_in_one_call_with_every_column(tmp_path):

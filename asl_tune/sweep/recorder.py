@@ -169,6 +169,7 @@ class ParquetRecorder(Callback):
         self._put(trial, status, result)
         self.store.put_trial({"trial_id": trial.trial_id, "ended_at": _now()})
         self._flush()
+        self.store.release_trial(trial.trial_id)  # written: its epochs, confusion and per-class rows leave memory
         self._say(trials, trial, status, result)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -178,6 +179,7 @@ class ParquetRecorder(Callback):
         self._put(trial, "errored", trial.last_result or {}, error=message)
         self.store.put_trial({"trial_id": trial.trial_id, "ended_at": _now(), "log": log})
         self._flush()
+        self.store.release_trial(trial.trial_id)
         self._say(trials, trial, "errored", {}, f"{message}; its log: {self.sweep.path / log}" if log else message)
 
     def _write_log(self, trial, text: str) -> str | None:
