@@ -16,7 +16,12 @@ as Tune takes them):
          recorder and for asl-tune's study storage ("study": Optuna's journal, appended in batches);
          "recorder_and_study" is what the driver pays. With --micro-compare also Optuna's own journal file
          backend ("optuna_journal": a lock and an fsync per change) and the SQLite study.db ("sqlite") of
-         sweeps made before study.log.
+         sweeps made before study.log. Then what Tune keeps of a trial for the whole sweep ("tune_trial_kb":
+         1,000 of its Trial objects fed the made-up reports, whole and as asl-tune's DropRecordedParts leaves
+         them).
+
+The made-up reports have the trainer's keys and sizes (on the last epoch, the 29 x 29 confusion matrix and
+the per-class rates), so the recorder writes all four tables and Tune keeps what it would of a real trial.
 
     python bench/scale.py --json                                          # N = 100, and the micro bench at 10,000 trials x 20 epochs
     python bench/scale.py --sizes 100 1000 --no-mirror --micro-trials 0 --json  # N = 100 and 1,000, bare Tune in the same run
@@ -170,7 +175,7 @@ def run_asl_tune(n: int, epochs: int, concurrency: int, work: Path, mirrored: bo
     tuner = tune.Tuner(
         _trainable(epochs, concurrency),
         tune_config=tune.TuneConfig(search_alg=_searcher(space, sweep, name, 0, None, True), scheduler=_scheduler(space, N_TRAIN), num_samples=n, reuse_actors=True),
-        run_config=tune.RunConfig(name="run-1", storage_path=str(sweep.path / "ray"), callbacks=[ParquetRecorder(sweep, space, n), DropRecordedParts()], verbose=0),
+        run_config=tune.RunConfig(name="run-1", storage_path=str(sweep.path / "ray"), callbacks=[ParquetRecorder(sweep, space, n), DropRecordedParts(space)], verbose=0),
     )
     figures = _run(tuner)
     sweep.sync(final=True)
@@ -331,6 +336,12 @@ def tune_trial_kb(n: int, epochs: int) -> dict:
 
     from asl_tune.sweep.recorder import DropRecordedParts
 
+    from asl_tune.sweep.space import load_space
+
+    space_path = Path(tempfile.mkdtemp(prefix="asl-bench-space-")) / "scale.yaml"
+    space_path.write_text(SPACE.format(epochs=epochs, sampler="tpe"))
+    dropper = DropRecordedParts(load_space(space_path))
+    shutil.rmtree(space_path.parent)
     out = {}
     for name, drop in (("whole", False), ("parts_dropped", True)):
         gc.collect()
@@ -341,7 +352,7 @@ def tune_trial_kb(n: int, epochs: int) -> dict:
             for epoch in range(1, epochs + 1):
                 result = {**made_up_epoch(trial.config, epoch, last=epoch == epochs), "training_iteration": epoch}
                 if drop:
-                    DropRecordedParts().on_trial_result(epoch, [], trial, result)
+                    dropper.on_trial_result(epoch, [], trial, result)
                 trial.update_last_result(result)
             trials.append(trial)
         gc.collect()

@@ -85,8 +85,12 @@ def test_chaos_three_driver_kills_then_resume(tmp_path, data):
     kills = 0
     finished = False
     for _ in range(3):
+        rows = len(read(folder, "epochs"))
         with cli(command, cwd=tmp_path) as driver:
-            time.sleep(rng.uniform(7.0, 14.0))  # a random moment: the point of the drill
+            # A random moment once this driver's trials report (Ray's start takes 5 s here, more on a loaded
+            # machine, where a fixed delay killed the first driver before the sweep existed): the point of the drill.
+            wait_for(lambda: driver.poll() is not None or len(read(folder, "epochs")) > rows, 240)
+            time.sleep(rng.uniform(0.0, 3.0))
             if driver.poll() is not None:  # it finished before the kill: nothing left to interrupt
                 assert driver.returncode == 0, driver.stdout.read()[-3000:]
                 finished = True

@@ -177,22 +177,25 @@ def test_resume_after_sigkill_of_the_driver_continues_interrupted_trials(tmp_pat
     assert f"its weights: {trials.set_index('trial_id').loc[best, 'checkpoint']} " in out
 
 
-def test_tune_keeps_each_trials_numbers_but_not_the_parts_only_the_files_need(faulty_sweep):
-    """Tune holds every trial's last result for the whole sweep, in the driver's memory and in each save of its
-    state: the epoch row, the confusion matrix and the per-class rates are in the Parquet files, not there."""
+def test_tune_keeps_of_each_trial_only_what_it_and_asl_tune_read_the_files_have_the_rest(faulty_sweep):
+    """Tune holds every trial's last result for the whole sweep, with statistics of each number, in the driver's
+    memory and in each save of its state: it keeps the searched metric, how the trial ended, ASHA's time axis and
+    where it ran; the epoch row, the confusion matrix, the per-class rates and the other figures are in the files."""
     from ray.tune import ExperimentAnalysis
 
-    from asl_tune.sweep.recorder import NOT_TRIAL_COLUMNS
+    from asl_tune.sweep.recorder import KEPT_FOR_TUNE, NOT_TRIAL_COLUMNS, TUNE_KEYS
 
     folder, before, _ = faulty_sweep
     tune_trials = ExperimentAnalysis(str(folder / "ray" / "run-1")).trials
     reported = [t for t in tune_trials if t.last_result.get("epochs_completed")]
     assert len(tune_trials) == 3 and len(reported) >= 2  # the healthy and the diverging trial, at least
+    kept = set(TUNE_KEYS) | set(KEPT_FOR_TUNE) | {"val_accuracy"}
     for trial in reported:
-        assert not set(NOT_TRIAL_COLUMNS) & set(trial.last_result), trial.last_result.keys()
-        assert "val_accuracy" in trial.last_result and not [m for m in trial.metric_analysis if m.startswith("epoch_row")]
-    healthy = before["trials"].loc[before["trials"]["status"] == "completed", "trial_id"]
-    assert len(healthy) == 1 and set(healthy) <= set(before["confusion"]["trial_id"])  # the files have them
+        assert not set(NOT_TRIAL_COLUMNS) & set(trial.last_result) and set(trial.last_result) <= kept, trial.last_result.keys()
+        assert "val_accuracy" in trial.last_result and set(trial.metric_analysis) <= kept
+    healthy = before["trials"].loc[before["trials"]["status"] == "completed"]
+    assert len(healthy) == 1 and set(healthy["trial_id"]) <= set(before["confusion"]["trial_id"])  # the files have them
+    assert healthy[["test_accuracy", "train_img_per_s", "n_parameters"]].notna().all(axis=None)  # and every figure Tune no longer keeps
     assert {t.trial_id for t in reported} <= set(before["epochs"]["trial_id"])
 
 

@@ -73,6 +73,7 @@ def test_a_restored_mlflow_callback_logs_a_resumed_trial_to_the_run_it_had(tmp_p
     """Tune pickles callbacks with the experiment; the copy a resumed driver unpickles finds the trial's run by its tag."""
     import pickle
 
+    from asl_tune.sweep.recorder import DropRecordedParts
     from asl_tune.sweep.space import load_space, resolve
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -84,14 +85,18 @@ def test_a_restored_mlflow_callback_logs_a_resumed_trial_to_the_run_it_had(tmp_p
     first.on_trial_result(0, [], trial, {"epoch_row": {"epoch": 1, "val_accuracy": 0.25}})
     restored = pickle.loads(pickle.dumps(first))
     restored.on_trial_start(0, [], trial)
-    restored.on_trial_result(0, [], trial, {"epoch_row": {"epoch": 2, "val_accuracy": 0.5}})
-    trial.last_result = {"val_accuracy": 0.5, "epochs_completed": 2, "status": "completed", "training_iteration": 2}
+    last = {"val_accuracy": 0.5, "epochs_completed": 2, "status": "completed", "test_accuracy": 0.375, "training_iteration": 2, "epoch_row": {"epoch": 2, "val_accuracy": 0.5}}
+    restored.on_trial_result(0, [], trial, last)
+    DropRecordedParts(space).on_trial_result(0, [], trial, last)  # what Tune keeps as the trial's last result: no test_accuracy
+    trial.last_result = last
+    assert "test_accuracy" not in trial.last_result
     restored.on_trial_complete(0, [], trial)
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("resumed").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "val_accuracy")} == {1: 0.25, 2: 0.5}
-    assert runs[0].data.metrics == {"val_accuracy": 0.5, FINAL + "val_accuracy": 0.5, FINAL + "epochs_completed": 2.0}
+    # The final figures are the last result's as the tracker saw it, not what Tune kept of it.
+    assert runs[0].data.metrics == {"val_accuracy": 0.5, FINAL + "val_accuracy": 0.5, FINAL + "epochs_completed": 2.0, FINAL + "test_accuracy": 0.375}
 
 
 def test_an_mlflow_uri_that_cannot_be_used_is_refused_in_one_line_before_anything_is_made(tmp_path, monkeypatch):

@@ -35,6 +35,15 @@ from asl_tune.sweep.trainable import TRIAL_OUTPUT
 # The rest of a report is the trial's metrics so far, its trials.parquet row: one meaning per name in each file.
 EPOCH_ROW = "epoch_row"
 NOT_TRIAL_COLUMNS = (EPOCH_ROW, "confusion", "per_class")  # nested parts of a report, stored in files of their own
+# What Tune itself puts in a result (ray.tune.result.AUTO_RESULT_KEYS and its bookkeeping), apart from the trial's metrics.
+TUNE_KEYS = frozenset({
+    "training_iteration", "time_total_s", "episodes_total", "timesteps_total", "node_ip", "hostname", "pid", "time_this_iter_s",
+    "timestamp", "date", "time_since_restore", "timesteps_since_restore", "iterations_since_restore", "config", "checkpoint_dir_name",
+    "done", "trial_id", "experiment_tag", "should_checkpoint",
+})
+# What asl-tune reads of a trial's last result once the callbacks have had it: how it ended (final_status), ASHA's
+# time axis, where it ran (an errored trial's log); the searched metrics are added per sweep (DropRecordedParts).
+KEPT_FOR_TUNE = ("status", "epochs_completed", "images_seen", "node_id", "hostname", "device")
 # The longest a result waits in memory for its flush, should Tune save its state less often (asl-tune has it
 # save every second up to 500 trials, cluster.tune_environment): how stale the files may look to a reader during a sweep.
 FLUSH_EVERY_S = 1.0
@@ -213,19 +222,23 @@ class ParquetRecorder(Callback):
 
 
 class DropRecordedParts(Callback):
-    """The last of a sweep's callbacks: takes out of each result the parts only the files need (the epoch row,
-    the confusion matrix, the per-class rates), once the recorder and the trackers have had them.
+    """The last of a sweep's callbacks: takes out of each result what only the files need, once the recorder and
+    the trackers have had it. Tune keeps the searched metrics, how the trial ended, ASHA's time axis, where it
+    ran and its own keys (TUNE_KEYS, KEPT_FOR_TUNE).
 
     Tune keeps every trial's last result, with running statistics of each number in it, for the whole sweep:
-    in the driver's memory and in every save of its state. With these parts a real trial's Trial object held
-    51 KB, without them 23 KB (1,000 trials of 10 reports; bench/RESULTS.md §8). Tune lets callbacks change
-    the result in place; it stores it as the trial's last result after them. The searcher and the scheduler
-    got the whole result before the callbacks.
+    in the driver's memory and in every save of its state (bench/RESULTS.md section 8: `tune_trial_kb`). Tune lets
+    callbacks change the result in place, and stores it as the trial's last after them; the searcher and the
+    scheduler got the whole result before the callbacks, and read only the kept keys of the last one at the
+    trial's end. The trackers keep their own copy of a running trial's final figures (tracking.LastFigures).
     """
 
+    def __init__(self, space: SearchSpace):
+        self.kept = frozenset({space.metric, *(m for m, _ in space.objectives), *KEPT_FOR_TUNE}) | TUNE_KEYS
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        for key in NOT_TRIAL_COLUMNS:
-            result.pop(key, None)
+        for key in [k for k in result if k not in self.kept]:
+            del result[key]
 
 
 # pyarrow filesystem type -> URI scheme, for checkpoints Ray keeps off this machine (--storage, results at a URI)

@@ -239,7 +239,7 @@ def _new_tuner(space, sweep: SweepFolder, run_dir: str, num_samples: int, datase
         run_config=tune.RunConfig(
             name=Path(run_dir).name,
             storage_path=state.ray_root(sweep.path),
-            callbacks=[ParquetRecorder(sweep, space, num_samples), *tracking.callbacks(sweep.path, space, state.name, state.tensorboard, state.mlflow), DropRecordedParts()],
+            callbacks=[ParquetRecorder(sweep, space, num_samples), *tracking.callbacks(sweep.path, space, state.name, state.tensorboard, state.mlflow), DropRecordedParts(space)],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=_ray_verbosity(),

@@ -29,7 +29,7 @@ from ray.tune import Callback
 
 from asl_tune.errors import AslTuneError
 from asl_tune.sweep import progress
-from asl_tune.sweep.recorder import EPOCH_ROW, NOT_TRIAL_COLUMNS
+from asl_tune.sweep.recorder import EPOCH_ROW, NOT_TRIAL_COLUMNS, TUNE_KEYS
 from asl_tune.sweep.space import SearchSpace
 
 TENSORBOARD_DIR = "tensorboard"
@@ -37,13 +37,6 @@ TRIAL_ID_TAG = "asl_tune_trial_id"
 SWEEP_TAG = "asl_tune_sweep"
 FINAL = "final/"  # prefix of a trial's final metrics, apart from the per-epoch curves of the same names
 # Tune's own bookkeeping in every result (ray.tune.result.AUTO_RESULT_KEYS and the like): not the trial's metrics.
-TUNE_KEYS = frozenset({
-    "training_iteration", "time_total_s", "episodes_total", "timesteps_total", "node_ip", "hostname", "pid", "time_this_iter_s",
-    "timestamp", "date", "time_since_restore", "timesteps_since_restore", "iterations_since_restore", "config", "checkpoint_dir_name",
-    "done", "trial_id", "experiment_tag", "should_checkpoint",
-})
-
-
 def _number(value) -> float | None:
     """A finite float of a logged value, or None (text, flags, NaN: a diverged trial's loss has no point to plot)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -64,6 +57,31 @@ def final_scalars(result: dict) -> dict[str, float]:
     """A finished trial's numeric metrics (its trials.parquet row's numbers), under FINAL."""
     figures = {k: _number(v) for k, v in result.items() if k not in TUNE_KEYS and k not in NOT_TRIAL_COLUMNS}
     return {FINAL + k: v for k, v in figures.items() if v is not None}
+
+
+class LastFigures:
+    """Each running trial's final figures (final_scalars) and epochs from the latest result a tracker saw. Tune
+    keeps only part of a result as the trial's last (recorder.DropRecordedParts), so the trackers keep their own
+    until the trial ends; a trial this driver saw no result of (Tune restored it ended) falls back to Tune's."""
+
+    def __init__(self) -> None:
+        self._by_trial: dict[str, tuple[dict[str, float], int]] = {}
+
+    def saw(self, trial, result: dict) -> None:
+        if epoch_scalars(result) is not None:  # one of the trainer's reports
+            self._by_trial[trial.trial_id] = (final_scalars(result), int(result.get("epochs_completed") or 0))
+
+    def ended(self, trial) -> tuple[dict[str, float], int]:
+        kept = self._by_trial.pop(trial.trial_id, None)
+        if kept is None:
+            result = trial.last_result or {}
+            kept = (final_scalars(result), int(result.get("epochs_completed") or 0))
+        return kept
+
+
+def _last(tracker) -> LastFigures:
+    """A tracker's LastFigures (also for one pickled before it had them)."""
+    return tracker.__dict__.setdefault("_last", LastFigures())
 
 
 def _params(space: SearchSpace, trial) -> dict[str, str]:
@@ -93,6 +111,7 @@ class TensorBoardTrials(Callback):
         self._writer(trial).add_text("config", "\n".join(f"    {k}: {v}" for k, v in sorted(params.items())), 0)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        _last(self).saw(trial, result)
         scalars = epoch_scalars(result)
         if scalars is None:
             return
@@ -103,13 +122,14 @@ class TensorBoardTrials(Callback):
         writer.flush()  # a reader sees each epoch as it lands, as it does in the Parquet files
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        result = trial.last_result or {}
+        figures, epochs = _last(self).ended(trial)
         writer = self._writer(trial)
-        for key, value in final_scalars(result).items():
-            writer.add_scalar(key, value, int(result.get("epochs_completed") or 0))
+        for key, value in figures.items():
+            writer.add_scalar(key, value, epochs)
         self._close(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        _last(self).ended(trial)
         self._close(trial)
 
     def _close(self, trial) -> None:
@@ -204,6 +224,7 @@ class MlflowTrials(Callback):
         self._tolerate(trial, self._start, trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        _last(self).saw(trial, result)
         self._tolerate(trial, self._result, trial, result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
@@ -237,10 +258,10 @@ class MlflowTrials(Callback):
             self._log(self._run_id(trial), scalars[1], scalars[0])
 
     def _end(self, trial, status: str) -> None:
+        figures, epochs = _last(self).ended(trial)
         run_id = self._run_id(trial)
         if status == "FINISHED":
-            result = trial.last_result or {}
-            self._log(run_id, final_scalars(result), int(result.get("epochs_completed") or 0))
+            self._log(run_id, figures, epochs)
         self.client.set_terminated(run_id, status)
 
 
