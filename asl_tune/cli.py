@@ -295,9 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as e:
         print(f"asl-tune: stopped: {str(e).translate(_LINE_BREAKS)}", file=sys.stderr)
         return e.status
-    except AslTuneError as e:
+    except AslTuneError as e:  # bad input (2), trials errored (3), Ray failed (4): errors.py
         print(f"asl-tune: error: {str(e).translate(_LINE_BREAKS)}", file=sys.stderr)
-        return 2
+        return e.status
     except OSError as e:  # a path the system refuses wherever it is first touched (a name too long): the path and why
         print(f"asl-tune: error: {str(e.filename or '').translate(_LINE_BREAKS)}: {e.strerror or e}", file=sys.stderr)
         return 2
