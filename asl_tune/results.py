@@ -5,6 +5,8 @@ in one call (see results/README.md):
 
     trials.parquet/schema.parquet          no rows: every column the parts hold, with its type; it sorts
                                            first, so a one-call reader takes the columns from it
+    trials.parquet/sealed-<generation>.parquet  the rows of the trials that had ended when the folder was last
+                                           compacted, all in one part (compact)
     trials.parquet/trial-<trial_id>.parquet  the rows of one trial, rewritten whole when they change
 
 A result rewrites only its own trial's parts, so what it costs does not grow with the sweep. Every write
@@ -12,18 +14,31 @@ goes to a temporary file beside the target and is renamed over it (files.write_a
 (or a crash) only ever sees a whole part, old or new, never a torn one, and a trial's rows are in one
 part only, never two. Sweeps written before parts (one file per table, rewritten whole) are read as they
 are, and moved to parts by the first write.
+
+A part per trial costs a reader a file (its footer above all: 10,000 trials took 36 s to read), so a sweep's
+driver compacts the folders when a run starts and when it ends (compact): a table's rows are regrouped in
+a new folder beside it (the ended trials' rows in one sealed part, the other parts linked as they are),
+which is swapped with the table's folder in one rename (Linux's renameat2 RENAME_EXCHANGE), then the old
+one is removed. A reader that lists the folder lists the old parts or the new ones, never some of each, so
+it never meets a row twice nor misses one; one that listed the old parts and opens one after the swap
+finds it gone and fails (FileNotFoundError), and `read_table` then reads the folder again. Where the swap
+is not available, the parts are left as they are.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import io
 import os
+import shutil
+import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from asl_tune.errors import AslTuneError
@@ -38,6 +53,9 @@ CONFUSION = "confusion.parquet"
 PER_CLASS = "per_class.parquet"
 RESULT_FILES = (TRIALS, EPOCHS, CONFUSION, PER_CLASS)
 SCHEMA_PART = "schema.parquet"  # in each table's folder, before the trial-<id>.parquet parts in name order
+SEALED_PREFIX = "sealed-"  # sealed-<generation>.parquet: ended trials' rows, many to a part; sorts after schema.parquet
+TRIAL_PREFIX = "trial-"
+READ_TRIES = 20  # readings of a table that a compaction may cut short, each then read again (compactions are seconds apart at least)
 
 PARAM_PREFIX = "params_"  # settings columns, as Optuna's trials_dataframe names them
 PAIR_PREFIX = "pair_"  # pair_<X>_as_<Y>: share of true X predicted as Y on the test split
@@ -62,6 +80,7 @@ TRIAL_COLUMNS = [
     "images_seen",
     "train_seconds",
     "peak_rss_mb",
+    "peak_private_mb",  # the trial's private memory (USS) at its highest report: what one more trial on a node costs
     "node_id",
     "hostname",
     "device",
@@ -122,30 +141,160 @@ def read_snapshot(path: Path) -> pd.DataFrame:
 
 def part_name(trial_id: str) -> str:
     """The file in each table's folder that holds one trial's rows."""
-    return f"trial-{trial_id}.parquet"
+    return f"{TRIAL_PREFIX}{trial_id}.parquet"
+
+
+def sealed_name(generation: int) -> str:
+    """The file in a table's folder that holds the ended trials' rows after its generation-th compaction."""
+    return f"{SEALED_PREFIX}{generation:06d}.parquet"
+
+
+def _generation(name: str) -> int:
+    return int(name[len(SEALED_PREFIX):-len(".parquet")])
+
+
+def _parquet_names(path: Path) -> list[str]:
+    return sorted(n for n in os.listdir(path) if n.endswith(".parquet") and not n.startswith("."))
+
+
+def _read_part(path: Path) -> pa.Table:
+    with open(path, "rb") as f:
+        return pq.ParquetFile(pa.BufferReader(f.read())).read()  # half read_table's cost a part (its dataset layer)
 
 
 def read_table(folder: Path, name: str) -> pa.Table | None:
     """One table of a sweep folder as it stands (None when it has none yet): a folder of parts, or a sweep's one file from before parts.
 
     Each part is read whole from one open() (see read_snapshot), so a part replaced meanwhile is read old
-    or new, never torn; one removed since the listing (a trial dropped at a resume) is left out.
+    or new, never torn; one removed since the listing (a trial dropped at a resume) is left out. A reading
+    that a compaction swapped the folder under (its identity or its sealed parts changed) is read again.
+    A trial's rows are taken from one part only: its own part, else the newest sealed part that holds it
+    (two hold it only at a URI while a compaction's copy is under way, see mirror.py).
     """
     path = Path(folder) / name
-    try:
-        names = sorted(n for n in os.listdir(path) if n.endswith(".parquet") and not n.startswith("."))
-    except NotADirectoryError:
-        names = [""]  # the layout before parts: the table is this one file
-    except FileNotFoundError:
-        return None
-    tables = []
-    for part in names:
+    for _ in range(READ_TRIES):
         try:
-            with open(path / part if part else path, "rb") as f:
-                tables.append(pq.ParquetFile(pa.BufferReader(f.read())).read())  # half read_table's cost a part (its dataset layer)
+            before = os.stat(path)
+            if not stat.S_ISDIR(before.st_mode):
+                return _read_part(path)  # the layout before parts: the table is this one file
+            names = _parquet_names(path)
         except FileNotFoundError:
+            return None
+        tables: dict[str, pa.Table] = {}
+        for part in names:
+            try:
+                tables[part] = _read_part(path / part)
+            except FileNotFoundError:
+                continue
+        try:
+            after = os.stat(path)
+            same = (after.st_ino, after.st_dev) == (before.st_ino, before.st_dev) and _sealed(_parquet_names(path)) == _sealed(names)
+        except FileNotFoundError:
+            same = False
+        if same:
+            return _one_part_a_trial(tables)
+    raise AslTuneError(f"results: {path} was compacted {READ_TRIES} times while being read; read it again")
+
+
+def _sealed(names: Iterable[str]) -> list[str]:
+    return [n for n in names if n.startswith(SEALED_PREFIX)]
+
+
+def _one_part_a_trial(tables: dict[str, pa.Table]) -> pa.Table | None:
+    """The parts' rows, each trial's from one part: its own, else the newest sealed part holding it."""
+    seen = {n[len(TRIAL_PREFIX):-len(".parquet")] for n in tables if n.startswith(TRIAL_PREFIX)}
+    for part in sorted(_sealed(tables), key=_generation, reverse=True):
+        table = tables[part]
+        if seen and table.num_rows:
+            tables[part] = table.filter(pc.invert(pc.is_in(table["trial_id"], pa.array(sorted(seen), table["trial_id"].type))))
+        seen.update(pc.unique(table["trial_id"]).to_pylist())
+    parts = list(tables.values())
+    return pa.concat_tables(parts, promote_options="permissive") if parts else None
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two folders on one filesystem in one step (renameat2 RENAME_EXCHANGE); OSError where it cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def regroup(folder: Path, name: str, sealed_ids: Iterable[str]) -> list[str]:
+    """Rebuild one table's folder with the rows of `sealed_ids` in one new sealed part and every other trial's in
+    its own part, the rows themselves unchanged, and swap it in at once; return the files written, then those
+    removed, relative to the folder (for mirror.SweepFolder.sync: a copy at a URI gets the new ones first).
+
+    The caller holds the sweep (request.exclusive): nothing else writes the table meanwhile.
+    """
+    folder, sealed_ids = Path(folder), set(sealed_ids)
+    path, staging = folder / name, folder / f".{name}.regroup"
+    table = read_table(folder, name)
+    if table is None or not path.is_dir():
+        return []
+    names = _parquet_names(path)
+    generation = max((_generation(n) for n in _sealed(names)), default=0) + 1
+    shutil.rmtree(staging, ignore_errors=True)  # what a driver killed during a compaction left
+    staging.mkdir()
+    try:
+        if SCHEMA_PART in names:
+            os.link(path / SCHEMA_PART, staging / SCHEMA_PART)
+        else:
+            pq.write_table(table.schema.empty_table(), staging / SCHEMA_PART)
+        ids = table["trial_id"]
+        sealed = table.filter(pc.is_in(ids, pa.array(sorted(sealed_ids), ids.type)))
+        order = [("trial_id", "ascending")] + ([("epoch", "ascending")] if "epoch" in sealed.column_names else [])
+        pq.write_table(sealed.sort_by(order), staging / sealed_name(generation))  # trial order: readers need not sort
+        written = [sealed_name(generation)]
+        for trial_id in sorted(set(pc.unique(ids).to_pylist()) - sealed_ids):
+            part = part_name(trial_id)
+            if part in names:
+                os.link(path / part, staging / part)  # unchanged: the same file under the new folder
+            else:  # out of a sealed part again (it reports again): its own part, from the rows it had there
+                pq.write_table(table.filter(pc.equal(ids, trial_id)), staging / part)
+                written.append(part)
+        removed = [n for n in names if not (staging / n).exists()]
+        _exchange(staging, path)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        return []  # no swap here (or a failed write): the parts stay as they were, read as before
+    shutil.rmtree(staging, ignore_errors=True)  # the old folder: a reader that still lists it reads the table again
+    return [f"{name}/{n}" for n in written + removed]
+
+
+def sealed_ids(folder: Path, name: str) -> set[str]:
+    """The trials whose rows of one table are in its sealed part."""
+    path = Path(folder) / name
+    try:
+        names = _sealed(_parquet_names(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+    return {tid for n in names for tid in pc.unique(pq.read_table(path / n, columns=["trial_id"])["trial_id"]).to_pylist()}
+
+
+def compact(folder: Path) -> list[str]:
+    """Move the rows of every trial that ended for good (completed, stopped early, diverged) into one sealed part
+    per table, when some are still in parts of their own; return the files written and removed (see regroup).
+
+    Errored trials keep their parts: a resume runs them again. For the driver that holds the sweep, before
+    and after Tune runs (sweep/run.py), when no ResultsStore is open on the folder.
+    """
+    trials = read_table(folder, TRIALS)
+    if trials is None or "status" not in trials.column_names:
+        return []
+    ended = set(trials.filter(pc.is_in(trials["status"], pa.array([*FINISHED, "diverged"])))["trial_id"].to_pylist())
+    changed = []
+    for name in RESULT_FILES:
+        path = Path(folder) / name
+        if not path.is_dir():
             continue
-    return pa.concat_tables(tables, promote_options="permissive") if tables else None
+        loose = {n[len(TRIAL_PREFIX):-len(".parquet")] for n in _parquet_names(path) if n.startswith(TRIAL_PREFIX)} & ended
+        if loose:
+            changed += regroup(folder, name, sealed_ids(folder, name) | loose)
+    return changed
 
 
 def _read(folder: Path, name: str, columns: list[str]) -> pd.DataFrame:
@@ -156,6 +305,8 @@ def _read(folder: Path, name: str, columns: list[str]) -> pd.DataFrame:
     df = table.to_pandas()
     if name == TRIALS:
         return _ordered(df, TRIAL_COLUMNS)
+    if df["trial_id"].is_monotonic_increasing and (name != EPOCHS or df.groupby("trial_id", sort=False)["epoch"].is_monotonic_increasing.all()):
+        return df  # a sealed part is in trial order already (the sort was most of reading 8 M confusion rows)
     return df.sort_values(["trial_id", "epoch"] if name == EPOCHS else ["trial_id"], kind="stable").reset_index(drop=True)
 
 
@@ -215,11 +366,13 @@ class ResultsStore:
         self._dirty: set[tuple[str, str]] = set()  # (table, trial_id) whose part is to be rewritten
         self._schemas: dict[str, pa.Schema] = {}  # every column each table's parts hold, as its schema part says
         self._single_files = [name for name in RESULT_FILES if (self.folder / name).is_file()]  # the layout before parts
+        self._sealed = {name: sealed_ids(self.folder, name) for name in RESULT_FILES}  # trials whose rows are in the table's sealed part (compact)
         for name in RESULT_FILES:
             schema_part = self.folder / name / SCHEMA_PART
             if name != TRIALS and schema_part.is_file():  # parts: the trials that have one, and the columns, without their rows
                 self._schemas[name] = pq.read_schema(schema_part)
-                self._on_disk[name] = {n[len("trial-"):-len(".parquet")] for n in os.listdir(self.folder / name) if n.startswith("trial-") and n.endswith(".parquet")}
+                self._on_disk[name] = {n[len(TRIAL_PREFIX):-len(".parquet")] for n in os.listdir(self.folder / name) if n.startswith(TRIAL_PREFIX) and n.endswith(".parquet")}
+                self._on_disk[name] |= self._sealed[name]
                 continue
             table = read_table(self.folder, name)
             if table is not None:
@@ -243,10 +396,15 @@ class ResultsStore:
         """A trial's rows of one table into memory again from its part, when they are on disk only."""
         if trial_id in self._on_disk.get(name, ()):
             self._on_disk[name].discard(trial_id)
+            path = self.folder / name
             try:
-                with open(self.folder / name / part_name(trial_id), "rb") as f:
-                    self._load(name, pq.ParquetFile(pa.BufferReader(f.read())).read().to_pylist())
-            except FileNotFoundError:
+                if trial_id in self._sealed[name]:  # the newest sealed part: a trial's rows are in one, locally
+                    newest = max(_sealed(_parquet_names(path)), key=_generation)
+                    table = pq.read_table(path / newest, filters=[("trial_id", "==", trial_id)])
+                else:
+                    table = _read_part(path / part_name(trial_id))
+                self._load(name, table.to_pylist())
+            except (FileNotFoundError, ValueError):
                 pass  # removed since (by hand): nothing to keep
 
     def release_trial(self, trial_id: str) -> None:
@@ -319,6 +477,11 @@ class ResultsStore:
         What a flush writes is the changed trials' own rows: it does not grow with the rows already stored.
         """
         changed = self._leave_single_files()
+        for name in RESULT_FILES:  # a sealed trial that changed gets its own part again first (regroup), then is written as any other
+            unsealed = {tid for n, tid in self._dirty if n == name} & self._sealed[name]
+            if unsealed:
+                changed += regroup(self.folder, name, self._sealed[name] - unsealed)
+                self._sealed[name] -= unsealed
         for name, trial_id in sorted(self._dirty):
             changed += self._write_part(name, trial_id)
             self._dirty.discard((name, trial_id))  # only once written: a failed flush is retried whole by the next

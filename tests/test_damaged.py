@@ -45,7 +45,7 @@ def interrupted(folder: Path) -> None:
 def a_part(folder: Path, table: str) -> Path:
     """One file of a table: a part of its folder, or the table's one file in the older layout."""
     path = folder / table
-    return sorted(path.glob("trial-*.parquet"))[0] if path.is_dir() else path
+    return sorted(p for p in path.glob("*.parquet") if p.name != "schema.parquet")[0] if path.is_dir() else path  # a sealed part once compacted
 
 
 def truncate(path: Path) -> None:

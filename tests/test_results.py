@@ -4,8 +4,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from asl_tune import results
 from asl_tune.errors import AslTuneError
-from asl_tune.results import ResultsStore, read_confusion, read_epochs, read_trials, trial_row, write_atomic
+from asl_tune.results import (
+    RESULT_FILES, ResultsStore, compact, read_confusion, read_epochs, read_per_class, read_trials, trial_row, write_atomic,
+)
 
 
 def test_rows_are_keyed_so_repeats_replace_not_duplicate(tmp_path):
@@ -138,3 +141,120 @@ def test_a_sweep_in_the_old_one_file_layout_is_read_and_moved_to_parts_by_its_ne
     assert (tmp_path / "trials.parquet").is_dir() and (tmp_path / "epochs.parquet").is_dir()
     assert list(read_trials(tmp_path)["trial_id"]) == ["t1", "t2"] and read_trials(tmp_path).loc[0, "val_accuracy"] == 0.9
     assert read_epochs(tmp_path)[["trial_id", "epoch"]].values.tolist() == [["t1", 1], ["t2", 1]]
+
+
+# Compaction (results.compact): the ended trials' parts become one sealed part per table, swapped in at once.
+
+READERS = {"trials.parquet": read_trials, "epochs.parquet": read_epochs, "confusion.parquet": read_confusion, "per_class.parquet": read_per_class}
+KEYS = {"trials.parquet": ["trial_id"], "epochs.parquet": ["trial_id", "epoch"], "confusion.parquet": ["trial_id", "true_label", "pred_label"], "per_class.parquet": ["trial_id", "class_name"]}
+
+
+def _a_sweep(folder) -> None:
+    """12 trials as a sweep's recorder leaves them: 9 completed, one diverged, one errored, one running."""
+    store = ResultsStore(folder)
+    for k in range(10):
+        _ended_trial(store, f"t{k:03d}")
+    store.put_trial(trial_row("t009", "diverged", {"lr": 0.01}, {"val_accuracy": 0.1}))
+    store.put_trial({**trial_row("t010", "errored", {"lr": 0.02}, {}), "error": "boom"})
+    store.put_epoch("t010", {"epoch": 1, "val_accuracy": 0.2})
+    store.put_trial(trial_row("t011", "running", {"lr": 0.03}, {"pair_K_as_V": 0.5}))  # a column the ended trials lack
+    store.put_epoch("t011", {"epoch": 1, "val_accuracy": 0.3})
+    store.flush()
+
+
+def _tables(folder) -> dict[str, pd.DataFrame]:
+    """Every table read both ways: asl-tune's readers, and pandas on the table's folder in one call (rows sorted by key)."""
+    out = {}
+    for name, read in READERS.items():
+        out[name] = read(folder)
+        one_call = pd.read_parquet(folder / name)
+        out[f"pandas {name}"] = one_call.sort_values(KEYS[name]).reset_index(drop=True)[sorted(one_call.columns)]
+    return out
+
+
+def _assert_same(got: dict, expected: dict) -> None:
+    for key, frame in expected.items():
+        pd.testing.assert_frame_equal(got[key].reset_index(drop=True), frame.reset_index(drop=True), check_dtype=False, obj=key)
+
+
+def test_compaction_keeps_every_row_once_and_seals_only_trials_that_ended_for_good(tmp_path):
+    _a_sweep(tmp_path)
+    before = _tables(tmp_path)
+    assert len(before["epochs.parquet"]) == 10 * 3 + 2 and len(before["confusion.parquet"]) == 10 * 3
+    changed = compact(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "trials.parquet").iterdir()) == ["schema.parquet", "sealed-000001.parquet", "trial-t010.parquet", "trial-t011.parquet"]
+    assert sorted(p.name for p in (tmp_path / "confusion.parquet").iterdir()) == ["schema.parquet", "sealed-000001.parquet"]
+    assert changed[0] == "trials.parquet/sealed-000001.parquet" and "trials.parquet/trial-t000.parquet" in changed  # new first, then removed
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the old folders are gone
+    _assert_same(_tables(tmp_path), before)
+    assert compact(tmp_path) == []  # nothing more to seal: nothing rewritten
+
+
+def test_a_reader_beside_a_compaction_never_sees_a_row_twice_nor_misses_one(tmp_path, monkeypatch):
+    """Each interleaving forced: readers at the moment the new folder is written beside the old one, just after the swap
+    (the old folder not yet removed), and a reader that listed the parts before the swap and opens them after."""
+    _a_sweep(tmp_path)
+    expected = _tables(tmp_path)
+    swap, seen = results._exchange, []
+    listed = {name: pq.ParquetDataset(tmp_path / name) for name in RESULT_FILES}  # pyarrow's dataset: listed now, read later
+
+    def swap_with_readers(a, b):
+        seen.append(_tables(tmp_path))  # the compacted folder written, the old parts still in place
+        swap(a, b)
+        seen.append(_tables(tmp_path))  # swapped in, the old folder not yet removed
+
+    monkeypatch.setattr(results, "_exchange", swap_with_readers)
+    compact(tmp_path)
+    assert len(seen) == 2 * 4
+    for tables in seen:
+        _assert_same(tables, expected)
+    for name, dataset in listed.items():  # its parts are gone from the folder it listed: it fails, it never reads a wrong set
+        with pytest.raises(FileNotFoundError):
+            dataset.read()
+
+
+@pytest.mark.parametrize("at", [0, 3, -1])
+def test_asl_tunes_reader_cut_by_a_compaction_reads_the_folder_again(tmp_path, monkeypatch, at):
+    """The compaction runs whole between two part reads of read_table (after the first, one in the middle, the last)."""
+    _a_sweep(tmp_path)
+    expected = {name: read(tmp_path) for name, read in READERS.items()}
+    read_part, cut = results._read_part, {}
+
+    def part_then_compaction(path):
+        table = read_part(path)
+        if cut.get("busy") or path.parent.name != "epochs.parquet":
+            return table
+        cut["reads"] = cut.get("reads", 0) + 1
+        parts = len([p for p in path.parent.iterdir() if p.suffix == ".parquet"])
+        if "done" not in cut and cut["reads"] == (at % parts) + 1:
+            cut["busy"] = True
+            compact(tmp_path)
+            cut.update(busy=False, done=True)
+        return table
+
+    monkeypatch.setattr(results, "_read_part", part_then_compaction)
+    got = read_epochs(tmp_path)
+    assert cut.get("done") and (tmp_path / "epochs.parquet" / "sealed-000001.parquet").exists()
+    pd.testing.assert_frame_equal(got, expected["epochs.parquet"], check_dtype=False)
+
+
+def test_a_sealed_trial_that_reports_again_or_is_dropped_leaves_its_sealed_part(tmp_path):
+    _a_sweep(tmp_path)
+    compact(tmp_path)
+    store = ResultsStore(tmp_path)  # a resumed driver
+    assert store.rows_in_memory()["epochs.parquet"] == 0
+    store.put_epoch("t004", {"epoch": 4, "val_accuracy": 0.8})  # Tune re-runs it from its checkpoint
+    store.put_trial(trial_row("t004", "running", {"lr": 0.01}, {"val_accuracy": 0.8}))
+    store.drop_trial("t005")
+    changed = store.flush()
+    assert "epochs.parquet/sealed-000002.parquet" in changed and "epochs.parquet/trial-t004.parquet" in changed
+    epochs, trials = read_epochs(tmp_path), read_trials(tmp_path)
+    assert list(epochs.loc[epochs.trial_id == "t004", "epoch"]) == [1, 2, 3, 4] and len(epochs) == 10 * 3 + 2 + 1 - 3
+    assert trials.loc[trials.trial_id == "t004", "status"].item() == "running" and "t005" not in set(trials.trial_id)
+    assert "t005" not in set(pd.read_parquet(tmp_path / "confusion.parquet").trial_id)
+    assert len(pd.read_parquet(tmp_path / "epochs.parquet")) == len(epochs)  # pandas too: t004's rows once
+    store.put_trial(trial_row("t004", "completed", {"lr": 0.01}, {"val_accuracy": 0.8}))
+    store.flush()
+    compact(tmp_path)  # sealed again, with its new epoch
+    assert sorted(p.name for p in (tmp_path / "epochs.parquet").iterdir()) == ["schema.parquet", "sealed-000003.parquet", "trial-t010.parquet", "trial-t011.parquet"]
+    pd.testing.assert_frame_equal(read_epochs(tmp_path), epochs, check_dtype=False)
