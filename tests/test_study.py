@@ -9,14 +9,23 @@ SQLite study.db: the orderings are run on that layout too.
 
 from __future__ import annotations
 
+import os
+import pickle
 import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
 
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from asl_tune.sweep.study import StudySearch, SweepStudyStorage, flush_study, read_journal, sqlite_url, study_storage
+from asl_tune.sweep import study
+from asl_tune.sweep.mirror import as_sweep_folder
+from asl_tune.sweep.study import StudySearch, SweepJournal, SweepStudyStorage, flush_study, read_journal, sqlite_url, study_storage
 
 SPACE = {"lr": FloatDistribution(1e-3, 1e-1, log=True), "head_width": CategoricalDistribution([16, 32])}
 LAYOUTS = ["study.log", "study.db"]
@@ -155,8 +164,9 @@ def test_a_searcher_in_step_with_the_study_changes_nothing_when_restored(folder,
 
 def test_the_journal_is_written_in_batches_at_tunes_saves_and_each_entry_once(tmp_path, monkeypatch):
     """A count, not a timing: asking, 3 trials x 10 results and their ends write nothing to study.log until Tune
-    saves its state (or a second passes); the save appends every entry in one write, and the file then holds
-    each entry once, whole, in order, and reads back as the same study."""
+    saves its state (the timer, a second after a change, is set an hour away here); the save appends every
+    entry in one write, and the file then holds each entry once, whole, in order, and reads back as the same study."""
+    monkeypatch.setattr(study, "FLUSH_EVERY_S", 3600.0)
     search = searcher(tmp_path)
     writes = []
     real_open = open
@@ -223,3 +233,109 @@ def test_a_result_reads_nothing_from_the_study_and_a_trial_it_finished_first_is_
     assert reads == []
     t1, t2 = study_trials(tmp_path)
     assert t1.value == 0.7 and t1.intermediate_values == {} and t2.intermediate_values == {1: 0.1, 2: 0.2, 3: 0.30000000000000004}
+
+
+def flush_threads(journal: SweepJournal) -> list[threading.Thread]:
+    """The journal's timer threads still alive (at most one waits; a cancelled one ends at once)."""
+    return [t for t in threading.enumerate() if t.name == f"flush {journal.path}" and t.is_alive()]
+
+
+def no_flush_thread_left(journal: SweepJournal) -> bool:
+    for thread in flush_threads(journal):
+        thread.join(timeout=60)
+    return not flush_threads(journal)
+
+
+def test_an_entry_appended_while_a_flush_writes_reaches_the_file_with_the_next_flush(tmp_path, monkeypatch):
+    """Forced: the append lands inside the flush's fsync (the file's lock held, the batch taken). It used to be
+    counted written with that batch and never reach the file."""
+    journal = SweepJournal(as_sweep_folder(tmp_path))
+    journal.append_logs([{"op_code": 0, "i": 0}])
+    real_fsync = os.fsync
+
+    def fsync_with_an_append(fd):
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        journal.append_logs([{"op_code": 0, "i": 1}])
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_with_an_append)
+    journal.flush()
+    assert [e["i"] for e in read_journal(journal.path)] == [0]  # the append came after the batch was taken
+    journal.flush()
+    assert [e["i"] for e in read_journal(journal.path)] == [0, 1]
+    journal.flush()
+    assert [e["i"] for e in read_journal(journal.path)] == [0, 1]  # each once
+
+
+def test_every_entry_reaches_the_file_once_while_tune_pickles_the_storage_from_another_thread(tmp_path):
+    """One thread changes the study through its storage (as the searcher does); another pickles the storage
+    meanwhile (as Tune's saves do, which flush the journal), and the timer flushes too. The file then holds each
+    change exactly once, in order, and Optuna's own reader sees them all."""
+    storage = study_storage(tmp_path)
+    study_id = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], "s")
+    trial_id = storage.create_new_trial(study_id)
+    n = 3000
+    done = threading.Event()
+
+    def change():
+        try:
+            for i in range(n):
+                storage.set_trial_user_attr(trial_id, f"k{i}", i)
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=change)
+    writer.start()
+    saves = 0
+    while not done.is_set() or saves < 3:
+        pickle.dumps(storage)
+        saves += 1
+    writer.join()
+    flush_study(storage)
+    changes = [key for e in read_journal(tmp_path / "study.log") for key in e.get("user_attr", {})]
+    assert changes == [f"k{i}" for i in range(n)]
+    assert len(external(tmp_path).trials[0].user_attrs) == n
+
+
+def test_a_change_reaches_the_file_with_nothing_else_happening_and_no_timer_is_left(tmp_path):
+    """The timer keeps "at the latest FLUSH_EVERY_S after a change" alone: no save, no flush, no later change.
+    (Polled up to a minute, so it passes at any machine speed; with no timer the file never appears.)"""
+    journal = SweepJournal(as_sweep_folder(tmp_path))
+    optuna.create_study(storage=optuna.storages.JournalStorage(journal), study_name="x")
+    assert flush_threads(journal) and all(t.daemon for t in flush_threads(journal))  # it never keeps the process alive
+    deadline = time.monotonic() + 60
+    while not (journal.path.exists() and list(read_journal(journal.path))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [e["study_name"] for e in read_journal(journal.path)] == ["x"]
+    assert no_flush_thread_left(journal)  # it ends once nothing waits
+
+
+def test_pickling_writes_the_journal_and_stops_its_timer_and_the_copy_starts_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "FLUSH_EVERY_S", 3600.0)
+    storage = study_storage(tmp_path)
+    optuna.create_study(storage=storage, study_name="s").enqueue_trial({"lr": 0.01})
+    journal = storage._backend
+    assert flush_threads(journal)
+    copy = pickle.loads(pickle.dumps(storage))  # Tune's save, then `asl-tune resume` unpickling it
+    assert no_flush_thread_left(journal)
+    assert [t.state for t in external(tmp_path).trials] == [TrialState.WAITING]
+    assert [t.system_attrs["fixed_params"] for t in copy.get_all_trials(0)] == [{"lr": 0.01}]  # the copy read the file
+    assert no_flush_thread_left(copy._backend)
+
+
+def test_what_the_journal_holds_is_written_when_the_process_exits(tmp_path):
+    """Only the exit can write it here (the timer is set an hour away), and the timer does not keep the process
+    alive: it exits at once (a hang fails the test through its timeout)."""
+    script = textwrap.dedent(f"""
+        import optuna
+        from asl_tune.sweep import study
+        from asl_tune.sweep.mirror import as_sweep_folder
+        study.FLUSH_EVERY_S = 3600.0
+        journal = study.SweepJournal(as_sweep_folder({str(tmp_path)!r}))
+        optuna.create_study(storage=optuna.storages.JournalStorage(journal), study_name="s").enqueue_trial({{"lr": 0.02}})
+        assert not journal.path.exists()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (trial,) = external(tmp_path).trials
+    assert trial.state == TrialState.WAITING and trial.system_attrs["fixed_params"] == {"lr": 0.02}

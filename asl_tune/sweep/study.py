@@ -3,11 +3,13 @@
 The study is Optuna's JournalStorage: the study in memory, every change to it one JSON line of an
 append-only file, `study.log`, which optuna-dashboard opens as it is (`optuna-dashboard study.log`).
 `SweepJournal` appends those lines in batches, not one by one: when Tune saves its experiment state (it
-pickles the searcher, and the journal writes what it holds first), and at the latest FLUSH_EVERY_S after a
-change. So asking for a trial, a reported epoch and a trial's end cost no database write (in SQLite, through
-Optuna's RDBStorage, they were over half of the driver's time in a sweep of 300 trials; issue 15), and the
-file is never behind the state a resume starts from: a SIGKILL loses only what came after Tune's last save.
-Only whole lines are ever read back: a line cut short by a kill is left out, and cut off before the next write.
+pickles the searcher, and the journal writes what it holds first), at the latest FLUSH_EVERY_S after a
+change (a timer thread, so a reader such as optuna-dashboard sees every change within about a second even
+when nothing else happens), and at the process's exit. So asking for a trial, a reported epoch and a trial's
+end cost no database write (in SQLite, through Optuna's RDBStorage, they were over half of the driver's time
+in a sweep of 300 trials; issue 15), and the file is never behind the state a resume starts from: a SIGKILL
+loses only what came after Tune's last save. Only whole lines are ever read back: a line cut short by a kill
+is left out, and cut off before the next write.
 
 Sweeps made before study.log have `study.db` (SQLite, RDBStorage); they go on with it (`study_storage`).
 
@@ -24,10 +26,12 @@ them when Tune restores it.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
-import time
+import threading
+import weakref
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
@@ -101,20 +105,30 @@ class SweepJournal(BaseJournalBackend):
 
     One driver writes (it holds the sweep's lock); any number of readers (optuna-dashboard, analyze) see whole
     lines only. Appends take Optuna's lock on the file, so a note optuna-dashboard adds lands whole, between
-    two batches (this driver's copy of the study does not see it; the next driver to open the file does). Entries the storage writes are handed back to it at once (it reads back what it
-    wrote to update its copy of the study), and reach the file at `flush`: when this is pickled (Tune saving
-    its state), and when one waited FLUSH_EVERY_S.
+    two batches (this driver's copy of the study does not see it; the next driver to open the file does).
+    Entries the storage writes are handed back to it at once (it reads back what it wrote to update its copy
+    of the study), and reach the file at `flush`: when this is pickled (Tune saving its state), FLUSH_EVERY_S
+    after the first change not yet written (a daemon timer thread, alive only while a change waits), and at
+    the process's exit.
+
+    Several threads flush (the storage's, the timer, Tune saving its state, exit), so the entries a flush
+    writes are the ones it took under `_lock`, and only those are counted written: an entry appended while a
+    flush writes waits for the next one. `_lock` is never held while the file is written, so an append never
+    waits for a disk; `_writing` makes the flushes take turns.
     """
 
     def __init__(self, sweep: SweepFolder, study_file: str = STUDY_FILE):
         self._sweep = sweep
         self._study_file = study_file
+        self._lock = threading.Lock()  # guards the fields below
+        self._writing = threading.Lock()  # held by the one flush writing to the file
         self._unread = True  # the file is read (whole) at the storage's first read
         self._base = 0  # the log number of self._recent[0]
         self._recent: list[dict[str, Any]] = []  # entries written since, not yet both in the file and handed back
         self._written = 0  # how many of self._recent are in the file
-        self._oldest: float | None = None  # time.monotonic() of the oldest entry not in the file
+        self._timer: threading.Timer | None = None  # the flush due FLUSH_EVERY_S after the oldest entry not in the file
         self._checked_end = False  # whether a last line cut short was looked for (before the first append)
+        _JOURNALS.add(self)  # written at the process's exit
 
     @property
     def path(self) -> Path:
@@ -128,36 +142,48 @@ class SweepJournal(BaseJournalBackend):
         self.__init__(state["_sweep"], state["_study_file"])  # read again from the file (JournalStorage replays it)
 
     def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
-        if self._unread or log_number_from < self._base:
-            # The storage's first read (a new storage, or one just unpickled): the whole file.
-            self.flush()
-            count = 0
-            if self.path.exists():
-                for count, entry in enumerate(read_journal(self.path), start=1):
-                    if count > log_number_from:
-                        yield entry
+        with self._lock:
+            if not self._unread and log_number_from >= self._base:
+                recent = self._recent[log_number_from - self._base :]
+                # All handed back now: forget those also in the file (memory stays one flush's worth).
+                del self._recent[: self._written]
+                self._base += self._written
+                self._written = 0
+                return iter(recent)
+        return self._read_file(log_number_from)
+
+    def _read_file(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+        """The storage's first read (a new storage, or one just unpickled): the whole file, read as it streams."""
+        self.flush()
+        count = 0
+        if self.path.exists():
+            for count, entry in enumerate(read_journal(self.path), start=1):
+                if count > log_number_from:
+                    yield entry
+        with self._lock:
             self._unread, self._base, self._recent, self._written = False, count, [], 0
-            return
-        yield from self._recent[log_number_from - self._base :]
-        # All handed back now: forget those also in the file (memory stays one flush's worth).
-        if self._written:
-            del self._recent[: self._written]
-            self._base += self._written
-            self._written = 0
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        if self._oldest is None:
-            self._oldest = time.monotonic()
-        self._recent.extend(logs)
-        if time.monotonic() - self._oldest >= FLUSH_EVERY_S:
-            self.flush()
+        with self._lock:
+            self._recent.extend(logs)
+            self._arm()
 
     def flush(self) -> None:
         """Append the entries not yet in the file, in one write and one fsync."""
-        pending = self._recent[self._written :]
-        if not pending:
-            return
-        text = "".join(json.dumps(entry, separators=(",", ":")) + "\n" for entry in pending).encode()
+        with self._writing:
+            with self._lock:
+                pending = self._recent[self._written :]
+                self._disarm()  # what comes from now on arms the timer again
+            if not pending:
+                return
+            text = "".join(json.dumps(entry, separators=(",", ":")) + "\n" for entry in pending).encode()
+            self._append(text)
+            with self._lock:
+                # The entries taken above, not len(self._recent): one appended meanwhile is not in the file yet.
+                # (read_logs may have dropped written entries meanwhile; it lowered _written by as many.)
+                self._written += len(pending)
+
+    def _append(self, text: bytes) -> None:
         # Optuna's own lock (a symlink beside the file), so an append by optuna-dashboard (a note) never interleaves.
         lock = JournalFileSymlinkLock(str(self.path))
         lock.acquire()
@@ -171,8 +197,45 @@ class SweepJournal(BaseJournalBackend):
                 os.fsync(f.fileno())
         finally:
             lock.release()
-        self._written = len(self._recent)
-        self._oldest = None
+
+    def _arm(self) -> None:
+        """Start the timer that flushes FLUSH_EVERY_S from now, unless one runs (called with _lock held)."""
+        if self._timer is None:
+            self._timer = threading.Timer(FLUSH_EVERY_S, self._flush_due)
+            self._timer.name = f"flush {self.path}"
+            self._timer.daemon = True  # never keeps the process alive: exit writes what waits (_flush_at_exit)
+            self._timer.start()
+
+    def _disarm(self) -> None:
+        """Stop the timer, if one runs (called with _lock held)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _flush_due(self) -> None:
+        try:
+            self.flush()
+        except Exception as e:  # a full disk: the entries stay in memory, tried again (and Tune's next save raises)
+            if not self.path.parent.is_dir():
+                return  # the sweep's folder was removed: nowhere to write them
+            log.warning("%s: could not write the study's journal (%s); trying again in %g s", self.path, e, FLUSH_EVERY_S)
+            with self._lock:
+                self._arm()
+
+
+_JOURNALS: weakref.WeakSet[SweepJournal] = weakref.WeakSet()  # every journal of this process, for _flush_at_exit
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """Write what each journal still holds when the process exits (its timer is a daemon thread, stopped with it)."""
+    for journal in list(_JOURNALS):
+        if not journal.path.parent.is_dir():
+            continue  # the sweep's folder was removed (a test's temporary folder): nowhere to write
+        try:
+            journal.flush()
+        except Exception as e:
+            log.warning("%s: could not write the study's journal at exit (%s)", journal.path, e)
 
 
 def _cut_unfinished_line(f) -> None:
