@@ -29,18 +29,8 @@ from asl_tune.files import write_atomically
 from asl_tune.results import ResultsStore, trial_row
 from asl_tune.sweep.request import LOGS_DIR
 from asl_tune.sweep.space import SearchSpace
-from asl_tune.sweep.trainable import TRIAL_OUTPUT
+from asl_tune.sweep.trainable import EPOCH_ROW, NOT_TRIAL_COLUMNS, TRIAL_OUTPUT, TUNE_KEYS
 
-# The key of a report's own epochs.parquet row (train.EPOCH_ROW; not imported, so the driver never loads torch).
-# The rest of a report is the trial's metrics so far, its trials.parquet row: one meaning per name in each file.
-EPOCH_ROW = "epoch_row"
-NOT_TRIAL_COLUMNS = (EPOCH_ROW, "confusion", "per_class")  # nested parts of a report, stored in files of their own
-# What Tune itself puts in a result (ray.tune.result.AUTO_RESULT_KEYS and its bookkeeping), apart from the trial's metrics.
-TUNE_KEYS = frozenset({
-    "training_iteration", "time_total_s", "episodes_total", "timesteps_total", "node_ip", "hostname", "pid", "time_this_iter_s",
-    "timestamp", "date", "time_since_restore", "timesteps_since_restore", "iterations_since_restore", "config", "checkpoint_dir_name",
-    "done", "trial_id", "experiment_tag", "should_checkpoint",
-})
 # What asl-tune reads of a trial's last result once the callbacks have had it: how it ended (final_status), ASHA's
 # time axis, where it ran (an errored trial's log); the searched metrics are added per sweep (DropRecordedParts).
 KEPT_FOR_TUNE = ("status", "epochs_completed", "images_seen", "node_id", "hostname", "device")

@@ -29,14 +29,15 @@ from ray.tune import Callback
 
 from asl_tune.errors import AslTuneError
 from asl_tune.sweep import progress
-from asl_tune.sweep.recorder import EPOCH_ROW, NOT_TRIAL_COLUMNS, TUNE_KEYS
 from asl_tune.sweep.space import SearchSpace
+from asl_tune.sweep.trainable import EPOCH_ROW, NOT_TRIAL_COLUMNS, TUNE_KEYS
 
 TENSORBOARD_DIR = "tensorboard"
 TRIAL_ID_TAG = "asl_tune_trial_id"
 SWEEP_TAG = "asl_tune_sweep"
 FINAL = "final/"  # prefix of a trial's final metrics, apart from the per-epoch curves of the same names
-# Tune's own bookkeeping in every result (ray.tune.result.AUTO_RESULT_KEYS and the like): not the trial's metrics.
+
+
 def _number(value) -> float | None:
     """A finite float of a logged value, or None (text, flags, NaN: a diverged trial's loss has no point to plot)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -33,6 +33,18 @@ from asl_tune.sweep.space import SearchSpace
 TRIAL_OUTPUT = "---- the trial's own output (stdout, stderr, asl_tune log), last part ----"
 OUTPUT_KEPT = 200_000  # characters of it
 
+# What a trial's report holds, as the driver's callbacks (recorder.py, tracking.py) receive it from Tune. The key of
+# the report's own epochs.parquet row (train.EPOCH_ROW, named here so that the driver never imports torch); the
+# rest of a report is the trial's metrics so far, its trials.parquet row: one meaning per name in each file.
+EPOCH_ROW = "epoch_row"
+NOT_TRIAL_COLUMNS = (EPOCH_ROW, "confusion", "per_class")  # nested parts of a report, stored in files of their own
+# What Tune itself puts in a result (ray.tune.result.AUTO_RESULT_KEYS and its bookkeeping), apart from the trial's metrics.
+TUNE_KEYS = frozenset({
+    "training_iteration", "time_total_s", "episodes_total", "timesteps_total", "node_ip", "hostname", "pid", "time_this_iter_s",
+    "timestamp", "date", "time_since_restore", "timesteps_since_restore", "iterations_since_restore", "config", "checkpoint_dir_name",
+    "done", "trial_id", "experiment_tag", "should_checkpoint",
+})
+
 # Fault drills (tests, chaos runs): "raise@<epoch>" makes every trial raise once it has reported that epoch;
 # "raise@<epoch>:<setting>=<value>" only the trials with that setting, e.g. "raise@1:head_width=16".
 FAULT_ENV = "ASL_TUNE_FAULT"
@@ -66,7 +78,7 @@ def run_trial(config: dict, space: SearchSpace, datasets: dict[int, DecodedDatas
 
     import torch
 
-    from asl_tune.train import EPOCH_ROW, load_checkpoint, pick_device, save_checkpoint, train_trial
+    from asl_tune.train import load_checkpoint, pick_device, save_checkpoint, train_trial
 
     trial_config = space.config(config)
     dataset = datasets[trial_config.image_size]
