@@ -223,16 +223,17 @@ def _exchange(a: Path, b: Path) -> None:
         raise OSError(code, os.strerror(code))
 
 
-def regroup(folder: Path, name: str, sealed_ids: Iterable[str]) -> list[str]:
+def regroup(folder: Path, name: str, sealed_ids: Iterable[str], table: pa.Table | None = None) -> list[str]:
     """Rebuild one table's folder with the rows of `sealed_ids` in one new sealed part and every other trial's in
     its own part, the rows themselves unchanged, and swap it in at once; return the files written, then those
     removed, relative to the folder (for mirror.SweepFolder.sync: a copy at a URI gets the new ones first).
 
-    The caller holds the sweep (request.exclusive): nothing else writes the table meanwhile.
+    The caller holds the sweep (request.exclusive): nothing else writes the table meanwhile. table: the table as
+    read_table just read it, if the caller has it.
     """
     folder, sealed_ids = Path(folder), set(sealed_ids)
     path, staging = folder / name, folder / f".{name}.regroup"
-    table = read_table(folder, name)
+    table = read_table(folder, name) if table is None else table
     if table is None or not path.is_dir():
         return []
     names = _parquet_names(path)
@@ -280,7 +281,7 @@ def compact(folder: Path) -> list[str]:
     per table, when some are still in parts of their own; return the files written and removed (see regroup).
 
     Errored trials keep their parts: a resume runs them again. For the driver that holds the sweep, before
-    and after Tune runs (sweep/run.py), when no ResultsStore is open on the folder.
+    and after Tune runs (sweep/run.py: a sweep in a folder, not one at a URI), when no ResultsStore is open on the folder.
     """
     trials = read_table(folder, TRIALS)
     if trials is None or "status" not in trials.column_names:
@@ -293,7 +294,7 @@ def compact(folder: Path) -> list[str]:
             continue
         loose = {n[len(TRIAL_PREFIX):-len(".parquet")] for n in _parquet_names(path) if n.startswith(TRIAL_PREFIX)} & ended
         if loose:
-            changed += regroup(folder, name, sealed_ids(folder, name) | loose)
+            changed += regroup(folder, name, sealed_ids(folder, name) | loose, trials if name == TRIALS else None)
     return changed
 
 

@@ -26,7 +26,7 @@ from typing import Iterator
 from asl_tune.sweep import cluster, integrity, progress
 from asl_tune.data import DecodedDataset, load_dataset, load_external, make_splits
 from asl_tune.errors import AslTuneError, Stopped
-from asl_tune.sweep.mirror import SweepFolder
+from asl_tune.sweep.mirror import SweepFolder, is_uri
 from asl_tune.sweep.request import RAY_DIR, SPACE_FILE, SWEEP_FILE, SweepRequest, SweepState, check_request, check_resume, exclusive, image_sizes
 from asl_tune.results import FINISHED, compact, read_trials
 from asl_tune.sweep.space import SearchSpace
@@ -275,13 +275,16 @@ def _fit(tuner, sweep: SweepFolder, state: SweepState) -> Path:
     """Run the tuner; mark the run finished when every trial ended; say where the results are."""
     name, folder = sweep.name, sweep.path
     wanted = state.runs[-1]["num_samples"]
-    compact(folder)  # a resumed or extended sweep's ended trials: one part per table, not one per trial (results.compact)
+    local = not is_uri(sweep.results)  # a copy at a URI has no one-step swap: its parts are left as they are (results/README.md)
+    if local:
+        compact(folder)  # a resumed or extended sweep's ended trials: one part per table, not one per trial (results.compact)
     with _stop_on_signals() as received, cluster.scoped_environment(cluster.tune_environment(wanted)):
         try:
             grid = tuner.fit()
         finally:
             sweep.sync()  # whatever the run left, a URI gets it
-    compact(folder)  # and those this run ended (a URI gets it with the last sync)
+    if local:
+        compact(folder)  # and those this run ended
     ended = grid.num_terminated + grid.num_errors
     trials = read_trials(folder)
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
