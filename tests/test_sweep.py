@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import time
@@ -45,10 +47,18 @@ def faulty_sweep(tmp_path_factory, data):
     )
     mp = pytest.MonkeyPatch()
     mp.setenv(FAULT_ENV, "raise@1:head_width=24")  # the third point's trial raises after its first epoch
-    rc = main(["sweep", "--space", str(space), "--data", str(data), "--results", str(work / "results"), "--seed", "1"])
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        rc = main(["sweep", "--space", str(space), "--data", str(data), "--results", str(work / "results"), "--seed", "1"])
     mp.undo()
-    assert rc == 0
     folder = work / "results" / "faults"
+    # A sweep with an errored trial exits 3 (TrialsErrored), its last line naming the trial and its log; it was
+    # retried from the checkpoint of its first epoch, so each retry says it continues from it.
+    out = err.getvalue()
+    assert rc == 3, out[-3000:]
+    errored = read(folder, "trials").query("params_head_width == 24").trial_id.iloc[0]
+    assert out.strip().splitlines()[-1].startswith(f"asl-tune: error: sweep 'faults' ended with 1 of 3 trials errored: {errored} (RuntimeError: fault drill"), out[-2000:]
+    assert f"log: {folder}/logs/{errored}.log)" in out.strip().splitlines()[-1]
+    assert f"trial {errored} continues from its last checkpoint" in out and "no checkpoint yet" not in out
     before = {name: read(folder, name) for name in ("trials", "epochs", "confusion")}
     rc_extend = main(["sweep", "--name", "faults", "--extend", "--num-samples", "1", "--data", str(data), "--results", str(work / "results")])
     return folder, before, rc_extend

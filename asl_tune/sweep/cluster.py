@@ -95,6 +95,89 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         ) from None
 
 
+# Run in a child process: asks the cluster's GCS for its id the way ray.init does, with whatever token this driver's
+# settings would send. A refused token costs ray.init 20 s of retries and Ray's C++ log lines on the terminal;
+# here it is one exception within a second, and the child's stderr (the one C++ line) is never shown.
+AUTH_PROBE = """
+import sys
+from ray._raylet import GcsClient
+try:
+    GcsClient(address=sys.argv[1]).internal_kv_get(b"asl-tune-probe", None, timeout=3)
+except Exception as e:
+    if type(e).__name__ == "AuthenticationError":
+        print("unauthenticated")
+"""
+AUTH_HINT = "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the cluster's token, as for any Ray driver"
+
+
+def check_authenticated(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail with one line, within about timeout_s, when the cluster uses Ray's token authentication and refuses this
+    driver (no token sent, or not the cluster's). Anything else the probe meets is left to ray.init to report."""
+    import subprocess
+    import sys
+
+    if address.startswith("ray://") or address == "auto":  # Ray Client's server has no token check of its own to probe
+        return
+    host, port = parse_address(address)
+    try:
+        probe = subprocess.run([sys.executable, "-c", AUTH_PROBE, f"{host}:{port}"], env={**JOIN_ENV, **os.environ}, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return
+    if probe.stdout.strip() == "unauthenticated":
+        sent = "the token this driver sent is not the cluster's" if os.environ.get("RAY_AUTH_MODE") == "token" else "this driver sent none (RAY_AUTH_MODE is not 'token' here)"
+        raise AslTuneError(f"--address: the Ray cluster at {address} requires its authentication token and {sent}; {AUTH_HINT}")
+
+
+def check_address(address: str) -> None:
+    """Before anything is decoded or created: a Ray cluster answers at address (check_reachable) and accepts this driver (check_authenticated)."""
+    check_reachable(address)
+    check_authenticated(address)
+
+
+def check_storage_visible(address: str | None, folder: Path, storage: str | None, timeout_s: float = 120.0) -> None:
+    """Refuse, in one line, a sweep folder that some node of a joined cluster cannot see, when Ray keeps the sweep's
+    checkpoints in it (no --storage URI, --results not a URI): trials there would error at their first checkpoint.
+
+    Checked for real: the driver writes a marker file in the folder, a task pinned to each alive node looks for it
+    (no CPU asked, so a busy node answers too), and the marker is removed. A local Ray has one node, on this machine.
+    """
+    if address is None or storage:
+        return
+    import secrets
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def sees(path: str) -> bool:  # defined here so that it travels by value: nodes need not import asl_tune
+        import os
+
+        return os.path.exists(path)
+
+    marker = Path(folder) / f".asl-tune-visible-{secrets.token_hex(8)}"
+    marker.write_bytes(b"")
+    try:
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        look = ray.remote(num_cpus=0, max_retries=0)(sees)
+        asked = {look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker)): n for n in nodes}
+        answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
+        blind = []
+        for ref, node in asked.items():
+            try:
+                seen = ref in answered and ray.get(ref)
+            except Exception:  # a node whose worker could not start: it cannot be shown the folder either
+                seen = False
+            if not seen:
+                blind.append(f"{node['NodeManagerHostname']} ({node['NodeManagerAddress']})")
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise AslTuneError(
+            f"--results: {Path(folder).parent} is not visible from {len(blind)} of the cluster's {len(nodes)} nodes: {', '.join(blind)}; "
+            "Ray keeps the trials' checkpoints there, so give a folder every node mounts at the same path (NFS), "
+            "a URI as --results (s3://, gs://), or --storage URI for the checkpoints"
+        )
+
+
 @contextmanager
 def scoped_environment(defaults: dict[str, str]) -> Iterator[None]:
     """os.environ with each of `defaults` set where it is unset, for the block; afterwards those as they were.
@@ -159,12 +242,12 @@ def job_runtime_env(ship_code: bool = True) -> dict | None:
 def _join(address: str, ship_code: bool = True) -> None:
     import ray
 
-    check_reachable(address)
+    check_address(address)
     try:
         ray.init(address=address, runtime_env=job_runtime_env(ship_code), log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError) as e:
         # An explicit address never sends Ray's token unless asked to (Ray's rule): say so when it may be the cause.
-        hint = "" if os.environ.get("RAY_AUTH_MODE") else "; if the cluster uses token authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token) as for any Ray driver"
+        hint = "" if os.environ.get("RAY_AUTH_MODE") else f"; if the cluster uses token authentication, {AUTH_HINT}"
         raise AslTuneError(f"--address: cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}{hint}") from None
 
 

@@ -2,12 +2,16 @@
 
     trial 3f2a91c0 started (head 256, lr 0.0123, 4 epochs, 100% of the data)
     trial 3f2a91c0 at rung 1 (1 epoch of images): val_accuracy 0.2500, cutoff 0.1875 over 3 trials: continues
+    trial 3f2a91c0 continues from its last checkpoint (head 256, ...)     # or: starts again from epoch 1 (no checkpoint yet)
     [1/8] trial 3f2a91c0 completed: val_accuracy 0.3125 (head 256, lr 0.0123, 4 epochs, 100% of the data)
     sweep: 1/8 done, 2 running, 5 pending; best val_accuracy 0.3125 (3f2a91c0); 1m40s elapsed, ~11m left
 
 On a terminal the status line is rewritten in place (a carriage return, about once a second); in a log or
 a pipe it is a plain line, at most once a minute (the event lines carry the news between), and never
 carries a carriage return. `--verbose` brings back Ray Tune's own tables instead (`quiet(False)`).
+
+A sweep whose trials errored ends with errors.TrialsErrored (exit status 3), naming each of them and its log
+(`errored_message`); it exits 0 only when no trial of its run errored.
 
 Rung lines come from the scheduler (schedule.py) through announce(). The recorder (recorder.py) owns one SweepProgress; it is pickled with the recorder when Tune saves its
 state, so it holds no stream and no clock that would not survive that.
@@ -112,3 +116,32 @@ class SweepProgress:
         if self._drawn and sys.stderr.isatty():
             sys.stderr.write("\r" + " " * self._drawn + "\r")
             self._drawn = 0
+
+
+def restart_line(trial_id: str, what: str, has_checkpoint: bool) -> str:
+    """The event line of a trial that Tune starts again (after an error, a lost node, a resume): from its last
+    checkpoint only when it has one; a trial that never saved one starts from its first epoch."""
+    if has_checkpoint:
+        return f"trial {trial_id} continues from its last checkpoint ({what})"
+    return f"trial {trial_id} starts again from epoch 1: it has no checkpoint yet ({what})"
+
+
+def errored_ids(grid) -> list[str]:
+    """The ids of the trials of Tune's run (a ResultGrid) that ended in an error, in the run's order.
+
+    Read from the run's trials as ResultGrid.num_errors reads them: building each Result would load every trial's
+    metrics files from storage."""
+    return [t.trial_id for t in grid._experiment_analysis.trials if t.status == "ERROR"]
+
+
+def errored_message(name: str, total: int, errored: list[dict], folder) -> str:
+    """One line for errors.TrialsErrored: how many of the run's trials errored, and each one's error and log file.
+
+    errored: the errored trials' rows (trial_id, and error and log where recorded; log is relative to folder)."""
+    def one(row: dict) -> str:
+        error, log = row.get("error"), row.get("log")
+        error = error if isinstance(error, str) else "no error recorded"
+        return f"{row['trial_id']} ({error}; log: {f'{folder}/{log}' if isinstance(log, str) else 'none kept'})"
+
+    named = "; ".join(one(row) for row in errored)
+    return f"sweep {name!r} ended with {len(errored)} of {total} trials errored: {named}; the other trials' results are written"

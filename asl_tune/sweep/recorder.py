@@ -24,7 +24,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from asl_tune.sweep.mirror import SweepFolder, as_sweep_folder
-from asl_tune.sweep.progress import SweepProgress
+from asl_tune.sweep.progress import SweepProgress, restart_line
 from asl_tune.files import write_atomically
 from asl_tune.results import ResultsStore, trial_row
 from asl_tune.sweep.request import LOGS_DIR
@@ -139,7 +139,7 @@ class ParquetRecorder(Callback):
             self._changed()
             self.progress.event(f"trial {trial.trial_id} started ({self._what(trial)})")
         else:
-            self.progress.event(f"trial {trial.trial_id} continues from its last checkpoint ({self._what(trial)})")
+            self.progress.event(restart_line(trial.trial_id, self._what(trial), trial.checkpoint is not None))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if EPOCH_ROW not in result:  # not one of the trainer's reports

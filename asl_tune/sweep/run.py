@@ -25,7 +25,7 @@ from typing import Iterator
 
 from asl_tune.sweep import cluster, integrity, progress
 from asl_tune.data import DecodedDataset, load_dataset, load_external, make_splits
-from asl_tune.errors import AslTuneError, Stopped
+from asl_tune.errors import AslTuneError, Stopped, TrialsErrored
 from asl_tune.sweep.mirror import SweepFolder, is_uri
 from asl_tune.sweep.request import RAY_DIR, SPACE_FILE, SWEEP_FILE, SweepRequest, SweepState, check_request, check_resume, exclusive, image_sizes
 from asl_tune.results import FINISHED, compact, read_trials
@@ -101,6 +101,8 @@ def run_sweep(req: SweepRequest) -> Path:
                 integrity.check_for_extend(folder, sweep.location)
                 data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, image_sizes(space))
             with _quiet(req.verbose), cluster.ray_session(req.address, dashboard=req.dashboard, ship_code=req.ship_code):
+                # cluster checks (issue 26): ray_session found the cluster and was let in; can every node see the folder?
+                cluster.check_storage_visible(req.address, folder, SweepState.read(folder).storage if req.extend else req.storage or sweep.ray_storage)
                 if req.extend:
                     state = SweepState.read(folder)  # as it stands now that we hold the lock
                     state.tensorboard, state.mlflow = state.tensorboard or req.tensorboard, req.mlflow or state.mlflow  # --extend may add a tracker
@@ -117,7 +119,7 @@ def run_sweep(req: SweepRequest) -> Path:
                 return _fit(tuner, sweep, state)
         except BaseException:
             if created and not (folder / SWEEP_FILE).exists():  # ours, and refused before it began: leave nothing behind
-                shutil.rmtree(folder, ignore_errors=True)
+                shutil.rmtree(created, ignore_errors=True)
             raise
 
 
@@ -139,6 +141,8 @@ def resume_sweep(name: str, results: Path | str = Path("results"), address: str 
         integrity.check_for_resume(folder, sweep.location, None if state.storage else run["dir"], earlier)
         data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, image_sizes(space))
         with _quiet(verbose), cluster.ray_session(address, ship_code=ship_code):
+            # cluster checks (issue 26): ray_session found the cluster and was let in; can every node see the folder?
+            cluster.check_storage_visible(address, folder, state.storage)
             gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
             run_path = state.run_path(folder, run)
             trainable = _trainable(space, datasets, externals, state.cpus_per_trial, gpus)
@@ -157,14 +161,16 @@ def resume_sweep(name: str, results: Path | str = Path("results"), address: str 
             return _fit(tuner, sweep, state)
 
 
-def _make_folder(folder: Path) -> bool:
-    """Create the sweep's folder if need be; True when this process created it (then, and only then, may it remove it)."""
+def _make_folder(folder: Path) -> Path | None:
+    """Create the sweep's folder (and its parents) if need be; the topmost folder this process created (then, and
+    only then, may it remove it: a sweep refused before it began leaves nothing behind), else None."""
+    top = next((p for p in [*reversed(folder.parents), folder] if not p.exists()), None)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         folder.mkdir()
-        return True
+        return top
     except FileExistsError:
-        return False
+        return None
     except OSError as e:
         raise AslTuneError(f"--results: cannot write to {folder}: {e.strerror or e}") from None
 
@@ -306,4 +312,7 @@ def _fit(tuner, sweep: SweepFolder, state: SweepState) -> Path:
             print(f"its weights: {best['checkpoint'].iloc[0]} (asl-tune evaluate WEIGHTS --data DIR scores them on other images)", file=sys.stderr)
     for line in sweep.results_lines():
         print(line, file=sys.stderr)
+    errored = trials[trials["trial_id"].isin(progress.errored_ids(grid))] if len(trials) else trials
+    if len(errored):  # exit status 0 only when no trial of this run errored (errors.TrialsErrored: 3)
+        raise TrialsErrored(progress.errored_message(name, ended, errored.to_dict("records"), sweep.path))
     return folder
