@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -251,12 +252,20 @@ def _error_text(trial) -> str:
         return ""
 
 
+_OOM_KILL = re.compile(r"worker\(s\) were killed due to the node running low on memory")
+_OOM_USED = re.compile(r"was ([\d.]+\s*GB used / [\d.]+\s*GB limit)")
+
+
 def _error_message(text: str) -> str:
     """The last line of the trial's last traceback (its exception), or a generic note when Ray kept none.
 
     Ray's error file holds one "Failure # N" section per try: a traceback, then the trial's own output.
     """
     lines, in_output = [], False
+    if (oom := _OOM_KILL.search(text)) is not None:  # Ray's memory monitor: its message runs to 60 lines of statistics
+        last = text[oom.start():]
+        used = _OOM_USED.search(last)
+        return f"killed by Ray's memory monitor: its node ran low on memory ({used.group(1) if used else 'see its log'})"
     for line in text.splitlines():
         if line.startswith(TRIAL_OUTPUT) or line.startswith("Failure # "):
             in_output = line.startswith(TRIAL_OUTPUT)

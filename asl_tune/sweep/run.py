@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Iterator
 
 from asl_tune.sweep import cluster, integrity, progress
-from asl_tune.data import DecodedDataset, load_dataset, load_external, make_splits
-from asl_tune.errors import AslTuneError, Stopped, TrialsErrored
+from asl_tune.data import load_dataset, load_external, make_splits
+from asl_tune.errors import AslTuneError, RayFailed, Stopped, TrialsErrored
 from asl_tune.sweep.mirror import SweepFolder, is_uri
-from asl_tune.sweep.request import RAY_DIR, SPACE_FILE, SWEEP_FILE, SweepRequest, SweepState, check_request, check_resume, exclusive, image_sizes
+from asl_tune.sweep.request import LOGS_DIR, RAY_DIR, SPACE_FILE, SWEEP_FILE, NothingToResume, SweepRequest, SweepState, check_request, check_resume, exclusive, image_sizes
 from asl_tune.results import FINISHED, compact, read_trials
 from asl_tune.sweep.space import SearchSpace
 
@@ -37,7 +37,7 @@ EXPERIMENT_ANALYSIS_LOGGER = "ray.tune.analysis.experiment_analysis"
 # A trial resumed from a checkpoint older than its last report runs that epoch again; Optuna keeps the first
 # value and warns. Expected here (the Parquet row is keyed by epoch and replaced), so not shown.
 REPEATED_STEP_WARNING = r"The reported value is ignored because this `step=\d+` is already reported"
-# Loggers whose warnings (experiment-state snapshot timing, token authentication) asl-tune's quiet output leaves out.
+# Loggers whose warnings and errors (snapshot timing, token authentication, failed trials' tracebacks) asl-tune's quiet output leaves out.
 RAY_LOGGERS = ("ray.tune", "ray._private", "ray.train")
 
 
@@ -55,8 +55,8 @@ def _quiet(verbose: bool = False) -> Iterator[None]:
     loggers = [logging.getLogger(EXPERIMENT_ANALYSIS_LOGGER)] + ([] if verbose else [logging.getLogger(n) for n in RAY_LOGGERS])
     verbosity, levels, before = optuna.logging.get_verbosity(), [lg.level for lg in loggers], list(warnings.filters)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    for lg in loggers:  # a failed trial's traceback (Tune logs it at ERROR) is in its log file, named on asl-tune's own line
+        lg.setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", message=REPEATED_STEP_WARNING, category=UserWarning)
     ours = warnings.filters[0]
     try:
@@ -71,42 +71,55 @@ def _quiet(verbose: bool = False) -> Iterator[None]:
             warnings.filters.remove(ours)
 
 
-def _load_data(data: Path | None, external: Path | None, sizes: list[int]) -> tuple[Path, dict[int, DecodedDataset], dict[int, DecodedDataset]]:
+def _data_folder(data: Path | None) -> Path:
+    """The dataset folder, resolved: --data, or the embedded synthetic dataset (rendered on first use)."""
     if data is None:
         from asl_tune.synth import ensure_default_dataset
 
         data = ensure_default_dataset()
+    return Path(data).resolve()
+
+
+def _load_data(space: SearchSpace, state: SweepState, gpus: float, num_samples: int, local: bool) -> tuple[dict, dict]:
+    """The memory plan (handoff.py), then the data decoded (through the cache) at each image size the space uses,
+    handed to Ray one copy per node: ({size: SharedDataset}, the same for the external set or {})."""
+    from asl_tune.sweep import handoff
+
+    sizes = image_sizes(space)
+    data, external = Path(state.data), Path(state.external) if state.external else None
+    cluster_nodes = handoff.nodes(local)
+    handoff.plan(data, external, sizes, cluster_nodes, state.cpus_per_trial, gpus, state.max_concurrent, num_samples).say()
     datasets = {s: load_dataset(data, s) for s in sizes}
     externals = {s: load_external(external, datasets[s].classes, s) for s in sizes} if external else {}
-    return Path(data).resolve(), datasets, externals
+    return handoff.share(datasets, cluster_nodes), handoff.share(externals, cluster_nodes)
 
 
 def run_sweep(req: SweepRequest) -> Path:
     """`asl-tune sweep`: start a new sweep, or extend one; return its (local) folder."""
     space, name, sweep, state = check_request(req)
     folder = sweep.path
-    if state is None:  # a new sweep: its data is checked and decoded before its folder exists
-        data_dir, datasets, externals = _load_data(req.data, req.external, image_sizes(space))
-        storage = req.storage or sweep.ray_storage  # results at a URI: Ray's runs go there too
-        state = SweepState(name, str(data_dir), str(Path(req.external).resolve()) if req.external else None, req.cpus_per_trial, req.gpus_per_trial, req.max_concurrent, req.seed, req.address, storage=storage,
-                           tensorboard=req.tensorboard, mlflow=req.mlflow)
     num_samples = int(req.num_samples or space.num_samples)
+    data_dir = _data_folder(req.data) if state is None else None
     created = _make_folder(folder)
     with exclusive(folder, name):  # refused here, touching nothing, while another driver holds the sweep
         try:
             sweep.pull()  # the record may be at a URI: this machine's copy may be empty or stale
             if not req.extend and (folder / SWEEP_FILE).exists():  # another process started it meanwhile
                 raise AslTuneError(f"--name: a sweep named {name!r} already exists in {sweep.location}; add --extend to add trials to it")
-            if req.extend:  # the sweep's folder is checked whole before its data is decoded, Ray starts or anything is written
+            if req.extend:  # the sweep's folder is checked whole before Ray starts, its data is decoded or anything is written
                 integrity.check_for_extend(folder, sweep.location)
-                data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, image_sizes(space))
             with _quiet(req.verbose), cluster.ray_session(req.address, dashboard=req.dashboard, ship_code=req.ship_code):
-                # cluster checks (issue 26): ray_session found the cluster and was let in; can every node see the folder?
+                # cluster checks before decoding (issue 26): ray_session found the cluster and was let in; can every node see the folder?
                 cluster.check_storage_visible(req.address, folder, SweepState.read(folder).storage if req.extend else req.storage or sweep.ray_storage)
                 if req.extend:
                     state = SweepState.read(folder)  # as it stands now that we hold the lock
                     state.tensorboard, state.mlflow = state.tensorboard or req.tensorboard, req.mlflow or state.mlflow  # --extend may add a tracker
+                else:
+                    storage = req.storage or sweep.ray_storage  # results at a URI: Ray's runs go there too
+                    state = SweepState(name, str(data_dir), str(Path(req.external).resolve()) if req.external else None, req.cpus_per_trial, req.gpus_per_trial, req.max_concurrent, req.seed, req.address,
+                                       storage=storage, tensorboard=req.tensorboard, mlflow=req.mlflow)
                 gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
+                datasets, externals = _load_data(space, state, gpus, num_samples, local=req.address is None)
                 if not req.extend:
                     shutil.copyfile(req.space_path, folder / SPACE_FILE)
                     sweep.sync(final=True)  # refused here, before the sweep exists, when a URI cannot be written
@@ -114,7 +127,7 @@ def run_sweep(req: SweepRequest) -> Path:
                 state.runs.append({"dir": run_dir, "num_samples": num_samples, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished": False})
                 state.write(folder)
                 sweep.sync(final=True)
-                print(f"sweep {name!r}: {num_samples} trials of {space.source} on {data_dir}; results in {sweep.described}", file=sys.stderr)
+                print(f"sweep {name!r}: {num_samples} trials of {space.source} on {state.data}; results in {sweep.described}", file=sys.stderr)
                 tuner = _new_tuner(space.seeded(state.seed), sweep, run_dir, num_samples, datasets, externals, state, gpus, first_run=len(state.runs) == 1)
                 return _fit(tuner, sweep, state)
         except BaseException:
@@ -135,15 +148,15 @@ def resume_sweep(name: str, results: Path | str = Path("results"), address: str 
         sweep.pull()  # the record may be at a URI: this machine's copy may be empty or stale
         state = SweepState.read(folder)  # as it stands now that we hold the lock
         if state.runs[-1]["finished"]:
-            raise AslTuneError(f"NAME: sweep {name!r} has nothing to resume: another process finished it")
+            raise NothingToResume(name, sweep, state)  # another process finished it meanwhile
         run = state.runs[-1]
         earlier = sum(r["num_samples"] for r in state.runs[:-1])
         integrity.check_for_resume(folder, sweep.location, None if state.storage else run["dir"], earlier)
-        data_dir, datasets, externals = _load_data(Path(state.data), Path(state.external) if state.external else None, image_sizes(space))
         with _quiet(verbose), cluster.ray_session(address, ship_code=ship_code):
-            # cluster checks (issue 26): ray_session found the cluster and was let in; can every node see the folder?
+            # cluster checks before decoding (issue 26): ray_session found the cluster and was let in; can every node see the folder?
             cluster.check_storage_visible(address, folder, state.storage)
             gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
+            datasets, externals = _load_data(space, state, gpus, run["num_samples"], local=address is None)
             run_path = state.run_path(folder, run)
             trainable = _trainable(space, datasets, externals, state.cpus_per_trial, gpus)
             if not tune.Tuner.can_restore(run_path):
@@ -193,7 +206,7 @@ def _trainable(space: SearchSpace, datasets: dict, externals: dict, cpus: float,
 
     from asl_tune.sweep.trainable import run_trial
 
-    # with_parameters: one ray.put per sweep; trials on a node map the same read-only memory.
+    # The datasets are handoff.SharedDataset: each trial maps its node's one copy (handoff.py).
     fn = tune.with_parameters(run_trial, space=space, datasets=datasets, externals=externals or None)
     return tune.with_resources(fn, {"cpu": cpus, "gpu": gpus})
 
@@ -232,7 +245,7 @@ def _new_tuner(space, sweep: SweepFolder, run_dir: str, num_samples: int, datase
     from asl_tune.sweep.schedule import scheduler
     from asl_tune.sweep.recorder import DropRecordedParts, ParquetRecorder
 
-    any_ds = next(iter(datasets.values()))
+    any_ds = next(iter(datasets.values())).meta
     n_train = len(make_splits(any_ds.labels, any_ds.frames, space.fixed.get("split", "blocked"), space.fixed.get("split_seed", state.seed)).train)
     return tune.Tuner(
         _trainable(space, datasets, externals, state.cpus_per_trial, gpus),
@@ -277,16 +290,39 @@ def _stop_on_signals() -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message (Ray's run to dozens of lines)."""
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def _log_driver_failure(folder: Path, e: BaseException) -> Path:
+    """Write the traceback of what failed under the sweep to LOGS_DIR/driver-<time>.log in its folder; return the file."""
+    import traceback
+
+    log = folder / LOGS_DIR / f"driver-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("".join(traceback.format_exception(e)))
+    return log
+
+
 def _fit(tuner, sweep: SweepFolder, state: SweepState) -> Path:
     """Run the tuner; mark the run finished when every trial ended; say where the results are."""
     name, folder = sweep.name, sweep.path
     wanted = state.runs[-1]["num_samples"]
+    resume = f"asl-tune resume {name}{sweep.results_flag}"
     local = not is_uri(sweep.results)  # a copy at a URI has no one-step swap: its parts are left as they are (results/README.md)
     if local:
         compact(folder)  # a resumed or extended sweep's ended trials: one part per table, not one per trial (results.compact)
     with _stop_on_signals() as received, cluster.scoped_environment(cluster.tune_environment(wanted)):
         try:
             grid = tuner.fit()
+        except (AslTuneError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # Ray failed under the sweep (a process killed for memory, a lost head): one line, the traceback in a file
+            log = _log_driver_failure(folder, e)
+            raise RayFailed(f"sweep {name!r}: Ray failed under it ({_first_line(e)}); the results so far are written and the traceback is in "
+                            f"{log.relative_to(folder.parent)}; run `{resume}` to go on") from None
         finally:
             sweep.sync()  # whatever the run left, a URI gets it
     if local:
@@ -294,12 +330,14 @@ def _fit(tuner, sweep: SweepFolder, state: SweepState) -> Path:
     ended = grid.num_terminated + grid.num_errors
     trials = read_trials(folder)
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
-    resume = f"asl-tune resume {name}{sweep.results_flag}"
     if received and (ended < wanted or counts.get("running", 0)):  # a signal that came as the last trial ended stops nothing
         raise Stopped(f"sweep {name!r} stopped by {signal.Signals(received[0]).name}; Tune saved its state and the results are written; continue with `{resume}`", received[0])
     if ended < wanted or counts.get("running", 0):
-        raise AslTuneError(f"sweep {name!r} was interrupted; run `{resume}` to finish it")
-    state.runs[-1]["finished"] = True
+        raise RayFailed(f"sweep {name!r} was interrupted ({ended} of {wanted} trials ended); run `{resume}` to finish it")
+    errored = trials[trials["trial_id"].isin(progress.errored_ids(grid))] if len(trials) else trials
+    # A run with errored trials stays open: `resume` runs them again from their last checkpoints (a worker killed for
+    # memory, a lost node, a bug since fixed), as Tune's resume_errored does.
+    state.runs[-1]["finished"] = not len(errored)
     state.runs[-1]["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     state.write(folder)
     sweep.sync(final=True)
@@ -312,7 +350,6 @@ def _fit(tuner, sweep: SweepFolder, state: SweepState) -> Path:
             print(f"its weights: {best['checkpoint'].iloc[0]} (asl-tune evaluate WEIGHTS --data DIR scores them on other images)", file=sys.stderr)
     for line in sweep.results_lines():
         print(line, file=sys.stderr)
-    errored = trials[trials["trial_id"].isin(progress.errored_ids(grid))] if len(trials) else trials
     if len(errored):  # exit status 0 only when no trial of this run errored (errors.TrialsErrored: 3)
-        raise TrialsErrored(progress.errored_message(name, ended, errored.to_dict("records"), sweep.path))
+        raise TrialsErrored(f"{progress.errored_message(name, ended, errored.to_dict('records'), sweep.path)}; `{resume}` runs them again from their last checkpoints")
     return folder

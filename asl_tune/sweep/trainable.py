@@ -21,11 +21,12 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from asl_tune.data import DecodedDataset
+from asl_tune.sweep.handoff import SharedDataset
 from asl_tune.sweep.space import SearchSpace
 
 # A failing trial's own output travels to the driver after this line, as a note on its exception; the
@@ -46,7 +47,8 @@ TUNE_KEYS = frozenset({
 })
 
 # Fault drills (tests, chaos runs): "raise@<epoch>" makes every trial raise once it has reported that epoch;
-# "raise@<epoch>:<setting>=<value>" only the trials with that setting, e.g. "raise@1:head_width=16".
+# "raise@<epoch>:<setting>=<value>" only the trials with that setting, e.g. "raise@1:head_width=16". "hold@<epoch>"
+# (with a setting too) makes them wait there instead, until killed: a test then kills the sweep at the moment it chose.
 FAULT_ENV = "ASL_TUNE_FAULT"
 
 WORK_PREFIX = "asl-tune-trial."  # + "<host>.<pid>.": each trial's scratch folder in the system temp folder
@@ -71,7 +73,7 @@ def searcher_value(value, mode: str) -> float:
     return -math.inf if mode == "max" else math.inf
 
 
-def run_trial(config: dict, space: SearchSpace, datasets: dict[int, DecodedDataset], externals: dict[int, DecodedDataset] | None = None) -> None:
+def run_trial(config: dict, space: SearchSpace, datasets: dict[int, SharedDataset], externals: dict[int, SharedDataset] | None = None) -> None:
     """Ray Tune's function trainable: train space.config(config) on the shared decoded arrays."""
     import ray
     from ray import tune
@@ -81,13 +83,13 @@ def run_trial(config: dict, space: SearchSpace, datasets: dict[int, DecodedDatas
     from asl_tune.train import load_checkpoint, pick_device, save_checkpoint, train_trial
 
     trial_config = space.config(config)
-    dataset = datasets[trial_config.image_size]
-    external = (externals or {}).get(trial_config.image_size)
+    dataset = datasets[trial_config.image_size].open()  # this node's one copy, mapped read-only (handoff.py)
+    external = externals[trial_config.image_size].open() if externals else None
     resources = ray.get_runtime_context().get_assigned_resources()
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
     device = pick_device() if gpus else torch.device("cpu")  # a trial Ray gave no GPU keeps off any it can see
     where = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": platform.node()}
-    fail_at = _fault_epoch(trial_config)
+    fault = _fault(trial_config)
 
     restored = None
     if (checkpoint := tune.get_checkpoint()) is not None:
@@ -100,9 +102,12 @@ def run_trial(config: dict, space: SearchSpace, datasets: dict[int, DecodedDatas
     work = Path(tempfile.mkdtemp(prefix=_work_prefix(os.getpid())))
     try:
 
+        private_mb: list[float] = []  # sampled at each report: after an epoch's validation, and after the test split
+
         def report(metrics: dict, state: dict | None) -> None:
             epoch = metrics[EPOCH_ROW]["epoch"]
-            out = {**metrics, **where, "peak_rss_mb": _peak_rss_mb()}
+            private_mb.append(_private_mb())
+            out = {**metrics, **where, "peak_rss_mb": _peak_rss_mb(), "peak_private_mb": max(private_mb)}
             for metric, mode in {(space.metric, space.mode), *space.objectives}:
                 out[metric] = searcher_value(out.get(metric), mode)
             if state is None:
@@ -112,7 +117,9 @@ def run_trial(config: dict, space: SearchSpace, datasets: dict[int, DecodedDatas
                 with tempfile.TemporaryDirectory(dir=work) as folder:
                     save_checkpoint(Path(folder), state)
                     tune.report(out, checkpoint=tune.Checkpoint.from_directory(folder))
-            if fail_at is not None and epoch >= fail_at:
+            if fault is not None and epoch >= fault[1]:
+                if fault[0] == "hold":
+                    threading.Event().wait()  # Tune has this report; the trial goes no further until the drill's test kills it
                 raise RuntimeError(f"fault drill: {FAULT_ENV} asked this trial to fail after epoch {epoch}")
 
         with _output_kept() as output:
@@ -192,14 +199,29 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _fault_epoch(trial_config) -> int | None:
-    """The epoch after which a fault drill makes this trial raise, or None (the normal case)."""
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec.startswith("raise@"):
+def _private_mb() -> float:
+    """This worker's anonymous memory now, in MB (smaps_rollup's Anonymous: its heap, tensors and copies, which no file backs).
+
+    It is what one more trial on a node costs. The dataset is not in it: its pages are the cache file's (the page
+    cache, reclaimable, shared by every trial that reads them) or Ray's shared object store. USS would count a
+    file page that only this trial has read yet as private, so it grows with what the trial read, not with what
+    it holds. NaN where the kernel does not say (not Linux).
+    """
+    try:
+        text = Path("/proc/self/smaps_rollup").read_text()
+    except OSError:
+        return math.nan
+    return sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Anonymous:")) / 1000
+
+
+def _fault(trial_config) -> tuple[str, int] | None:
+    """The fault drill asked of this trial: ("raise" or "hold", the epoch after which), or None (the normal case)."""
+    action, _, spec = os.environ.get(FAULT_ENV, "").partition("@")
+    if action not in ("raise", "hold") or not spec:
         return None
-    epoch, _, where = spec[len("raise@"):].partition(":")
+    epoch, _, where = spec.partition(":")
     if where:
         key, _, value = where.partition("=")
         if str(getattr(trial_config, key, None)) != value:
             return None
-    return int(epoch)
+    return action, int(epoch)

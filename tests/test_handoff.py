@@ -1,0 +1,122 @@
+"""handoff.py: one copy of the decoded data per node, trials that map it, and the memory plan made before decoding."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from asl_tune.data import decoded_bytes, load_dataset
+from asl_tune.errors import AslTuneError
+from asl_tune.sweep.handoff import Node, SharedDataset, plan, share, trial_mb
+
+from conftest import make_dataset
+from sweeps import write_space
+
+GB = 1e9
+
+
+def node(cpus=2.0, memory=24 * GB, store=7 * GB, has_cache=True, gpus=0.0, address="10.0.0.1") -> Node:
+    return Node(node_id=address, address=address, cpus=cpus, gpus=gpus, memory_bytes=memory, object_store_bytes=store, has_cache=has_cache)
+
+
+def test_a_plan_that_fits_gives_the_data_size_at_each_image_size_and_the_trials_at_once(tiny_dataset):
+    found = plan(tiny_dataset, None, [32, 64], [node(cpus=4)], cpus_per_trial=1, gpus_per_trial=0, max_concurrent=3, num_samples=10)
+    n = 5 * 12
+    assert found.per_size == {32: decoded_bytes(n, 32), 64: decoded_bytes(n, 64)}
+    assert found.data_bytes == decoded_bytes(n, 32) + decoded_bytes(n, 64)
+    assert found.at_once == {"10.0.0.1": 3}  # --max-concurrent bounds the node's 4 CPUs
+    assert found.trial_mb == trial_mb(64)
+    assert len(found.lines) == 1 and "fits" in found.lines[0] and "3 trials at once" in found.lines[0] and "memory-mapped" in found.lines[0]
+
+
+def test_more_trials_at_once_than_a_nodes_memory_holds_are_refused_with_the_figures_and_the_ways_out(tiny_dataset):
+    with pytest.raises(AslTuneError, match=r"memory plan: node 10\.0\.0\.1 would run 40 trials at once.*of its 8\.00 GB; run fewer at once \(--max-concurrent \d+\)") as e:
+        plan(tiny_dataset, None, [200], [node(cpus=4, memory=8 * GB)], cpus_per_trial=0.1, gpus_per_trial=0, max_concurrent=None, num_samples=100)
+    message = str(e.value)
+    assert "\n" not in message and "--cpus-per-trial" in message and "smaller image size" in message and "more memory" in message
+    fewer = int(message.split("--max-concurrent ")[1].split(")")[0])
+    plan(tiny_dataset, None, [200], [node(cpus=4, memory=8 * GB)], cpus_per_trial=0.1, gpus_per_trial=0, max_concurrent=fewer, num_samples=100)  # the way out it names fits
+
+
+def test_a_node_without_the_cache_needs_an_object_store_that_holds_the_data_and_counts_it_against_its_memory(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=40)  # 200 images: 24 MB at 200 px
+    need = decoded_bytes(200, 200)
+    with pytest.raises(AslTuneError, match=r"node 10\.0\.0\.2 has no cache file and its object store holds 10 MB, less than the 24 MB of data; .*--object-store-memory"):
+        plan(data, None, [200], [node(), node(has_cache=False, store=10e6, address="10.0.0.2")], cpus_per_trial=1, gpus_per_trial=0, max_concurrent=None, num_samples=4)
+    found = plan(data, None, [200], [node(), node(has_cache=False, store=2 * need, address="10.0.0.2")], cpus_per_trial=1, gpus_per_trial=0, max_concurrent=None, num_samples=4)
+    assert found.at_once == {"10.0.0.1": 2, "10.0.0.2": 2}
+    assert "memory-mapped from the cache on 1 node and one object-store copy on each of 1 node without the cache" in found.lines[0]
+
+
+def test_gpus_bound_the_trials_a_node_runs_at_once(tiny_dataset):
+    found = plan(tiny_dataset, None, [64], [node(cpus=16, gpus=1)], cpus_per_trial=1, gpus_per_trial=0.25, max_concurrent=None, num_samples=10)
+    assert found.at_once == {"10.0.0.1": 4}
+
+
+def test_a_cache_disk_too_small_for_the_decoded_data_is_refused(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "data", per_class=2)
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000))
+    with pytest.raises(AslTuneError, match=r"memory plan: the decoded data needs 1 MB in the cache folder .* which has 0 MB free; set ASL_TUNE_CACHE"):
+        plan(data, None, [200], [node()], cpus_per_trial=1, gpus_per_trial=0, max_concurrent=None, num_samples=1)
+
+
+def test_a_trial_gets_the_cache_file_mapped_read_only_and_what_crosses_ray_does_not_grow_with_the_data(tmp_path):
+    small = load_dataset(make_dataset(tmp_path / "small", per_class=4), 32, progress=False)
+    large = load_dataset(make_dataset(tmp_path / "large", per_class=40), 32, progress=False)
+    pickled = {}
+    for name, ds in (("small", small), ("large", large)):
+        shared = share({32: ds}, [node()])[32]  # every node has the cache: nothing goes to Ray's object store
+        assert shared.ref is None
+        pickled[name] = len(pickle.dumps(shared.meta.images)) + len(pickle.dumps(shared.cache_file))
+        opened = pickle.loads(pickle.dumps(shared)).open()  # as a trial unpickles it
+        assert isinstance(opened.images, np.memmap) and not opened.images.flags.writeable
+        assert Path(opened.images.filename) == Path(ds.cache_file).resolve()
+        np.testing.assert_array_equal(opened.images, ds.images)
+        assert list(opened.labels) == list(ds.labels) and opened.classes == ds.classes
+    assert large.images.nbytes == 10 * small.images.nbytes
+    assert pickled["large"] == pickled["small"]  # the array itself never travels: only its path
+
+
+def test_a_node_without_the_cache_file_maps_rays_read_only_copy(tmp_path):
+    import ray
+
+    from asl_tune.sweep import cluster
+
+    ds = load_dataset(make_dataset(tmp_path / "data", per_class=6), 32, progress=False)
+    with cluster.ray_session(num_cpus=1):
+        shared = share({32: ds}, [node(), node(has_cache=False, address="10.0.0.2")])[32]
+        assert shared.ref is not None
+        elsewhere = SharedDataset(shared.meta, str(tmp_path / "no-such-cache" / "images.npy"), shared.cache_bytes, shared.ref)  # as on that node
+
+        @ray.remote(num_cpus=1)
+        def open_there(shared: SharedDataset):
+            images = shared.open().images
+            return images.flags.writeable, images.flags.owndata, int(images.sum()), images.shape
+
+        writeable, owndata, total, shape = ray.get(open_there.remote(elsewhere))
+    assert not writeable and not owndata  # a view of the object store, no private copy
+    assert (total, shape) == (int(ds.images.sum()), ds.images.shape)
+
+
+def test_a_sweep_the_memory_plan_refuses_is_refused_before_decoding_with_nothing_created(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=4)
+    space = write_space(tmp_path / "s.yaml", 200, {"lr": {"type": "float", "low": 0.01, "high": 0.1}}, fixed={"image_size": 200})
+    cache = tmp_path / "cache"
+    done = subprocess.run([sys.executable, "-m", "asl_tune", "sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results"),
+                           "--cpus-per-trial", "0.01", "--max-concurrent", "200"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "ASL_TUNE_CACHE": str(cache)})
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("asl-tune: error: memory plan: node 127.0.0.1 would run 200 trials at once") and "--max-concurrent" in last, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert not (cache / "decoded").exists()  # refused before decoding
+    assert not (tmp_path / "results" / "s").exists()  # and nothing created
