@@ -14,6 +14,7 @@ functions, so `import asl_tune` stays light. `asl-tune` (cli.py) parses argument
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Sequence
@@ -77,10 +78,18 @@ def sweep(
 
 
 def resume(name: str, results: str | Path = "results", address: str | None = None, verbose: bool = False, ship_code: bool = True) -> Sweep:
-    """Finish a sweep whose driver died, as `asl-tune resume NAME` does; return its handle once it ends."""
+    """Finish a sweep whose driver died, as `asl-tune resume NAME` does; return its handle once it ends.
+
+    A sweep that already finished is left as it is, saying so on stderr (a retry loop may resume whatever happened)."""
+    from asl_tune.sweep.request import NothingToResume
     from asl_tune.sweep.run import resume_sweep
 
-    return Sweep(name, results, resume_sweep(name, results, address, verbose=verbose, ship_code=ship_code))
+    try:
+        folder = resume_sweep(name, results, address, verbose=verbose, ship_code=ship_code)
+    except NothingToResume as finished:
+        print(finished, file=sys.stderr)
+        folder = finished.folder
+    return Sweep(name, results, folder)
 
 
 def load(name: str, results: str | Path = "results") -> Results:

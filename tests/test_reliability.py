@@ -3,6 +3,7 @@ a failing disk, and what must not be exposed or vary."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -20,7 +21,7 @@ import ray
 
 from asl_tune.sweep import cluster
 from asl_tune.results import ResultsStore, read_epochs, read_trials, trial_row
-from asl_tune.sweep.trainable import WORK_PREFIX
+from asl_tune.sweep.trainable import FAULT_ENV, WORK_PREFIX
 from conftest import make_dataset
 from sweeps import RAY_TABLES, assert_consistent, cli, kill_group, load_study, read, run_cli, run_to_end, study_states, wait_for, wait_for_saved_state, write_space
 
@@ -76,14 +77,17 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, data):
 
 
 def test_chaos_three_driver_kills_then_resume(tmp_path, data):
-    """Kill the driver at three random moments; resume each time; the sweep ends whole."""
+    """Kill the driver at three random moments; resume each time; the sweep ends whole.
+
+    Where a kill lands is left to chance, and each outcome is accepted: mid-sweep (the next `resume` goes on),
+    after the sweep finished but before the driver exited (the next `resume` says there is nothing to resume
+    and succeeds), or never, the driver having exited first. Whichever came, the sweep ends with its 3 trials."""
     rng = random.Random(20261125)
     space = write_space(tmp_path / "chaos.yaml", 3, params={"head_width": {"type": "categorical", "choices": [16, 24, 32]}, "lr": {"type": "float", "low": 0.005, "high": 0.05, "log": True}}, fixed={"epochs": 3}, early_stopping=False)
     results = ["--results", str(tmp_path / "results")]
     folder = tmp_path / "results" / "chaos"
     command = ["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "2", *results]
-    kills = 0
-    finished = False
+    outcomes = []
     for _ in range(3):
         rows = len(read(folder, "epochs"))
         with cli(command, cwd=tmp_path) as driver:
@@ -91,17 +95,19 @@ def test_chaos_three_driver_kills_then_resume(tmp_path, data):
             # machine, where a fixed delay killed the first driver before the sweep existed): the point of the drill.
             wait_for(lambda: driver.poll() is not None or len(read(folder, "epochs")) > rows, 240)
             time.sleep(rng.uniform(0.0, 3.0))
-            if driver.poll() is not None:  # it finished before the kill: nothing left to interrupt
-                assert driver.returncode == 0, driver.stdout.read()[-3000:]
-                finished = True
+            if driver.poll() is not None:  # it ended before the kill: the sweep finished (or had, for a resume)
+                out = driver.stdout.read()
+                assert driver.returncode == 0, out[-3000:]
+                outcomes.append("exited")
                 break
             kill_group(driver)
-        kills += 1
-        command = ["resume", "chaos", *results]
         assert (folder / "sweep.json").exists()
-    if not finished:
-        run_cli(command, tmp_path, 400)
-    assert kills >= 2
+        outcomes.append("killed after the sweep finished" if json.loads((folder / "sweep.json").read_text())["runs"][-1]["finished"] else "killed")
+        command = ["resume", "chaos", *results]
+    if outcomes[-1] != "exited":
+        out = run_cli(command, tmp_path, 400)
+        if outcomes[-1] == "killed after the sweep finished":
+            assert "sweep 'chaos' has nothing to resume: all 3 trials finished" in out, out[-3000:]
     trials, _ = assert_consistent(folder, 3)
     assert set(trials["status"]) == {"completed"}
     assert study_states(folder) == (3, {"COMPLETE"})
@@ -110,19 +116,24 @@ def test_chaos_three_driver_kills_then_resume(tmp_path, data):
 def test_resume_reconciles_a_study_ahead_of_tunes_saved_state_and_a_trial_tune_forgot(tmp_path, data):
     """The two windows a driver SIGKILL can hit, forced: the study finished a trial that Tune's saved state still
     runs (it is re-run from its checkpoint and reports again), and the study and the Parquet files hold a trial
-    started after Tune's last save (Tune restores without it)."""
+    started after Tune's last save (Tune restores without it, and asks the searcher for it again).
+
+    The kill is forced into the first trial, at any machine speed: that trial holds after its second epoch
+    (FAULT_ENV hold@2) until the kill. Left to chance, a fast machine finished it before the kill, and the second,
+    last trial ran then: Tune's saved state held every trial, so a trial "started after Tune's last save" could not
+    be (no driver makes one then), and the orphan the test made was left waiting in the study, never asked for."""
     space = write_space(tmp_path / "window.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 4}, early_stopping=False)
     results = ["--results", str(tmp_path / "results")]
     folder = tmp_path / "results" / "window"
-    with cli(["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "1", *results], cwd=tmp_path) as driver:
+    with cli(["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "1", *results], cwd=tmp_path, env={FAULT_ENV: "hold@2"}) as driver:
         wait_for(lambda: (read(folder, "epochs")["epoch"] >= 2).any(), 240, driver, "the first trial's second epoch")
-        wait_for_saved_state(folder / "ray" / "run-1", time.time(), proc=driver)
+        wait_for_saved_state(folder / "ray" / "run-1", time.time(), proc=driver)  # it holds: this state has its epoch 2
         kill_group(driver)
     study = load_study(folder)
-    running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-    # The premise: the kill landed while a trial ran (a fast device can finish 4 tiny epochs before it).
-    assert len(running) == 1, f"expected one running trial at the kill, the study has {[t.state.name for t in study.trials]}"
-    (running,) = running
+    # The premise, forced: one trial, running (Tune had not asked for the second), its two epochs reported.
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.RUNNING]
+    (running,) = study.trials
+    assert sorted(running.intermediate_values) == [1, 2]
     study.tell(running.number, 0.125)  # what the driver told the study just before the kill
     orphan = study.ask(fixed_distributions={"head_width": optuna.distributions.CategoricalDistribution([16, 32])})
     store = ResultsStore(folder)  # ... and the trial it started then, whose first rows the recorder wrote

@@ -227,6 +227,20 @@ def exclusive(folder: Path, name: str) -> Iterator[None]:
         os.close(fd)
 
 
+class NothingToResume(Exception):
+    """`asl-tune resume` of a sweep whose every run finished. Not an error: a retry loop, or a requeued Slurm job,
+    runs `resume` whatever became of the last driver, which may have been killed after the sweep finished. The
+    command says so (the message, one line) and succeeds, running and changing nothing (api.resume)."""
+
+    def __init__(self, name: str, sweep: SweepFolder, state: SweepState):
+        total = sum(run["num_samples"] for run in state.runs)
+        super().__init__(
+            f"sweep {name!r} has nothing to resume: all {total} trials finished; "
+            f"add trials with `asl-tune sweep --name {name} --extend --num-samples K{sweep.results_flag}`"
+        )
+        self.folder = sweep.path
+
+
 class Resumable(NamedTuple):
     """A sweep `asl-tune resume` may continue: its space, folder, state as last read, and Ray address."""
 
@@ -237,7 +251,7 @@ class Resumable(NamedTuple):
 
 
 def check_resume(name: str, results: Path | str, address: str | None) -> Resumable:
-    """Validate `asl-tune resume NAME`: the sweep exists and its last run did not finish; nothing is created."""
+    """Validate `asl-tune resume NAME`: the sweep exists and its last run did not finish (else NothingToResume); nothing is created."""
     if is_uri(results):
         open_uri(str(results))  # refuses a scheme pyarrow cannot open
     if not is_plain_name(name):
@@ -247,8 +261,10 @@ def check_resume(name: str, results: Path | str, address: str | None) -> Resumab
         if not (where / SWEEP_FILE).exists():
             raise AslTuneError(f"NAME: no sweep named {name!r} in {results} (no {shown}/{SWEEP_FILE})")
         state = SweepState.read(where, f"{shown}/{SWEEP_FILE}")
-        if not state.runs or state.runs[-1]["finished"]:
-            raise AslTuneError(f"NAME: sweep {name!r} has nothing to resume: every run finished; add trials with `asl-tune sweep --name {name} --extend --num-samples K{sweep.results_flag}`")
+        if not state.runs:
+            raise AslTuneError(f"NAME: sweep {name!r} has nothing to resume: {shown}/{SWEEP_FILE} records no run")
+        if state.runs[-1]["finished"]:
+            raise NothingToResume(name, sweep, state)
         space = load_space(where / SPACE_FILE)
     address = address or state.address
     if address:
