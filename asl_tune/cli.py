@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("slurm", help="print a Slurm batch script that runs a sweep over a job's nodes", description="Print a Slurm batch script (save it, edit its #SBATCH lines and settings, sbatch it): Ray's head on the job's first node and a worker on each other node, then the sweep; Slurm sends it SIGTERM before the time limit (--signal), the sweep stops cleanly and the job is requeued (--requeue), and the next run of the job resumes the sweep.")
+    p.set_defaults(func=cmd_slurm)
+
     data = sub.add_parser("data", help="inspect or generate datasets").add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     p = data.add_parser("check", help="decode a dataset (through the cache) and report classes, counts, splits and skipped files")
     p.add_argument("folder", type=Path, help="dataset folder (Kaggle layout or folder per class)")
@@ -263,6 +266,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_resume(args: argparse.Namespace) -> None:
     """asl-tune resume: finish an interrupted sweep (api.resume)."""
     api.resume(args.name, args.results, args.address, verbose=args.verbose, ship_code=args.ship_code)
+
+
+def cmd_slurm(args: argparse.Namespace) -> None:
+    """asl-tune slurm: print the sbatch script (sweep/slurm.py)."""
+    from asl_tune.sweep.slurm import script
+
+    print(script(), end="")
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:

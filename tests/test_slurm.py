@@ -1,0 +1,142 @@
+"""`asl-tune slurm`'s batch script under a real Slurm on this machine: a slurmctld and a slurmd (Debian's slurm-wlm)
+with munge, started by the test with a configuration of its own, on 127.0.0.1. The job is preempted with SIGTERM
+to its script (`scancel --batch --signal=TERM`, what `--signal=B:TERM@300` sends before a time limit), stops the
+sweep cleanly, requeues itself, and its second run resumes the sweep to exactly the trials asked for.
+
+Needs root (the daemons run as root) and slurm-wlm; where either is missing the module is skipped and says why.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from conftest import make_dataset
+from sweeps import assert_consistent, read, wait_for, write_space
+
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scancel", "scontrol")
+missing = [tool for tool in DAEMONS if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+if missing:
+    pytestmark.append(pytest.mark.skip(reason=f"Slurm is not installed (no {', '.join(missing)}: apt-get install slurm-wlm)"))
+elif os.geteuid() != 0:
+    pytestmark.append(pytest.mark.skip(reason="starting slurmctld, slurmd and munged needs root"))
+
+
+def tool(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_conf(root: Path, node: str, cpus: int) -> str:
+    return "\n".join([
+        "ClusterName=asltune", f"SlurmctldHost={node}(127.0.0.1)", f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
+        "SlurmUser=root", "SlurmdUser=root", f"StateSaveLocation={root}/state", f"SlurmdSpoolDir={root}/spool",
+        f"SlurmctldPidFile={root}/slurmctld.pid", f"SlurmdPidFile={root}/slurmd.pid", f"SlurmctldLogFile={root}/slurmctld.log", f"SlurmdLogFile={root}/slurmd.log",
+        "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={root}/munge.socket",
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
+        "SchedulerType=sched/builtin", "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "MpiDefault=none", "ReturnToService=2", "JobRequeue=1",
+        "SlurmctldParameters=enable_configless", "MinJobAge=600", "KillWait=10",
+        f"NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN",
+        f"PartitionName=asltune Nodes={node} Default=YES MaxTime=INFINITE State=UP",
+    ]) + "\n"
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """munged, slurmctld and slurmd with a configuration of their own; the environment Slurm's commands need."""
+    root = tmp_path_factory.mktemp("slurm")
+    for sub in ("state", "spool"):
+        (root / sub).mkdir()
+    node = socket.gethostname().split(".")[0]
+    cpus = os.cpu_count() or 1
+    (root / "slurm.conf").write_text(slurm_conf(root, node, cpus))
+    key = root / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
+    with ExitStack() as stack:
+        def daemon(command: list[str], name: str) -> None:
+            proc = subprocess.Popen(command, env=env, stdout=open(root / f"{name}.out", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+            stack.callback(_stop, proc)
+
+        daemon([tool("munged"), "--foreground", "--force", f"--key-file={key}", f"--socket={root}/munge.socket", f"--pid-file={root}/munged.pid",
+                f"--log-file={root}/munged.log", f"--seed-file={root}/munged.seed"], "munged")
+        wait_for(lambda: (root / "munge.socket").exists(), 60, what="munged's socket")
+        daemon([tool("slurmctld"), "-D", "-i", "-f", str(root / "slurm.conf")], "slurmctld")
+        daemon([tool("slurmd"), "-D", "-N", node, "-f", str(root / "slurm.conf")], "slurmd")
+        wait_for(lambda: "idle" in subprocess.run([tool("sinfo"), "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout, 120, what="the Slurm node to be idle")
+        yield env, root
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=20)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def job_state(env: dict, job: str) -> dict[str, str]:
+    """`scontrol show job JOB` as a dict (JobState, Restarts, ExitCode, ...)."""
+    out = subprocess.run([tool("scontrol"), "show", "job", job], env=env, capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def test_the_sbatch_script_stops_on_sigterm_requeues_itself_and_resumes_to_exactly_n_trials(slurm, tmp_path):
+    env, root = slurm
+    data = make_dataset(tmp_path / "data", per_class=20, size=32)
+    space = write_space(tmp_path / "slurm.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 4}, early_stopping=False)
+    script = tmp_path / "asl-tune.sbatch"
+    printed = subprocess.run([sys.executable, "-m", "asl_tune", "slurm"], capture_output=True, text=True, check=True).stdout
+    assert "#SBATCH --signal=B:TERM@" in printed and "#SBATCH --requeue" in printed and "asl-tune.sbatch" in printed
+    script.write_text(printed)
+    bin_dir = Path(sys.executable).parent
+    job_env = {
+        **env, "ASL_TUNE_NAME": "slurm", "ASL_TUNE_RESULTS": str(tmp_path / "results"), "ASL_TUNE_HEAD_IP": "127.0.0.1",
+        "ASL_TUNE_SWEEP_ARGS": f"--space {space} --data {data} --max-concurrent 1", "ASL_TUNE_COMMAND": str(bin_dir / "asl-tune"),
+        "ASL_TUNE_RAY_COMMAND": str(bin_dir / "ray"), "ASL_TUNE_PYTHON": sys.executable, "PATH": f"{bin_dir}:{env['PATH']}",
+    }
+    out = tmp_path / "job.out"
+    submitted = subprocess.run([tool("sbatch"), "--parsable", "--nodes=1", f"--cpus-per-task={os.cpu_count() or 1}", f"--output={out}", "--chdir", str(tmp_path), str(script)],
+                               env=job_env, capture_output=True, text=True)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    folder = tmp_path / "results" / "slurm"
+    try:
+        # Preempted once the first trial has an epoch written (and so a checkpoint) and the second is still to come.
+        wait_for(lambda: len(read(folder, "epochs")) >= 1 or job_state(env, job).get("JobState") not in ("PENDING", "RUNNING"), 300, what="the job's first epoch")
+        assert job_state(env, job).get("JobState") == "RUNNING", (job_state(env, job), _text(out))
+        subprocess.run([tool("scancel"), "--batch", "--signal=TERM", job], env=job_env, check=True)
+        wait_for(lambda: job_state(env, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), 400, what="the requeued job to end")
+    finally:
+        subprocess.run([tool("scancel"), job], env=job_env, capture_output=True)
+    state, text = job_state(env, job), _text(out)
+    assert state.get("JobState") == "COMPLETED" and state.get("Restarts") == "1", (state, text[-4000:])
+    assert "SIGTERM: stopping the sweep, then requeueing" in text and "stopped by SIGTERM" in text, text[-4000:]
+    assert f"asl-tune resume slurm --results {tmp_path / 'results'}" in text  # the second run resumed
+    trials, _ = assert_consistent(folder, 2)
+    assert set(trials["status"]) == {"completed"}, text[-4000:]
+
+
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
