@@ -112,6 +112,22 @@ def test_a_damaged_sweep_folder_is_refused_in_one_line_and_left_byte_for_byte(fi
 
 
 @pytest.mark.slow
+def test_resume_of_a_finished_sweep_says_so_and_succeeds_running_and_changing_nothing(finished, tmp_path, capsys):
+    """Not damage, the whole sweep: a retry loop, or a requeued Slurm job, runs `resume` whatever became of the last
+    driver (killed after the sweep finished, before it exited): on a finished sweep that is a success in one line."""
+    folder = tmp_path / "results" / "whole"
+    shutil.copytree(finished, folder)
+    before, times = digest(folder), {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+    capsys.readouterr()
+
+    assert main(command("resume", tmp_path / "results")) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sweep 'whole' has nothing to resume: all 2 trials finished; add trials with `asl-tune sweep --name whole --extend --num-samples K --results {tmp_path / 'results'}`"]
+    assert digest(folder) == before  # every byte as it was
+    assert {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))} == times  # nothing written or made, not even the lock
+
+
+@pytest.mark.slow
 def test_analyze_goes_on_without_what_it_does_not_need_and_names_it(finished, tmp_path, capsys):
     """analyze reads only the Parquet tables: a garbage study, a broken sweep record and a finished trial's missing
     weights are each named in a note, and the report is written."""

@@ -133,23 +133,6 @@ def test_an_existing_name_is_refused_without_extend(faulty_sweep, capsys):
     assert len(read(folder, "trials")) == 4
 
 
-def test_resume_of_a_finished_sweep_says_so_and_succeeds_running_and_changing_nothing(faulty_sweep, capsys):
-    """A retry loop, or a requeued Slurm job, runs `resume` whatever became of the last driver (killed after the
-    sweep finished, before it exited): on a finished sweep that is a success with nothing to do."""
-    folder, _, _ = faulty_sweep
-    assert [run["finished"] for run in json.loads((folder / "sweep.json").read_text())["runs"]] == [True, True]
-
-    def files() -> dict:
-        return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-    before, record, trials = files(), (folder / "sweep.json").read_bytes(), read(folder, "trials")
-    assert main(["resume", "faults", "--results", str(folder.parent)]) == 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"sweep 'faults' has nothing to resume: all 4 trials finished; add trials with `asl-tune sweep --name faults --extend --num-samples K --results {folder.parent}`"]
-    assert files() == before and (folder / "sweep.json").read_bytes() == record  # every file as it was (size, mtime), no new one
-    pd.testing.assert_frame_equal(read(folder, "trials"), trials)
-
-
 def test_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path, data):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
     cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
