@@ -3,7 +3,7 @@ with munge, started by the test with a configuration of its own, on 127.0.0.1. T
 to its script (`scancel --batch --signal=TERM`, what `--signal=B:TERM@300` sends before a time limit), stops the
 sweep cleanly, requeues itself, and its second run resumes the sweep to exactly the trials asked for.
 
-Needs root (the daemons run as root) and slurm-wlm; where either is missing the module is skipped and says why.
+Needs root (the daemons run as root) and slurm-wlm; where either is missing that test is skipped and says why.
 """
 
 from __future__ import annotations
@@ -24,13 +24,27 @@ import pytest
 from conftest import make_dataset
 from sweeps import assert_consistent, read, wait_for, write_space
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scancel", "scontrol")
-missing = [tool for tool in DAEMONS if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()]
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-if missing:
-    pytestmark.append(pytest.mark.skip(reason=f"Slurm is not installed (no {', '.join(missing)}: apt-get install slurm-wlm)"))
-elif os.geteuid() != 0:
-    pytestmark.append(pytest.mark.skip(reason="starting slurmctld, slurmd and munged needs root"))
+DAEMONS = ("munged", "slurmctld", "slurmd", "sinfo", "sbatch", "scancel", "scontrol")
+
+
+def why_unavailable() -> str | None:
+    """Why this machine cannot run a Slurm of its own for the test, or None."""
+    missing = [t for t in DAEMONS if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
+    if missing:
+        return f"Slurm is not installed (no {', '.join(missing)}: apt-get install slurm-wlm)"
+    if os.geteuid() != 0:
+        return "starting slurmctld, slurmd and munged needs root"
+    return None
+
+
+def test_asl_tune_slurm_prints_a_batch_script_that_asks_for_a_signal_and_a_requeue_and_resumes():
+    printed = subprocess.run([sys.executable, "-m", "asl_tune", "slurm"], capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0 and printed.stdout.startswith("#!/bin/bash\n"), printed.stderr
+    lines = printed.stdout.splitlines()
+    assert {"#SBATCH --signal=B:TERM@300", "#SBATCH --requeue", "#SBATCH --open-mode=append"} <= {line.split("  ")[0] for line in lines}
+    assert 'if started; then' in printed.stdout and 'command=(resume "$NAME" --results "$RESULTS")' in printed.stdout
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in printed.stdout
+    assert subprocess.run(["bash", "-n"], input=printed.stdout, text=True).returncode == 0  # bash parses it
 
 
 def tool(name: str) -> str:
@@ -60,6 +74,8 @@ def slurm_conf(root: Path, node: str, cpus: int) -> str:
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     """munged, slurmctld and slurmd with a configuration of their own; the environment Slurm's commands need."""
+    if (why := why_unavailable()) is not None:
+        pytest.skip(why)
     root = tmp_path_factory.mktemp("slurm")
     for sub in ("state", "spool"):
         (root / sub).mkdir()
@@ -102,21 +118,21 @@ def job_state(env: dict, job: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_the_sbatch_script_stops_on_sigterm_requeues_itself_and_resumes_to_exactly_n_trials(slurm, tmp_path):
     env, root = slurm
     data = make_dataset(tmp_path / "data", per_class=20, size=32)
     space = write_space(tmp_path / "slurm.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 4}, early_stopping=False)
     script = tmp_path / "asl-tune.sbatch"
-    printed = subprocess.run([sys.executable, "-m", "asl_tune", "slurm"], capture_output=True, text=True, check=True).stdout
-    assert "#SBATCH --signal=B:TERM@" in printed and "#SBATCH --requeue" in printed and "asl-tune.sbatch" in printed
-    script.write_text(printed)
+    script.write_text(subprocess.run([sys.executable, "-m", "asl_tune", "slurm"], capture_output=True, text=True, check=True).stdout)
     bin_dir = Path(sys.executable).parent
     job_env = {
         **env, "ASL_TUNE_NAME": "slurm", "ASL_TUNE_RESULTS": str(tmp_path / "results"), "ASL_TUNE_HEAD_IP": "127.0.0.1",
         "ASL_TUNE_SWEEP_ARGS": f"--space {space} --data {data} --max-concurrent 1", "ASL_TUNE_COMMAND": str(bin_dir / "asl-tune"),
         "ASL_TUNE_RAY_COMMAND": str(bin_dir / "ray"), "ASL_TUNE_PYTHON": sys.executable, "PATH": f"{bin_dir}:{env['PATH']}",
     }
-    out = tmp_path / "job.out"
+    out = root / "job.out"  # kept with the daemons' logs
     submitted = subprocess.run([tool("sbatch"), "--parsable", "--nodes=1", f"--cpus-per-task={os.cpu_count() or 1}", f"--output={out}", "--chdir", str(tmp_path), str(script)],
                                env=job_env, capture_output=True, text=True)
     assert submitted.returncode == 0, submitted.stderr
@@ -127,6 +143,12 @@ def test_the_sbatch_script_stops_on_sigterm_requeues_itself_and_resumes_to_exact
         wait_for(lambda: len(read(folder, "epochs")) >= 1 or job_state(env, job).get("JobState") not in ("PENDING", "RUNNING"), 300, what="the job's first epoch")
         assert job_state(env, job).get("JobState") == "RUNNING", (job_state(env, job), _text(out))
         subprocess.run([tool("scancel"), "--batch", "--signal=TERM", job], env=job_env, check=True)
+        wait_for(lambda: job_state(env, job).get("Restarts") == "1" or job_state(env, job).get("JobState") != "RUNNING", 300, what="the job to requeue itself")
+        requeued = job_state(env, job)
+        assert requeued.get("Restarts") == "1" and requeued.get("JobState") in ("PENDING", "REQUEUED", "REQUEUE_FED", "RUNNING", "CONFIGURING"), (requeued, _text(out)[-4000:])
+        # Slurm holds a requeued job back for a while (its BeginTime); an administrator may let it start at once.
+        print("requeued:", {k: requeued.get(k) for k in ("JobState", "Reason", "BeginTime", "SubmitTime")})
+        subprocess.run([tool("scontrol"), "update", f"JobId={job}", "StartTime=now"], env=job_env, capture_output=True)
         wait_for(lambda: job_state(env, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), 400, what="the requeued job to end")
     finally:
         subprocess.run([tool("scancel"), job], env=job_env, capture_output=True)

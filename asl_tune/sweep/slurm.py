@@ -50,8 +50,9 @@ HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 HEAD_IP="${ASL_TUNE_HEAD_IP:-$(hostname --ip-address | awk '{print $1}')}"  # this script runs on the first node
 PORT="${ASL_TUNE_RAY_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"  # one per job, so jobs sharing a node do not collide
 CPUS="${SLURM_CPUS_PER_TASK:-$(nproc)}"
+say() { echo "asl-tune.sbatch $(date -u '+%F %T'): $*"; }
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"  # this run's own token
-echo "asl-tune.sbatch: job $SLURM_JOB_ID (run $(( ${SLURM_RESTART_COUNT:-0} + 1 ))) on $SLURM_JOB_NODELIST; Ray's head at $HEAD_IP:$PORT"
+say "job $SLURM_JOB_ID (run $(( ${SLURM_RESTART_COUNT:-0} + 1 ))) on $SLURM_JOB_NODELIST; Ray's head at $HEAD_IP:$PORT"
 
 "$RAY" start --head --block --node-ip-address="$HEAD_IP" --port="$PORT" --num-cpus="$CPUS" \
     --include-dashboard=false --disable-usage-stats --temp-dir="/tmp/ray-$SLURM_JOB_ID" &
@@ -81,13 +82,13 @@ if started; then  # a requeued job, or a sweep begun by hand: finish it (a finis
 else
     command=(sweep --name "$NAME" --results "$RESULTS" $SWEEP_ARGS)
 fi
-echo "asl-tune.sbatch: asl-tune ${command[*]} --address $HEAD_IP:$PORT"
+say "asl-tune ${command[*]} --address $HEAD_IP:$PORT"
 "$ASL_TUNE" "${command[@]}" --address "$HEAD_IP:$PORT" &
 driver=$!
 
 stopping=
 on_term() {  # the sweep stops cleanly (it saves its state), then the job goes back in the queue
-    echo "asl-tune.sbatch: SIGTERM: stopping the sweep, then requeueing job $SLURM_JOB_ID"
+    say "SIGTERM: stopping the sweep, then requeueing job $SLURM_JOB_ID"
     stopping=1
     kill -TERM "$driver" 2>/dev/null
 }
@@ -97,7 +98,7 @@ while :; do
     status=$?
     kill -0 "$driver" 2>/dev/null || break  # else the wait was cut short by SIGTERM: the driver is still stopping
 done
-echo "asl-tune.sbatch: asl-tune exited with status $status"
+say "asl-tune exited with status $status"
 # 0: done; 3: done, some trials errored; 2: bad input; 4: Ray failed (resumable); 128+15: stopped by SIGTERM (resumable)
 if [ -n "$stopping" ] && { [ "$status" -eq 143 ] || [ "$status" -eq 4 ]; }; then
     stop_ray
