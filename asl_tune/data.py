@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 from asl_tune.config import check_value
 from asl_tune.errors import AslTuneError
 from asl_tune.files import write_atomically
+from asl_tune.workers import run_in_workers
 
 if TYPE_CHECKING:
     import torch
@@ -200,16 +200,10 @@ def _decode_all(paths: list[Path], size: int, array_path: Path, workers: int, pr
     tasks = [(str(array_path), size, s, [str(p) for p in paths[s : s + DECODE_CHUNK]]) for s in range(0, len(paths), DECODE_CHUNK)]
     bar = Progress(f"decoding {len(paths)} images at {size} px", len(paths), progress)
     failures: dict[int, str] = {}
-    if workers <= 1 or len(tasks) <= 1:
-        for t in tasks:
-            failures.update(_decode_chunk(t))
-            bar.update(len(t[3]))
-    else:
-        # spawn, not fork: the caller may hold torch's OpenMP threads, which do not survive a fork.
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for t, fails in zip(tasks, pool.imap(_decode_chunk, tasks)):
-                failures.update(fails)
-                bar.update(len(t[3]))
+    # Worker processes that never re-run the caller's __main__ (asl_tune.workers says why).
+    for t, fails in run_in_workers(_decode_chunk, tasks, workers):
+        failures.update(fails)
+        bar.update(len(t[3]))
     return failures
 
 

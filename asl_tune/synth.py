@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import io
 import math
-import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from asl_tune.alphabet import ASL_CLASSES
 from asl_tune.data import Progress, cache_root
 from asl_tune.errors import AslTuneError
 from asl_tune.files import write_atomically
+from asl_tune.workers import run_in_workers
 
 # Bump when the renderer's output changes, so a cached default dataset is never silently stale.
 SYNTH_VERSION = "v3"
@@ -424,19 +424,12 @@ def _validate(per_class: int, seed: int, image_px: int) -> None:
 
 
 def _run_tasks(tasks: list[tuple], progress: bool) -> None:
-    """Render every task to its file, in parallel where allowed, with a progress line on stderr (data.Progress:
+    """Render every task to its file in RENDER_WORKERS worker processes, with a progress line on stderr (data.Progress:
     rewritten in place on a terminal, plain lines every few seconds in a log or a pipe)."""
     bar = Progress("rendering synthetic ASL dataset", len(tasks), progress)
-    # A daemonic process (a DataLoader worker, say) may not start children: render in-process there.
-    if RENDER_WORKERS > 1 and not multiprocessing.current_process().daemon:
-        # spawn, not fork: the caller may hold torch or Ray threads that a forked child would inherit.
-        with multiprocessing.get_context("spawn").Pool(RENDER_WORKERS) as pool:
-            for _ in pool.imap_unordered(_render_to_file, tasks, chunksize=16):
-                bar.update(1)
-    else:
-        for task in tasks:
-            _render_to_file(task)
-            bar.update(1)
+    # Worker processes that never re-run the caller's __main__ (asl_tune.workers says why).
+    for _ in run_in_workers(_render_to_file, tasks, RENDER_WORKERS):
+        bar.update(1)
 
 
 def _render_into(tmp: Path, per_class: int, seed: int, image_px: int, progress: bool, classes: tuple[str, ...]) -> None:

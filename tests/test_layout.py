@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "asl_tune"
-CORE = ("alphabet", "api", "cli", "config", "data", "errors", "evaluate", "files", "model", "results", "synth", "train")
+CORE = ("alphabet", "api", "cli", "config", "data", "errors", "evaluate", "files", "model", "results", "synth", "train", "workers")
 WINGS = ("asl_tune.sweep", "asl_tune.analysis")
 MAX_LINES = 60  # a function longer than this says why in its docstring, starting a line with "Long:"
 
