@@ -117,14 +117,18 @@ def test_resume_of_a_finished_sweep_says_so_and_succeeds_running_and_changing_no
     driver (killed after the sweep finished, before it exited): on a finished sweep that is a success in one line."""
     folder = tmp_path / "results" / "whole"
     shutil.copytree(finished, folder)
-    before, times = digest(folder), {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+    def times() -> dict[str, int]:
+        return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+    before, made = digest(folder), times()
     capsys.readouterr()
 
     assert main(command("resume", tmp_path / "results")) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"sweep 'whole' has nothing to resume: all 2 trials finished; add trials with `asl-tune sweep --name whole --extend --num-samples K --results {tmp_path / 'results'}`"]
+    extend = f"asl-tune sweep --name whole --extend --num-samples K --results {tmp_path / 'results'}"
+    assert err == [f"sweep 'whole' has nothing to resume: all 2 trials finished; add trials with `{extend}`"]
     assert digest(folder) == before  # every byte as it was
-    assert {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))} == times  # nothing written or made, not even the lock
+    assert times() == made  # nothing written or made, not even the lock
 
 
 @pytest.mark.slow

@@ -102,7 +102,8 @@ def test_chaos_three_driver_kills_then_resume(tmp_path, data):
                 break
             kill_group(driver)
         assert (folder / "sweep.json").exists()
-        outcomes.append("killed after the sweep finished" if json.loads((folder / "sweep.json").read_text())["runs"][-1]["finished"] else "killed")
+        finished = json.loads((folder / "sweep.json").read_text())["runs"][-1]["finished"]
+        outcomes.append("killed after the sweep finished" if finished else "killed")
         command = ["resume", "chaos", *results]
     if outcomes[-1] != "exited":
         out = run_cli(command, tmp_path, 400)
@@ -125,7 +126,8 @@ def test_resume_reconciles_a_study_ahead_of_tunes_saved_state_and_a_trial_tune_f
     space = write_space(tmp_path / "window.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 4}, early_stopping=False)
     results = ["--results", str(tmp_path / "results")]
     folder = tmp_path / "results" / "window"
-    with cli(["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "1", *results], cwd=tmp_path, env={FAULT_ENV: "hold@2"}) as driver:
+    command = ["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "1", *results]
+    with cli(command, cwd=tmp_path, env={FAULT_ENV: "hold@2"}) as driver:
         wait_for(lambda: (read(folder, "epochs")["epoch"] >= 2).any(), 240, driver, "the first trial's second epoch")
         wait_for_saved_state(folder / "ray" / "run-1", time.time(), proc=driver)  # it holds: this state has its epoch 2
         kill_group(driver)
