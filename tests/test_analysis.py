@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -484,3 +486,16 @@ def test_report_names_weights_inside_the_sweep_folder_relative_to_the_results_fo
         written = analyze(["quick"], "real", DEFAULT_OBJECTIVES)
         report, text = written.report, written.text
         assert f"- weights: `{outside}` {load}" in report.read_text() and f"best trial's weights: {outside}\n" in text
+
+
+def test_the_report_names_no_absolute_path_however_the_results_folder_is_named(tmp_path, monkeypatch):
+    real = tmp_path / "real"
+    folder = make_sweep(real / "quick")
+    set_checkpoint(folder, "t0", str(folder / "ray" / "run-1" / "run_trial_t0" / "checkpoint_000003"))  # Ray records absolute paths
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to(real)
+    for results in ("real", tmp_path / "real", "link"):
+        md = analyze(["quick"], results, DEFAULT_OBJECTIVES).report.read_text()
+        assert "trials (" in md and "read from `quick`, relative to the results folder." in md
+        assert str(tmp_path) not in md and str(tmp_path.resolve()) not in md
+        assert not re.search(r"`/|\(/", md), re.findall(r".*(?:`/|\(/).*", md)  # no absolute path, quoted or linked

@@ -246,6 +246,8 @@ def test_a_local_ray_listens_on_loopback_without_a_dashboard_and_starts_its_work
 
 
 def test_same_seed_gives_the_same_configurations_and_metrics(tmp_path, data):
+    """The README's promise in its scope: one machine, one software stack (both sweeps run here, one after the other).
+    Across machines the metrics may differ (torch's CPU kernels round by processor and thread count); no test claims they do not."""
     space = write_space(tmp_path / "again.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 24, 32]}, "lr": {"type": "float", "low": 0.005, "high": 0.05, "log": True}}, fixed={"epochs": 1}, early_stopping=False)
     runs = []
     for name in ("first", "second"):

@@ -368,7 +368,7 @@ def _sweep_markdown(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, v
     lines = [
         f"# Sweep report: {sweep.name}",
         "",
-        f"{len(trials)} trials ({counts}), read from `{sweep.folder}`.",
+        f"{len(trials)} trials ({counts}), read from `{Path(sweep.name).as_posix()}`, relative to the results folder.",  # never this machine's path
         f"Objectives: {describe_objectives(objectives)}.",
         "",
         f"Speed figures (infer_img_per_s, latency_ms_p50/p95, keeps_up_30fps): {sweep.speed_note}.",
