@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path, help="dataset folder (Kaggle layout or folder per class)")
     p.add_argument("--image-size", dest="image_size", type=int, default=64, help="decode size in px (default 64); the cache for this size is reused by trials")
     p.add_argument("--split", choices=["blocked", "random"], default="blocked", help="split to report sizes for (default blocked)")
+    p.add_argument("--space", help="also report the decoded size at each image size this search space uses (a YAML file or a name in search_spaces/): what a sweep of it holds once per node")
     p.set_defaults(func=cmd_data_check)
     p = data.add_parser("synth", help="render the embedded synthetic fingerspelling dataset in the Kaggle layout")
     p.add_argument("out", type=Path, help="folder to create")
@@ -286,7 +287,13 @@ def cmd_data_check(args: argparse.Namespace) -> None:
 
     if (why := check_value("image_size", args.image_size)) is not None:
         raise AslTuneError(f"--image-size: {why}, got {args.image_size}")
-    print(describe(load_dataset(args.folder, args.image_size, what="folder"), split=args.split))
+    sizes = [64, 200]
+    if args.space is not None:  # checked before anything is decoded
+        from asl_tune.sweep.request import image_sizes
+        from asl_tune.sweep.space import load_space, resolve
+
+        sizes += image_sizes(load_space(resolve(args.space)))
+    print(describe(load_dataset(args.folder, args.image_size, what="folder"), split=args.split, sizes=tuple(sizes)))
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:

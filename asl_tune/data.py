@@ -52,6 +52,7 @@ class DecodedDataset:
     paths: list[str]  # file paths relative to root, one per image
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason) not decoded
     fingerprint: str = ""  # content fingerprint of the folder the cache was keyed by
+    cache_file: str = ""  # the cache's images.npy that `images` maps, on the machine that decoded it ("" when not from the cache)
 
     @property
     def image_size(self) -> int:
@@ -275,6 +276,7 @@ def _load_cached(folder: Path) -> DecodedDataset:
         paths=list(meta["paths"]),
         skipped=[tuple(s) for s in meta["skipped"]],
         fingerprint=meta["fingerprint"],
+        cache_file=str(folder / "images.npy"),
     )
 
 
@@ -296,6 +298,23 @@ def load_dataset(root: Path, image_size: int, progress: bool = True, workers: in
     if empty:
         raise AslTuneError(f"{what}: class folder(s) with no readable image: {', '.join(empty)} in {class_root}")
     return ds
+
+
+def decoded_bytes(n_images: int, image_size: int) -> int:
+    """Bytes of the decoded (N, S, S, 3) uint8 array for n_images at image_size (what the cache file holds, less its header)."""
+    return n_images * image_size * image_size * 3
+
+
+def size_text(n_bytes: float) -> str:
+    """Bytes for people: "10.44 GB", "63 MB" under a gigabyte, "92 kB" under a megabyte (decimal units, as `df -H` counts)."""
+    if n_bytes >= 0.995e9:
+        return f"{n_bytes / 1e9:.2f} GB"
+    return f"{n_bytes / 1e6:.0f} MB" if n_bytes >= 0.995e6 else f"{n_bytes / 1e3:.0f} kB"
+
+
+def count_images(root: Path, what: str = "--data") -> int:
+    """How many images a dataset folder holds, without decoding any (the memory plan's N: an upper bound, as unreadable files are skipped later)."""
+    return len(_list_class_tree(find_class_root(root, what))[1])
 
 
 _KAGGLE_TEST_NAME = re.compile(r"^(.+)_test$")
@@ -381,13 +400,15 @@ def subsample(train: np.ndarray, labels: np.ndarray, fraction: float, seed: int)
     return np.sort(np.concatenate(keep))
 
 
-def describe(ds: DecodedDataset, split: str = "blocked", seed: int = 0) -> str:
-    """A human report for `asl-tune data check`: classes and counts, split sizes, skipped files."""
+def describe(ds: DecodedDataset, split: str = "blocked", seed: int = 0, sizes: tuple[int, ...] = (64, 200)) -> str:
+    """A human report for `asl-tune data check`: classes and counts, split sizes, the decoded size at each of `sizes`, skipped files."""
     s = make_splits(ds.labels, ds.frames, split, seed)
     lines = [f"dataset: {ds.root}", f"classes: {len(ds.classes)}, images: {len(ds.labels)}, skipped: {len(ds.skipped)}"]
     counts = ds.class_counts()
     lines += [f"  {c:<8} {n}" for c, n in counts.items()]
     lines.append(f"split ({split}, seed {seed}): train {len(s.train)}, val {len(s.val)}, test {len(s.test)}")
+    # What a sweep holds once per node (memory-mapped from the cache, or in Ray's object store): the memory plan's figure.
+    lines.append("decoded size: " + ", ".join(f"{size_text(decoded_bytes(len(ds.labels), size))} at {size} px" for size in sorted(set(sizes))))
     for path, why in ds.skipped:
         lines.append(f"skipped {path}: {why}")
     return "\n".join(lines)

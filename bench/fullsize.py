@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def distinct_files(root: Path) -> int:
+    """How many distinct files (inodes) the stand-in's names point at: the rendered frames, not one per name."""
+    return len({p.stat().st_ino for p in root.rglob("*.jpg")})
+
+
 def build_standin(out: Path, per_class: int, render_per_class: int) -> tuple[Path, int]:
     """The Kaggle layout under out/asl_alphabet_train/asl_alphabet_train/<class>/<class>N.jpg, N = 1..per_class, each a hard link
     to one of render_per_class rendered frames in order (frame k covers a run of consecutive N); returns (out, images)."""
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         say(f"building the stand-in: {n_images:,} images ({args.render_per_class} rendered per class, hard-linked to {args.per_class})")
         data, n_images = build_standin(work / "data", args.per_class, args.render_per_class)
-        figures = {"n_images": n_images, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **machine(), "trials_at_once": args.trials,
+        figures = {"n_images": n_images, "distinct_jpegs": distinct_files(data), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **machine(), "trials_at_once": args.trials,
                    "data_fraction": args.data_fraction, "smoke": args.smoke}
         for size in args.sizes:
             figures[str(size)] = sweep_at(size, data, work, args)

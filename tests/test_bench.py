@@ -187,3 +187,20 @@ def test_gpu_script_smoke_runs_every_section_and_names_every_headline_key():
     assert len(figures["sweep"]["spans"]) == 2 and figures["sweep"]["most_at_once"] >= 1
     if figures["device"] == "cpu":
         assert figures["sweep"]["devices"] == ["cpu"] and figures["mfu"] is None
+
+
+@pytest.mark.slow
+def test_fullsize_smoke_builds_a_hard_linked_standin_and_measures_a_real_sweep_at_each_size():
+    """bench/fullsize.py --smoke: the stand-in's JPEGs are hard links, each size's sweep completes, and every key is there."""
+    figures = run_script("fullsize.py", "--smoke", timeout=900)
+    assert figures["n_images"] == 29 * 30 and figures["smoke"] is True
+    assert figures["distinct_jpegs"] == 29 * 3  # 30 names per class, hard links to 3 rendered frames
+    for size in ("32", "48"):
+        run = figures[size]
+        assert run["completed"] is True and run["exit_status"] == 0, run
+        assert run["trial_workers_seen"] >= 1 and positive(run["trial_uss_mb"]) and positive(run["trial_anon_mb"])
+        assert positive(run["driver_uss_mb"]) and positive(run["driver_rss_mb"]) and run["driver_uss_mb"] <= run["driver_rss_mb"]
+        assert run["spilled_mb"] == 0 and positive(run["wall_s"]) and positive(run["first_result_s"])
+        assert run["decode_s"] >= 0 and run["handoff_s"] >= 0
+        assert run["plan"].startswith("memory plan: 870 images") and run["plan"].endswith("fits")
+        assert len(run["trial_peak_private_mb"]) == 2 and all(positive(v) for v in run["trial_peak_private_mb"])

@@ -160,6 +160,19 @@ def test_data_check_lists_counts_splits_and_skipped_files(tiny_dataset, capsys):
     assert "classes: 5, images: 60, skipped: 1" in out
     assert "split (blocked, seed 0): train 40, val 10, test 10" in out
     assert "skipped A/A99.jpg" in out
+    assert "decoded size: 737 kB at 64 px, 7 MB at 200 px" in out  # 60 images x 64 x 64 x 3, and x 200 x 200 x 3 bytes
+
+
+def test_data_check_gives_the_decoded_size_at_a_spaces_image_sizes_and_refuses_a_bad_space_before_decoding(tiny_dataset, tmp_path, capsys):
+    from sweeps import write_space
+
+    space = write_space(tmp_path / "s.yaml", 2, {"image_size": {"type": "categorical", "choices": [96, 128]}})
+    space.write_text(space.read_text().replace("  image_size: 32\n", "", 1))  # searched, so not fixed
+    assert main(["data", "check", str(tiny_dataset), "--image-size", "32", "--space", str(space)]) == 0
+    assert "decoded size: 737 kB at 64 px, 2 MB at 96 px, 3 MB at 128 px, 7 MB at 200 px" in capsys.readouterr().out
+    assert main(["data", "check", str(tiny_dataset), "--image-size", "48", "--space", "no-such-space"]) == 2
+    assert "--space: no file 'no-such-space'" in one_error_line(capsys)
+    assert not list((Path(os.environ["ASL_TUNE_CACHE"]) / "decoded").glob("*-48px"))  # refused before decoding
 
 
 @pytest.mark.parametrize("extra, needle", [

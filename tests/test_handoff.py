@@ -65,7 +65,7 @@ def test_a_cache_disk_too_small_for_the_decoded_data_is_refused(tmp_path, monkey
     import shutil
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000))
-    with pytest.raises(AslTuneError, match=r"memory plan: the decoded data needs 1 MB in the cache folder .* which has 0 MB free; set ASL_TUNE_CACHE"):
+    with pytest.raises(AslTuneError, match=r"memory plan: the decoded data needs 1 MB in the cache folder .* which has 1 kB free; set ASL_TUNE_CACHE"):
         plan(data, None, [200], [node()], cpus_per_trial=1, gpus_per_trial=0, max_concurrent=None, num_samples=1)
 
 
@@ -86,7 +86,7 @@ def test_a_trial_gets_the_cache_file_mapped_read_only_and_what_crosses_ray_does_
     assert pickled["large"] == pickled["small"]  # the array itself never travels: only its path
 
 
-def test_a_node_without_the_cache_file_maps_rays_read_only_copy(tmp_path):
+def test_a_node_without_the_cache_file_maps_rays_read_only_copy(tmp_path, capsys):
     import ray
 
     from asl_tune.sweep import cluster
@@ -95,6 +95,8 @@ def test_a_node_without_the_cache_file_maps_rays_read_only_copy(tmp_path):
     with cluster.ray_session(num_cpus=1):
         shared = share({32: ds}, [node(), node(has_cache=False, address="10.0.0.2")])[32]
         assert shared.ref is not None
+        said = capsys.readouterr().err  # the hand-off is never silent
+        assert "handing 92 kB (32 px) to Ray's object store for the nodes without the cache" in said and ": done in " in said
         elsewhere = SharedDataset(shared.meta, str(tmp_path / "no-such-cache" / "images.npy"), shared.cache_bytes, shared.ref)  # as on that node
 
         @ray.remote(num_cpus=1)
@@ -120,3 +122,63 @@ def test_a_sweep_the_memory_plan_refuses_is_refused_before_decoding_with_nothing
     assert "Traceback" not in done.stderr
     assert not (cache / "decoded").exists()  # refused before decoding
     assert not (tmp_path / "results" / "s").exists()  # and nothing created
+
+
+def _hard_linked(root: Path, per_class: int, rendered: Path) -> Path:
+    """A dataset of per_class images per class, each a hard link to one of the rendered frames, in frame order (no new JPEG)."""
+    base = root / "asl_alphabet_train" / "asl_alphabet_train"
+    for folder in sorted((rendered / "asl_alphabet_train" / "asl_alphabet_train").iterdir()):
+        frames = sorted(folder.iterdir(), key=lambda p: int(p.stem[len(folder.name):]))
+        (base / folder.name).mkdir(parents=True)
+        for i in range(per_class):
+            os.link(frames[i * len(frames) // per_class], base / folder.name / f"{folder.name}{i + 1}.jpg")
+    return root
+
+
+@pytest.mark.slow
+def test_a_trials_private_memory_does_not_grow_with_the_dataset(tmp_path):
+    """Two sweeps with the same trial settings on arrays 10x apart (40 MB and 400 MB at 128 px): a trial that copied
+    the array (as an unpickled memmap did) would hold 400 MB more; one that maps it holds the same either way."""
+    import asl_tune
+    from asl_tune.sweep import cluster
+
+    rendered = make_dataset(tmp_path / "rendered", per_class=10, size=128)
+    small, large = _hard_linked(tmp_path / "small", 163, rendered), _hard_linked(tmp_path / "large", 1630, rendered)
+    space = write_space(tmp_path / "mem.yaml", 1, {"lr": {"type": "float", "low": 0.01, "high": 0.02}},
+                        fixed={"image_size": 128, "epochs": 1, "data_fraction": 0.01, "batch_size": 16})
+    private, array_mb = {}, {}
+    with cluster.ray_session(num_cpus=1):  # one Ray for both sweeps
+        for name, data in (("small", small), ("large", large)):
+            asl_tune.sweep(space=space, data=data, results=tmp_path / "results", name=name)
+            trials = asl_tune.load(name, tmp_path / "results").trials
+            assert list(trials["status"]) == ["completed"]
+            private[name] = float(trials["peak_private_mb"].iloc[0])
+            array_mb[name] = load_dataset(data, 128, progress=False).images.nbytes / 1e6
+    assert array_mb["large"] >= 10 * array_mb["small"] * 0.99 and array_mb["large"] > 390
+    assert abs(private["large"] - private["small"]) <= 0.2 * private["small"], (private, array_mb)
+
+
+@pytest.mark.slow
+def test_trials_killed_by_rays_memory_monitor_end_in_one_line_with_the_resume_command_and_resume_runs_them_again(tmp_path):
+    """A real kill by Ray's memory monitor (its threshold set below what the machine already uses), then a resume without it."""
+    from asl_tune.results import read_trials
+
+    data = make_dataset(tmp_path / "data", per_class=8)
+    space = write_space(tmp_path / "oom.yaml", 2, {"lr": {"type": "float", "low": 0.01, "high": 0.1}}, fixed={"epochs": 1})
+    base = [sys.executable, "-m", "asl_tune"]
+    env = {**os.environ, "RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "100"}
+    killed = subprocess.run([*base, "sweep", "--space", str(space), "--data", str(data), "--results", "results"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert killed.returncode == 3, killed.stderr[-3000:]  # errors.TrialsErrored
+    assert "Traceback" not in killed.stderr and "Top 10 memory users" not in killed.stderr, killed.stderr[-3000:]
+    last = killed.stderr.strip().splitlines()[-1]
+    assert last.startswith("asl-tune: error: sweep 'oom' ended with 2 of 2 trials errored") and "killed by Ray's memory monitor" in last, last
+    assert last.endswith("`asl-tune resume oom` runs them again from their last checkpoints"), last
+    assert set(read_trials(tmp_path / "results" / "oom")["status"]) == {"errored"}
+    for log in (tmp_path / "results" / "oom" / "logs").glob("*.log"):
+        assert "running low on memory" in log.read_text()  # the whole story is in the trial's log
+
+    resumed = subprocess.run([*base, "resume", "oom"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = read_trials(tmp_path / "results" / "oom")
+    assert len(trials) == 2 and set(trials["status"]) == {"completed"}, trials[["trial_id", "status"]]

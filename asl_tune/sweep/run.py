@@ -321,7 +321,7 @@ def _fit(tuner, sweep: SweepFolder, state: SweepState) -> Path:
             raise
         except Exception as e:  # Ray failed under the sweep (a process killed for memory, a lost head): one line, the traceback in a file
             log = _log_driver_failure(folder, e)
-            raise RayFailed(f"sweep {name!r}: Ray failed under it ({_first_line(e)}); the results so far are written and the traceback is in "
+            raise RayFailed(f"sweep {name!r} failed under Ray Tune ({_first_line(e)}); the results so far are written and the traceback is in "
                             f"{log.relative_to(folder.parent)}; run `{resume}` to go on") from None
         finally:
             sweep.sync()  # whatever the run left, a URI gets it
