@@ -16,7 +16,7 @@ and the hand-off to the trials), first_result_s (the sweep's start to its first 
 trial_peak_private_mb (what the trials reported); top level n_images, date, load_avg_1min.
 
     python bench/fullsize.py --json                 # 87,000 images, 64 and 200 px (about 15 min on 2 cores)
-    python bench/fullsize.py --smoke --json         # 29 x 30 images at 32 and 48 px: the suite's check
+    python bench/fullsize.py --smoke --json         # 29 x 30 images at 32 px: the suite's check
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=2, help="trials, all at once (default 2: one per core)")
     p.add_argument("--data-fraction", type=float, default=0.01, help="share of the training split each trial trains on (default 0.01)")
     p.add_argument("--work", type=Path, help="where the stand-in and the sweeps go (default: a temporary folder, removed after)")
-    p.add_argument("--smoke", action="store_true", help="a tiny run for the test suite: 30 images per class from 3 rendered, at 32 and 48 px")
+    p.add_argument("--smoke", action="store_true", help="a tiny run for the test suite: 30 images per class from 3 rendered, at 32 px")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last stdout line")
     args = p.parse_args(argv)
     if args.smoke:
-        args.sizes, args.per_class, args.render_per_class = [32, 48], 30, 3
+        args.sizes, args.per_class, args.render_per_class = [32], 30, 3
     return args
 
 
