@@ -203,11 +203,13 @@ def _sealed(names: Iterable[str]) -> list[str]:
 def _one_part_a_trial(tables: dict[str, pa.Table]) -> pa.Table | None:
     """The parts' rows, each trial's from one part: its own, else the newest sealed part holding it."""
     seen = {n[len(TRIAL_PREFIX):-len(".parquet")] for n in tables if n.startswith(TRIAL_PREFIX)}
-    for part in sorted(_sealed(tables), key=_generation, reverse=True):
+    sealed = sorted(_sealed(tables), key=_generation, reverse=True)
+    for k, part in enumerate(sealed):
         table = tables[part]
         if seen and table.num_rows:
             tables[part] = table.filter(pc.invert(pc.is_in(table["trial_id"], pa.array(sorted(seen), table["trial_id"].type))))
-        seen.update(pc.unique(table["trial_id"]).to_pylist())
+        if k + 1 < len(sealed):  # an older sealed part follows (at a URI, mid-copy): its trials held here are left out of it
+            seen.update(pc.unique(table["trial_id"]).to_pylist())
     parts = list(tables.values())
     return pa.concat_tables(parts, promote_options="permissive") if parts else None
 
@@ -248,7 +250,9 @@ def regroup(folder: Path, name: str, sealed_ids: Iterable[str], table: pa.Table 
         ids = table["trial_id"]
         sealed = table.filter(pc.is_in(ids, pa.array(sorted(sealed_ids), ids.type)))
         order = [("trial_id", "ascending")] + ([("epoch", "ascending")] if "epoch" in sealed.column_names else [])
-        pq.write_table(sealed.sort_by(order), staging / sealed_name(generation))  # trial order: readers need not sort
+        # Trial order: readers need not sort. Strings as large_string, pandas' own layout for them: read into a DataFrame as they are.
+        wide = pa.schema([f.with_type(pa.large_string()) if f.type == pa.string() else f for f in sealed.schema])
+        pq.write_table(sealed.sort_by(order).cast(wide), staging / sealed_name(generation))
         written = [sealed_name(generation)]
         for trial_id in sorted(set(pc.unique(ids).to_pylist()) - sealed_ids):
             part = part_name(trial_id)

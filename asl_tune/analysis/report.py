@@ -143,13 +143,26 @@ def plot_learning_curves(ax, trials: pd.DataFrame, epochs: pd.DataFrame) -> None
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     x_metric = "images_seen" if frame["images_seen"].notna().any() else "epoch"
     ids = sorted(frame["trial_id"].unique(), key=str)
+    by_trial = dict(tuple(frame.sort_values("epoch", kind="stable").groupby("trial_id", sort=False)))  # one pass: a filter per trial was O(trials x rows)
+    curves, ends = [], []
     for i, trial_id in enumerate(ids):
-        rows = frame[frame["trial_id"] == trial_id].sort_values("epoch")
+        rows = by_trial[trial_id]
         stopped = status.get(trial_id) == "stopped_early"
-        line = ax.plot(rows[x_metric], rows["val_accuracy"], linestyle="--" if stopped else "-", marker=".", color=f"C{i % 10}", label=str(trial_id) if len(ids) <= 12 else None)
+        color = f"C{i % 10}"
+        if len(ids) <= LINES_ONE_BY_ONE:
+            ax.plot(rows[x_metric], rows["val_accuracy"], linestyle="--" if stopped else "-", marker=".", color=color, label=str(trial_id) if len(ids) <= 12 else None)
+        else:
+            curves.append((np.column_stack([rows[x_metric], rows["val_accuracy"]]), "--" if stopped else "-", color))
         if stopped and rows["val_accuracy"].notna().any():
             last = rows.dropna(subset=["val_accuracy"]).iloc[-1]
-            ax.plot([last[x_metric]], [last["val_accuracy"]], marker="x", markersize=10, color=line[0].get_color())
+            ends.append((last[x_metric], last["val_accuracy"], color))
+    if curves:  # thousands of trials: one collection of lines, drawn in one go (an Axes line each took minutes to save)
+        from matplotlib.collections import LineCollection
+
+        ax.add_collection(LineCollection([c for c, _, _ in curves], colors=[k for _, _, k in curves], linestyles=[s for _, s, _ in curves], linewidths=0.5))
+        ax.autoscale_view()
+    if ends:
+        ax.scatter([x for x, _, _ in ends], [y for _, y, _ in ends], marker="x", s=100 if len(ids) <= LINES_ONE_BY_ONE else 10, c=[k for _, _, k in ends], zorder=3)
     ax.plot([], [], "k--x", label="stopped early")
     ax.set_xlabel(x_metric.replace("_", " "))
     ax.set_ylabel("val_accuracy")
@@ -192,7 +205,10 @@ def plot_pairs(ax, rates: pd.DataFrame, columns: Sequence[str]) -> None:
         watch = column in watch_list
         name = column[len(PAIR_PREFIX) :].replace("_as_", "->")
         ax.plot(x, frame[column], marker="o" if watch else "s", linestyle="-" if watch else ":", label=name + ("" if watch else " (worst)"))
-    ax.set_xticks(x, [str(t) for t in frame["trial_id"]], rotation=45, ha="right", fontsize=7)
+    if len(frame) <= TRIAL_TICKS:
+        ax.set_xticks(x, [str(t) for t in frame["trial_id"]], rotation=45, ha="right", fontsize=7)
+    else:  # a label a trial at thousands of trials is unreadable, and laying them out took minutes
+        ax.set_xlabel(f"trials in id order ({len(frame):,})")
     ax.set_ylabel("share of the true class predicted as the other")
     ax.set_ylim(bottom=0)
     ax.set_title("Confusion-pair rates across trials")
@@ -271,7 +287,7 @@ def _figure(width: float, height: float, ncols: int = 1):
 
 def _confusion_trial(sweep: Sweep, ranked: pd.DataFrame) -> str | None:
     """The best-ranked trial that has confusion counts (the best one, unless it was stopped before its test evaluation)."""
-    with_counts = set(sweep.confusion["trial_id"])
+    with_counts = set(sweep.confusion["trial_id"].unique())
     for trial_id in ranked["trial_id"]:
         if trial_id in with_counts:
             return trial_id
@@ -297,6 +313,8 @@ class SweepReport:
     figures: dict[str, Figure]  # SWEEP_FIGURES' stems -> the Figures saved as <stem>.png beside report.md
 
 
+LINES_ONE_BY_ONE = 200  # learning curves: above this many trials, drawn as one collection of lines
+TRIAL_TICKS = 60  # pair rates: above this many trials, no tick label a trial
 SWEEP_FIGURES = ("pareto", "learning_curves", "confusion_best", "pairs", "importance")  # each saved as <stem>.png
 
 
