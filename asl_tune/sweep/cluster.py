@@ -135,14 +135,47 @@ def check_address(address: str) -> None:
 
 
 def check_storage_visible(address: str | None, folder: Path, storage: str | None, timeout_s: float = 120.0) -> None:
-    """Refuse, in one line, a sweep folder that some node of a joined cluster cannot see, when Ray keeps the sweep's
-    checkpoints in it (no --storage URI, --results not a URI): trials there would error at their first checkpoint.
+    """Refuse, in one line, checkpoint storage that some node of a joined cluster cannot see: the sweep folder (no
+    --storage, --results a folder) or a file:// URI (as --results or --storage), each node's own filesystem.
+    Trials there would error at their first checkpoint, or as they start (Ray checks a file its driver wrote).
 
-    Checked for real: the driver writes a marker file in the folder, a task pinned to each alive node looks for it
-    (no CPU asked, so a busy node answers too), and the marker is removed. A local Ray has one node, on this machine.
+    Checked for real: the driver writes a marker file in the folder (or the nearest folder of the URI's path that
+    exists), a task pinned to each alive node looks for it (no CPU asked, so a busy node answers too), and the
+    marker is removed. A local Ray has one node, on this machine; s3:// and gs:// are the same everywhere.
     """
-    if address is None or storage:
+    if address is None or (storage and not storage.startswith("file://")):
         return
+    where = Path(storage[len("file://"):]) if storage else Path(folder)
+    shown, option = (storage, "--results or --storage") if storage else (str(Path(folder).parent), "--results")
+    existing = next((p for p in [where, *where.parents] if p.is_dir()), None)
+    if existing is None:
+        return  # nowhere to write a marker: Ray reports what it finds
+    try:
+        seen = nodes_seeing(existing, timeout_s)
+    except OSError:  # the folder refuses the marker: Ray reports what it finds
+        return
+    nodes = list(seen)
+    blind = [f"{node['NodeManagerHostname']} ({node['NodeManagerAddress']})" for node, sees in seen.items() if not sees]
+    if blind:
+        raise AslTuneError(
+            f"{option}: {shown} is not visible from {len(blind)} of the cluster's {len(nodes)} nodes: {', '.join(blind)}; "
+            "Ray keeps the trials' checkpoints there, so give a folder every node mounts at the same path (NFS), "
+            "a URI as --results that every node reaches (s3://, gs://, or file:// on such a folder), or --storage URI for the checkpoints"
+        )
+
+
+class _Node(dict):
+    """A node as ray.nodes() describes it, hashable by its id (a key of nodes_seeing's answer)."""
+
+    def __hash__(self) -> int:
+        return hash(self["NodeID"])
+
+
+def nodes_seeing(folder: Path, timeout_s: float = 120.0) -> dict[_Node, bool]:
+    """Each alive node of the running Ray (as ray.nodes() describes it), and whether it sees this machine's `folder`:
+    the driver writes a marker file there, a task pinned to each node looks for it (no CPU asked, so a busy node
+    answers too; a node whose worker cannot start, or that does not answer within timeout_s, does not see it), and
+    the marker is removed. Raises OSError when the folder refuses the marker."""
     import secrets
 
     import ray
@@ -156,26 +189,19 @@ def check_storage_visible(address: str | None, folder: Path, storage: str | None
     marker = Path(folder) / f".asl-tune-visible-{secrets.token_hex(8)}"
     marker.write_bytes(b"")
     try:
-        nodes = [n for n in ray.nodes() if n["Alive"]]
+        nodes = [_Node(n) for n in ray.nodes() if n["Alive"]]
         look = ray.remote(num_cpus=0, max_retries=0)(sees)
         asked = {look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker)): n for n in nodes}
         answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
-        blind = []
+        seen = {}
         for ref, node in asked.items():
             try:
-                seen = ref in answered and ray.get(ref)
+                seen[node] = ref in answered and bool(ray.get(ref))
             except Exception:  # a node whose worker could not start: it cannot be shown the folder either
-                seen = False
-            if not seen:
-                blind.append(f"{node['NodeManagerHostname']} ({node['NodeManagerAddress']})")
+                seen[node] = False
+        return seen
     finally:
         marker.unlink(missing_ok=True)
-    if blind:
-        raise AslTuneError(
-            f"--results: {Path(folder).parent} is not visible from {len(blind)} of the cluster's {len(nodes)} nodes: {', '.join(blind)}; "
-            "Ray keeps the trials' checkpoints there, so give a folder every node mounts at the same path (NFS), "
-            "a URI as --results (s3://, gs://), or --storage URI for the checkpoints"
-        )
 
 
 @contextmanager

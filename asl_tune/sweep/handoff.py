@@ -56,40 +56,25 @@ class Node:
 
 def nodes(local: bool) -> list[Node]:
     """The cluster's alive nodes, and which of them see this machine's cache folder: a local Ray's one node is this
-    machine; on a cluster, a zero-CPU task pinned to each node looks for a marker file the driver writes there."""
+    machine; on a cluster, each node is asked (cluster.nodes_seeing: a marker file the driver writes there)."""
     import ray
 
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    seen = {n["NodeID"]: True for n in alive} if local else _nodes_seeing_cache([n["NodeID"] for n in alive])
+    from asl_tune.sweep.cluster import nodes_seeing
+
+    if local:
+        seen = {n["NodeID"]: True for n in ray.nodes() if n.get("Alive")}
+    else:
+        root = cache_root()
+        root.mkdir(parents=True, exist_ok=True)
+        seen = {n["NodeID"]: sees for n, sees in nodes_seeing(root).items()}
     out = []
-    for n in alive:
+    for n in ray.nodes():
+        if n["NodeID"] not in seen:
+            continue
         r = n.get("Resources", {})
         out.append(Node(n["NodeID"], n.get("NodeManagerAddress", "?"), float(r.get("CPU", 0)), float(r.get("GPU", 0)),
                         float(r.get("memory", 0)) + float(r.get("object_store_memory", 0)), float(r.get("object_store_memory", 0)), seen[n["NodeID"]]))
     return out
-
-
-def _is_file(path: str) -> bool:
-    return Path(path).is_file()
-
-
-def _nodes_seeing_cache(node_ids: list[str]) -> dict[str, bool]:
-    """{node id: whether it sees this machine's cache folder}, from a marker file written there and a task pinned to each node."""
-    import uuid
-
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    marker = root / f".node-probe-{uuid.uuid4().hex}"
-    marker.write_text("asl-tune: is this cache folder shared with the cluster's nodes?\n")
-    try:
-        probe = ray.remote(num_cpus=0)(_is_file)
-        refs = {nid: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False)).remote(str(marker)) for nid in node_ids}
-        return {nid: bool(ray.get(ref, timeout=60)) for nid, ref in refs.items()}
-    finally:
-        marker.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -90,10 +90,15 @@ class SweepState:
     max_concurrent: int | None
     seed: int
     address: str | None
-    runs: list[dict] = field(default_factory=list)  # {"dir", "num_samples", "started", "finished"}
+    runs: list[dict] = field(default_factory=list)  # {"dir", "num_samples", "started", "finished", "errored": [trial ids]}
     storage: str | None = None  # where Ray keeps checkpoints (a URI such as s3://...), else the sweep folder
     tensorboard: bool = False  # trackers the sweep logs to (--tensorboard, --mlflow): kept for resume and --extend
     mlflow: str | None = None
+
+    def resumable(self) -> bool:
+        """Whether `resume` has work: the last run did not finish, or it finished with errored trials, which resume runs
+        again from their last checkpoints (a worker killed for memory, a lost node, a bug since fixed)."""
+        return bool(self.runs) and (not self.runs[-1]["finished"] or bool(self.runs[-1].get("errored")))
 
     def ray_root(self, folder: Path) -> str:
         """The folder or URI that holds this sweep's Ray runs."""
@@ -228,7 +233,7 @@ def exclusive(folder: Path, name: str) -> Iterator[None]:
 
 
 class NothingToResume(Exception):
-    """`asl-tune resume` of a sweep whose every run finished. Not an error: a retry loop, or a requeued Slurm job,
+    """`asl-tune resume` of a sweep whose every run finished, no trial errored. Not an error: a retry loop, or a requeued Slurm job,
     runs `resume` whatever became of the last driver, which may have been killed after the sweep finished. The
     command says so (the message, one line) and succeeds, running and changing nothing (api.resume)."""
 
@@ -251,7 +256,7 @@ class Resumable(NamedTuple):
 
 
 def check_resume(name: str, results: Path | str, address: str | None) -> Resumable:
-    """Validate `asl-tune resume NAME`: the sweep exists and its last run did not finish (else NothingToResume); nothing is created."""
+    """Validate `asl-tune resume NAME`: the sweep exists and has work (SweepState.resumable, else NothingToResume); nothing is created."""
     if is_uri(results):
         open_uri(str(results))  # refuses a scheme pyarrow cannot open
     if not is_plain_name(name):
@@ -263,7 +268,7 @@ def check_resume(name: str, results: Path | str, address: str | None) -> Resumab
         state = SweepState.read(where, f"{shown}/{SWEEP_FILE}")
         if not state.runs:
             raise AslTuneError(f"NAME: sweep {name!r} has nothing to resume: {shown}/{SWEEP_FILE} records no run")
-        if state.runs[-1]["finished"]:
+        if not state.resumable():
             raise NothingToResume(name, sweep, state)
         space = load_space(where / SPACE_FILE)
     address = address or state.address

@@ -147,7 +147,7 @@ def resume_sweep(name: str, results: Path | str = Path("results"), address: str 
     with exclusive(folder, name):
         sweep.pull()  # the record may be at a URI: this machine's copy may be empty or stale
         state = SweepState.read(folder)  # as it stands now that we hold the lock
-        if state.runs[-1]["finished"]:
+        if not state.resumable():
             raise NothingToResume(name, sweep, state)  # another process finished it meanwhile
         run = state.runs[-1]
         earlier = sum(r["num_samples"] for r in state.runs[:-1])
@@ -335,9 +335,10 @@ def _fit(tuner, sweep: SweepFolder, state: SweepState) -> Path:
     if ended < wanted or counts.get("running", 0):
         raise RayFailed(f"sweep {name!r} was interrupted ({ended} of {wanted} trials ended); run `{resume}` to finish it")
     errored = trials[trials["trial_id"].isin(progress.errored_ids(grid))] if len(trials) else trials
-    # A run with errored trials stays open: `resume` runs them again from their last checkpoints (a worker killed for
-    # memory, a lost node, a bug since fixed), as Tune's resume_errored does.
-    state.runs[-1]["finished"] = not len(errored)
+    # A run with errored trials is finished (--extend may follow), and `resume` runs them again from their last
+    # checkpoints (a worker killed for memory, a lost node, a bug since fixed): SweepState.resumable.
+    state.runs[-1]["finished"] = True
+    state.runs[-1]["errored"] = sorted(errored["trial_id"]) if len(errored) else []
     state.runs[-1]["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     state.write(folder)
     sweep.sync(final=True)
