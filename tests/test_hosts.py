@@ -34,6 +34,10 @@ ADDRESS = f"{netns.SUBNET}.1:6379"
 # a host cut off is declared dead after about 3 s instead of Ray's 64 s of defaults.
 HEALTH_CHECK = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 PARAMS = {"head_width": {"type": "categorical", "choices": [16, 24, 32]}}
+# On h2 and h3 only (their Ray nodes' environment, which their workers inherit), a trial of head width 40 waits after
+# its first epoch until its host goes down: the lost-host test's trials are there, checkpointed, when it strikes.
+HOLD_ON_WORKERS = {"ASL_TUNE_FAULT": "hold@1:head_width=40"}
+LOST_PARAMS = {"head_width": {"type": "categorical", "choices": [40]}}
 
 
 @dataclass
@@ -75,7 +79,7 @@ def cluster(tmp_path_factory):
         c = Cluster(hosts, root, token)
         wait_for(lambda: "Ray runtime started" in (logs / "h1.log").read_text(), 180, what="the head node on h1")
         for host in hosts[1:]:
-            host.run([RAY, "start", f"--address={ADDRESS}", f"--node-ip-address={host.ip}", *common], env=token, stdout=open(logs / f"{host.name}.log", "w"), stderr=subprocess.STDOUT)
+            host.run([RAY, "start", f"--address={ADDRESS}", f"--node-ip-address={host.ip}", *common], env={**token, **HOLD_ON_WORKERS}, stdout=open(logs / f"{host.name}.log", "w"), stderr=subprocess.STDOUT)
         wait_for(lambda: len(c.ids()) == 3, 180, what="h2 and h3 to join")
         yield c
 
@@ -93,9 +97,9 @@ def running(proc: subprocess.Popen) -> bool:
     return True
 
 
-def space(cluster: Cluster, name: str, trials: int, epochs: int) -> str:
+def space(cluster: Cluster, name: str, trials: int, epochs: int, params: dict = PARAMS) -> str:
     """A tiny space written to the shared folder (so the path is the same inside h1), as h1 sees it."""
-    write_space(cluster.root / "nfs" / f"{name}.yaml", trials, params=PARAMS, fixed={"epochs": epochs}, early_stopping=False)
+    write_space(cluster.root / "nfs" / f"{name}.yaml", trials, params=params, fixed={"epochs": epochs}, early_stopping=False)
     return f"{netns.SHARED}/{name}.yaml"
 
 
@@ -109,12 +113,25 @@ def test_results_on_the_shared_folder_trials_run_over_the_hosts(cluster):
 
 
 def test_a_uri_as_results_works_with_every_hosts_tmp_private(cluster):
-    """file:///tmp/uri is each host's own /tmp: the driver keeps its working copy and the checkpoints go by URI."""
-    args = ["sweep", "--space", space(cluster, "uri", 3, 1), "--data", "/tmp/data", "--results", "file:///tmp/uri", "--address", ADDRESS]
+    """A file:// URI on the shared folder as --results: the driver's working copy is in h1's own /tmp (its cache),
+    the results and Ray's checkpoints go by URI."""
+    args = ["sweep", "--space", space(cluster, "uri", 3, 1), "--data", "/tmp/data", "--results", f"file://{netns.SHARED}/uri", "--address", ADDRESS]
     rc, _, err = finish(cluster.driver(args), 600)
     assert rc == 0, err[-3000:]
-    trials, _ = assert_consistent(cluster.hosts[0].tmp / "uri" / "uri", 3)  # h1's /tmp/uri/uri
+    trials, _ = assert_consistent(cluster.root / "nfs" / "uri" / "uri", 3)
     assert set(trials["status"]) == {"completed"}
+    assert list((cluster.hosts[0].tmp / "cache" / "sweeps").glob("*/uri/sweep.json"))  # the working copy: h1's private /tmp
+
+
+def test_a_file_uri_on_a_folder_the_other_hosts_cannot_see_is_refused_before_decoding(cluster):
+    """file:///tmp/private-uri is each host's own /tmp: Ray would refuse the trials on h2 and h3 as they start."""
+    args = ["sweep", "--space", space(cluster, "private-uri", 2, 1), "--data", "/tmp/data", "--results", "file:///tmp/private-uri", "--address", ADDRESS]
+    rc, _, err = finish(cluster.driver(args, env={"ASL_TUNE_CACHE": "/tmp/cache-private-uri"}), 300)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("asl-tune: error: --results or --storage: file:///tmp/private-uri is not visible from 2 of the cluster's 3 nodes: "), lines
+    assert "h2 (198.18.0.2)" in lines[0] and "h3 (198.18.0.3)" in lines[0]
+    assert not (cluster.hosts[0].tmp / "private-uri" / "private-uri").exists()
 
 
 def test_a_results_folder_the_other_hosts_cannot_see_is_refused_before_decoding(cluster):
@@ -149,12 +166,13 @@ def test_a_driver_without_the_token_is_refused_in_one_line_before_decoding(clust
 
 
 def test_a_host_killed_and_a_host_cut_off_mid_trial_move_their_trials_to_the_head_from_their_checkpoints(cluster):
-    """h3 is killed (all its processes at once) and h2's cable is pulled while each runs a trial past its first
-    epoch; Ray's shortened health check declares them dead, and Tune retries their trials on h1 from their last
-    checkpoints: exactly 3 trials, each with epochs 1..4, none trained again from the start."""
+    """h3 is killed (all its processes at once) and h2's cable is pulled while each holds a trial after its first
+    epoch (HOLD_ON_WORKERS; one trial per host, each has one CPU); Ray's shortened health check declares them dead,
+    and Tune retries their trials on h1 from their last checkpoints: exactly 3 trials, each with epochs 1..4, none
+    trained again from the start."""
     folder = cluster.root / "nfs" / "results" / "lost"
     ids = cluster.ids()
-    args = ["sweep", "--space", space(cluster, "lost", 3, 4), "--data", "/tmp/data", "--results", f"{netns.SHARED}/results", "--address", ADDRESS]
+    args = ["sweep", "--space", space(cluster, "lost", 3, 4, LOST_PARAMS), "--data", "/tmp/data", "--results", f"{netns.SHARED}/results", "--address", ADDRESS]
     driver = cluster.driver(args)
     try:
         def past_first_epoch(host: str) -> set[str]:
