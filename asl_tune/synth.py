@@ -31,6 +31,7 @@ DEFAULT_PER_CLASS = 100  # frames per class in the embedded default dataset (2,9
 DEFAULT_SEED = 0
 DEFAULT_IMAGE_PX = 200  # the real dataset's side
 RENDER_WORKERS = 2
+RENDER_CHUNK = 8  # images per task handed to a render worker: a worker waits on its next task once per chunk
 
 TRAIN_SUBDIR = Path("asl_alphabet_train") / "asl_alphabet_train"
 TEST_SUBDIR = Path("asl_alphabet_test") / "asl_alphabet_test"
@@ -414,6 +415,13 @@ def _render_to_file(task: tuple[str, int, int, int, int, str]) -> None:
     Path(path).write_bytes(buffer.getvalue())
 
 
+def _render_files(tasks: list[tuple[str, int, int, int, int, str]]) -> int:
+    """Worker: render a chunk of tasks to their files; return how many."""
+    for task in tasks:
+        _render_to_file(task)
+    return len(tasks)
+
+
 def _validate(per_class: int, seed: int, image_px: int) -> None:
     if per_class < 1:
         raise AslTuneError(f"--per-class: must be >= 1, got {per_class}")
@@ -428,8 +436,9 @@ def _run_tasks(tasks: list[tuple], progress: bool) -> None:
     rewritten in place on a terminal, plain lines every few seconds in a log or a pipe)."""
     bar = Progress("rendering synthetic ASL dataset", len(tasks), progress)
     # Worker processes that never re-run the caller's __main__ (asl_tune.workers says why).
-    for _ in run_in_workers(_render_to_file, tasks, RENDER_WORKERS):
-        bar.update(1)
+    chunks = [tasks[s : s + RENDER_CHUNK] for s in range(0, len(tasks), RENDER_CHUNK)]
+    for _, done in run_in_workers(_render_files, chunks, RENDER_WORKERS):
+        bar.update(done)
 
 
 def _render_into(tmp: Path, per_class: int, seed: int, image_px: int, progress: bool, classes: tuple[str, ...]) -> None:

@@ -74,7 +74,11 @@ def _start() -> subprocess.Popen:
 
 
 def _give(proc: subprocess.Popen, fn: Callable, todo: deque, busy: dict) -> None:
-    """Send the worker the next task, if any is left (one at a time: a worker's pipe never holds two)."""
+    """Send the worker the next task, if any is left.
+
+    One task at a time: its answer is then the only frame in its pipe, so reading it never buffers the next
+    one out of select's sight, and no pipe fills while the other end waits (callers hand out chunks of work,
+    so the round trip is small beside a task)."""
     if todo:
         busy[proc] = todo.popleft()
         _send(proc, (fn, busy[proc]))
