@@ -19,7 +19,8 @@ from asl_tune.analysis.compute import (
     summary,
 )
 from asl_tune.errors import AslTuneError
-from asl_tune.analysis.report import SWEEP_FIGURES, analyze
+from asl_tune.analysis.figures import SWEEP_FIGURES
+from asl_tune.analysis.report import analyze
 from asl_tune.results import ResultsStore, trial_row, write_atomic
 
 MAX2 = [("val_accuracy", "max"), ("infer_img_per_s", "max")]

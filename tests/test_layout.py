@@ -31,7 +31,7 @@ def imports(tree: ast.AST, top_level_only: bool) -> list[str]:
 def test_the_layout_shows_the_stages():
     assert sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__")) == sorted(CORE)
     assert {p.stem for p in (PACKAGE / "sweep").glob("*.py")} >= {"space", "request", "run", "trainable", "recorder", "cluster", "study", "mirror"}
-    assert {p.stem for p in (PACKAGE / "analysis").glob("*.py")} >= {"compute", "report"}
+    assert {p.stem for p in (PACKAGE / "analysis").glob("*.py")} >= {"compute", "figures", "report"}
 
 
 @pytest.mark.parametrize("module", CORE)

@@ -1,9 +1,8 @@
-"""A sweep's report: plots and Markdown from `asl_tune.analysis`'s numbers, written next to the results.
+"""A sweep's report: report.md and its tables from `asl_tune.analysis.compute`'s numbers, beside the figures
+`asl_tune.analysis.figures` draws from them, written next to the results.
 
-Each `plot_*` function draws on a matplotlib Axes it is given and never shows or saves anything;
-`sweep_figures` and `comparison_figure` lay them out as Figures, which the report saves and `Analysis` keeps
-for a notebook. `analyze` (what `asl-tune analyze` and `asl_tune.analyze` run) reads the sweeps, computes,
-draws and writes
+`analyze` (what `asl-tune analyze` and `asl_tune.analyze` run) reads the sweeps, computes, has the figures
+drawn (`Analysis` keeps them for a notebook) and writes
 
     <results>/<name>/report/  report.md, pareto_front.parquet, importance.parquet,
                               pareto.png, learning_curves.png, confusion_best.png, pairs.png, importance.png
@@ -23,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-import numpy as np
 import pandas as pd
 
-from asl_tune.alphabet import ASL_CLASSES, WATCH_PAIRS
+from asl_tune.alphabet import WATCH_PAIRS
 from asl_tune.analysis.compute import (
     DEFAULT_OBJECTIVES,
     MODES,
@@ -43,22 +41,21 @@ from asl_tune.analysis.compute import (
     load_sweep,
     local_results,
     most_accurate,
-    numeric_trials,
     pair_summary,
     param_importance,
     pareto_front,
     reference_point,
     summary,
 )
-from asl_tune.analysis.speed import FIGURES, UNDER_LOAD, SpeedOn, use_speed
+from asl_tune.analysis.figures import LABEL_PARAMS, comparison_figure, format_value, sweep_figures
+from asl_tune.analysis.speed import UNDER_LOAD, SpeedOn, use_speed
 from asl_tune.errors import AslTuneError
 from asl_tune.sweep.mirror import is_uri
-from asl_tune.results import FINISHED, FRAME_BUDGET_MS, PAIR_PREFIX, PARAM_PREFIX, confusion_counts, write_atomic
+from asl_tune.results import FRAME_BUDGET_MS, PARAM_PREFIX, write_atomic
 
 REPORT_DIR = "report"
 FRONT_FILE = "pareto_front.parquet"
 IMPORTANCE_FILE = "importance.parquet"
-LABEL_PARAMS = ("head_width", "lr", "data_fraction")  # what a point on the front is labelled with
 WORST_PAIRS = 4  # pairs beyond the watch-list shown in pairs.png: the sweep's most confused
 
 if TYPE_CHECKING:
@@ -66,183 +63,7 @@ if TYPE_CHECKING:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plots: each draws on the Axes it is given
-
-
-def _label(row: pd.Series) -> str:
-    """A front point's label: head width, lr and data fraction, as far as the sweep recorded them."""
-    parts = []
-    for name, short in zip(LABEL_PARAMS, ("h", "lr ", "frac ")):
-        value = row.get(PARAM_PREFIX + name)
-        if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            parts.append(f"{short}{_fmt(value)}")
-    return " ".join(parts) or str(row["trial_id"])
-
-
-def plot_pareto(ax, trials: pd.DataFrame, front: pd.DataFrame, objectives: Objectives, label: str | None = None, color: str = "C0", speed_label: str = "") -> None:
-    """Every trial faded, the front highlighted and labelled; x is the second objective (the trial's index with one).
-
-    speed_label (Sweep.speed_label) goes under an axis that is a speed figure: where it was measured.
-    """
-    objectives = list(objectives)
-    frame = numeric_trials(trials)
-    y_metric = objectives[0][0]
-    x_metric = objectives[1][0] if len(objectives) > 1 else None
-    prefix = f"{label}: " if label else ""
-
-    def xs(df: pd.DataFrame):
-        return df[x_metric] if x_metric else df["trial_id"].map({t: i for i, t in enumerate(frame["trial_id"])})
-
-    done = finished(frame)
-    others = frame[~frame["status"].isin(FINISHED)]
-    ax.scatter(xs(done), done[y_metric], color=color, alpha=0.25, s=25, label=f"{prefix}finished trials")
-    if others[y_metric].notna().any():
-        ax.scatter(xs(others), others[y_metric], color="grey", marker="x", alpha=0.5, s=25, label=f"{prefix}not finished")
-    if len(front):
-        fx, fy = xs(front), front[y_metric]
-        ax.scatter(fx, fy, color=color, s=60, edgecolor="black", zorder=3, label=f"{prefix}Pareto front ({len(front)})")
-        if x_metric and len(objectives) == 2:
-            order = np.argsort(fx.to_numpy(), kind="stable")
-            ax.step(fx.to_numpy()[order], fy.to_numpy()[order], where="pre" if objectives[1][1] == "max" else "post", color=color, alpha=0.8)
-        for (_, row), x, y in zip(front.iterrows(), fx, fy):
-            ax.annotate(_label(row), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
-    ax.set_xlabel(_axis_label(x_metric, objectives[1][1], speed_label) if x_metric else "trial")
-    ax.set_ylabel(_axis_label(y_metric, objectives[0][1], speed_label))
-    title = "Pareto front" + (f" (first two of {len(objectives)} objectives)" if len(objectives) > 2 else "")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-
-
-def _axis_label(metric: str, mode: str, speed_label: str) -> str:
-    """An objective's axis label; a speed figure's also says where it was measured."""
-    return f"{metric} ({mode})" + (f"\n{speed_label}" if metric in FIGURES and speed_label else "")
-
-
-def plot_secondary(ax, trials: pd.DataFrame) -> None:
-    """val_accuracy of the finished trials against their parameter count (or train_seconds when that never varies)."""
-    frame = finished(numeric_trials(trials)).dropna(subset=["val_accuracy"])
-    x_metric = "n_parameters" if frame["n_parameters"].nunique() > 1 else "train_seconds"
-    points = frame.dropna(subset=[x_metric])
-    colors = ["C1" if s == "stopped_early" else "C0" for s in points["status"]]
-    ax.scatter(points[x_metric], points["val_accuracy"], c=colors, s=30)
-    ax.scatter([], [], c="C0", label="completed")
-    ax.scatter([], [], c="C1", label="stopped early")
-    ax.set_xlabel(x_metric)
-    ax.set_ylabel("val_accuracy")
-    ax.set_title(f"Accuracy against {x_metric}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-
-
-def plot_learning_curves(ax, trials: pd.DataFrame, epochs: pd.DataFrame) -> None:
-    """val_accuracy against images seen, one line per trial; early-stopped trials dashed and ending in an x."""
-    status = dict(zip(trials["trial_id"], trials["status"]))
-    frame = epochs.copy()
-    for column in ("epoch", "val_accuracy", "images_seen"):
-        frame[column] = pd.to_numeric(frame[column], errors="coerce")
-    x_metric = "images_seen" if frame["images_seen"].notna().any() else "epoch"
-    ids = sorted(frame["trial_id"].unique(), key=str)
-    by_trial = dict(tuple(frame.sort_values("epoch", kind="stable").groupby("trial_id", sort=False)))  # one pass: a filter per trial was O(trials x rows)
-    curves, ends = [], []
-    for i, trial_id in enumerate(ids):
-        rows = by_trial[trial_id]
-        stopped = status.get(trial_id) == "stopped_early"
-        color = f"C{i % 10}"
-        if len(ids) <= LINES_ONE_BY_ONE:
-            ax.plot(rows[x_metric], rows["val_accuracy"], linestyle="--" if stopped else "-", marker=".", color=color, label=str(trial_id) if len(ids) <= 12 else None)
-        else:
-            curves.append((np.column_stack([rows[x_metric], rows["val_accuracy"]]), "--" if stopped else "-", color))
-        if stopped and rows["val_accuracy"].notna().any():
-            last = rows.dropna(subset=["val_accuracy"]).iloc[-1]
-            ends.append((last[x_metric], last["val_accuracy"], color))
-    if curves:  # thousands of trials: one collection of lines, drawn in one go (an Axes line each took minutes to save)
-        from matplotlib.collections import LineCollection
-
-        ax.add_collection(LineCollection([c for c, _, _ in curves], colors=[k for _, _, k in curves], linestyles=[s for _, s, _ in curves], linewidths=0.5))
-        ax.autoscale_view()
-    if ends:
-        ax.scatter([x for x, _, _ in ends], [y for _, y, _ in ends], marker="x", s=100 if len(ids) <= LINES_ONE_BY_ONE else 10, c=[k for _, _, k in ends], zorder=3)
-    ax.plot([], [], "k--x", label="stopped early")
-    ax.set_xlabel(x_metric.replace("_", " "))
-    ax.set_ylabel("val_accuracy")
-    ax.set_title("Learning curves")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-
-
-def plot_confusion(ax, confusion: pd.DataFrame, classes: Sequence[str]) -> None:
-    """One trial's confusion matrix, each row divided by its support, with the watch-list cells outlined in red."""
-    from matplotlib.patches import Rectangle
-
-    counts = confusion_counts(confusion, classes).astype(float)
-    support = counts.sum(axis=1, keepdims=True)
-    rates = np.divide(counts, support, out=np.zeros_like(counts), where=support > 0)
-    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(classes)), classes, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for true, pred in WATCH_PAIRS:
-        if true in classes and pred in classes:
-            t, p = list(classes).index(true), list(classes).index(pred)
-            ax.add_patch(Rectangle((p - 0.5, t - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
-            ax.annotate(f"{rates[t, p]:.0%}", (p, t), ha="center", va="center", fontsize=5, color="red")
-    ax.set_title("Confusion, row-normalised (red: watch-list pairs)")
-
-
-def plot_pairs(ax, rates: pd.DataFrame, columns: Sequence[str]) -> None:
-    """The given pair columns of `rates` (one row per trial, as `finished_pair_rates` gives) across the trials, in id order; watch-list pairs solid."""
-    frame = rates.dropna(subset=list(columns), how="all").sort_values("trial_id", key=lambda ids: ids.astype(str), kind="stable") if columns else rates.iloc[0:0]
-    if frame.empty:
-        ax.text(0.5, 0.5, "no confusion-pair rates recorded", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-        return
-    watch_list = {f"{PAIR_PREFIX}{a}_as_{b}" for a, b in WATCH_PAIRS}
-    x = np.arange(len(frame))
-    for column in columns:
-        watch = column in watch_list
-        name = column[len(PAIR_PREFIX) :].replace("_as_", "->")
-        ax.plot(x, frame[column], marker="o" if watch else "s", linestyle="-" if watch else ":", label=name + ("" if watch else " (worst)"))
-    if len(frame) <= TRIAL_TICKS:
-        ax.set_xticks(x, [str(t) for t in frame["trial_id"]], rotation=45, ha="right", fontsize=7)
-    else:  # a label a trial at thousands of trials is unreadable, and laying them out took minutes
-        ax.set_xlabel(f"trials in id order ({len(frame):,})")
-    ax.set_ylabel("share of the true class predicted as the other")
-    ax.set_ylim(bottom=0)
-    ax.set_title("Confusion-pair rates across trials")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-
-
-def plot_importance(ax, importance: pd.DataFrame, note: str = "") -> None:
-    """Horizontal bars of parameter importance, the most important on top; `note` instead when the frame is empty."""
-    if importance.empty:
-        ax.text(0.5, 0.5, f"not computed: {note}" if note else "not computed", ha="center", va="center", wrap=True, transform=ax.transAxes)
-        ax.set_axis_off()
-        return
-    ordered = importance.iloc[::-1]
-    ax.barh(ordered["param"], ordered["importance"], color="C2")
-    ax.set_xlabel("importance (PED-ANOVA, sums to 1)")
-    ax.set_xlim(0, 1)
-    ax.grid(True, axis="x", alpha=0.3)
-
-
-# ---------------------------------------------------------------------------------------------
 # Markdown
-
-
-def _fmt(value) -> str:
-    """A table cell: floats to 4 significant figures, booleans as yes/no, missing as n/a."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return f"{value:,.0f}" if value.is_integer() and abs(value) >= 1e4 else f"{value:.4g}"  # parameter counts in full
-    return str(value)
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -250,7 +71,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
     headers = [c[len(PARAM_PREFIX) :] if c.startswith(PARAM_PREFIX) else c for c in frame.columns]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |")
+        lines.append("| " + " | ".join(format_value(v).replace("|", "\\|") for v in row) + " |")
     return "\n".join(lines)
 
 
@@ -260,7 +81,7 @@ def _thirty_fps(row: pd.Series) -> str:
     if p95 is None or (isinstance(p95, float) and math.isnan(p95)):
         return "unknown (no batch-1 latency recorded)"
     verdict = "yes" if p95 <= FRAME_BUDGET_MS else "no"
-    return f"{verdict}: batch-1 latency p95 {p95:.1f} ms against a {FRAME_BUDGET_MS:.1f} ms frame (p50 {_fmt(row.get('latency_ms_p50'))} ms)"
+    return f"{verdict}: batch-1 latency p95 {p95:.1f} ms against a {FRAME_BUDGET_MS:.1f} ms frame (p50 {format_value(row.get('latency_ms_p50'))} ms)"
 
 
 def _config_table(row: pd.Series) -> pd.DataFrame:
@@ -270,19 +91,11 @@ def _config_table(row: pd.Series) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures and reports
+# Reports
 
 
 def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=100)  # constrained layout already fits the labels: no second, "tight" draw
-
-
-def _figure(width: float, height: float, ncols: int = 1):
-    """A Figure not registered with pyplot (nothing to show or close) and its Axes."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    return fig, list(fig.subplots(1, ncols, squeeze=False)[0])
 
 
 def _confusion_trial(sweep: Sweep, ranked: pd.DataFrame) -> str | None:
@@ -292,12 +105,6 @@ def _confusion_trial(sweep: Sweep, ranked: pd.DataFrame) -> str | None:
         if trial_id in with_counts:
             return trial_id
     return None
-
-
-def _classes(confusion: pd.DataFrame) -> list[str]:
-    """The class labels the counts name, in ASL order (A..Z, del, nothing, space), then any others sorted."""
-    labels = set(confusion["true_label"]) | set(confusion["pred_label"])
-    return [c for c in ASL_CLASSES if c in labels] + sorted(labels - set(ASL_CLASSES))
 
 
 @dataclass
@@ -311,11 +118,6 @@ class SweepReport:
     top: pd.DataFrame
     report: Path
     figures: dict[str, Figure]  # SWEEP_FIGURES' stems -> the Figures saved as <stem>.png beside report.md
-
-
-LINES_ONE_BY_ONE = 200  # learning curves: above this many trials, drawn as one collection of lines
-TRIAL_TICKS = 60  # pair rates: above this many trials, no tick label a trial
-SWEEP_FIGURES = ("pareto", "learning_curves", "confusion_best", "pairs", "importance")  # each saved as <stem>.png
 
 
 def write_sweep_report(sweep: Sweep, objectives: Objectives, reference: Sequence[float] | None = None, top: int = 5) -> SweepReport:
@@ -344,43 +146,13 @@ def write_sweep_report(sweep: Sweep, objectives: Objectives, reference: Sequence
     return SweepReport(sweep, front, volume, reference, ranked.head(top), out / "report.md", figures)
 
 
-def sweep_figures(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, confusion_id: str | None, pair_rates: pd.DataFrame, pair_columns: list[str], importances: dict) -> dict:
-    """One sweep's report plots as matplotlib Figures keyed by SWEEP_FIGURES' stems: drawn, never shown or saved."""
-    trials = sweep.trials
-    figures = {}
-    figures["pareto"], (left, right) = _figure(12, 5, ncols=2)
-    plot_pareto(left, trials, front, objectives, speed_label=sweep.speed_label)
-    plot_secondary(right, trials)
-
-    figures["learning_curves"], [ax] = _figure(8, 5)
-    plot_learning_curves(ax, trials, sweep.epochs)
-
-    figures["confusion_best"], [ax] = _figure(9, 8)
-    if confusion_id is None:
-        ax.text(0.5, 0.5, "no trial has confusion counts yet", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-    else:
-        rows = sweep.confusion[sweep.confusion["trial_id"] == confusion_id]
-        plot_confusion(ax, rows, _classes(rows))
-        ax.set_title(f"{confusion_id}: " + ax.get_title())
-
-    figures["pairs"], [ax] = _figure(9, 5)
-    plot_pairs(ax, pair_rates, pair_columns)
-
-    figures["importance"], axes = _figure(5 * len(objectives), 4, ncols=len(objectives))
-    for ax, (objective, table) in zip(axes, importances.items()):
-        plot_importance(ax, table, note=importance_problem(trials, objective) or "")
-        ax.set_title(f"Importance for {objective[0]}")
-    return figures
-
-
 def _sweep_markdown(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, volume: float, reference: list[float], ranked: pd.DataFrame, top: int, confusion_id: str | None, importances: dict, pairs_note: str) -> str:
     """report.md of one sweep: every table, the figures linked relatively, the best trial in full."""
     trials = sweep.trials
     counts = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in trials["status"].value_counts().items())
     best = trials[trials["trial_id"] == ranked.iloc[0]["trial_id"]].iloc[0]
     accurate = most_accurate(trials, objectives)
-    ref_text = ", ".join(f"{m} = {_fmt(r)}" for (m, _), r in zip(objectives, reference))
+    ref_text = ", ".join(f"{m} = {format_value(r)}" for (m, _), r in zip(objectives, reference))
     under_load = [UNDER_LOAD + m for m, _ in objectives if UNDER_LOAD + m in front.columns]  # beside figures measured alone
     front_columns = ["trial_id", "status", *[m for m, _ in objectives], *under_load, *[PARAM_PREFIX + p for p in LABEL_PARAMS if PARAM_PREFIX + p in front.columns]]
     lines = [
@@ -440,11 +212,11 @@ def _best_trial_lines(best: pd.Series, sweep: Sweep) -> list[str]:
         f"## Best trial: {best['trial_id']}",
         "",
         f"- status: {best['status']}",
-        f"- val accuracy: {_fmt(best['val_accuracy'])}, test accuracy: {_fmt(best['test_accuracy'])}",
-        "- external accuracy: " + (_fmt(best["external_accuracy"]) if pd.notna(best["external_accuracy"]) else "no external set attached"),
+        f"- val accuracy: {format_value(best['val_accuracy'])}, test accuracy: {format_value(best['test_accuracy'])}",
+        "- external accuracy: " + (format_value(best["external_accuracy"]) if pd.notna(best["external_accuracy"]) else "no external set attached"),
         f"- keeps up with 30 fps video at batch 1 ({sweep.speed_label}): {_thirty_fps(best)}",
-        f"- inference ({sweep.speed_label}): {_fmt(best['infer_img_per_s'])} img/s at batch 64{_under_load(best)}",
-        f"- size: {_fmt(best['n_parameters'])} parameters, {_fmt(best.get('flops_per_image'))} FLOPs per image (forward); trained {_fmt(best['train_seconds'])} s on {_fmt(best.get('device'))}",
+        f"- inference ({sweep.speed_label}): {format_value(best['infer_img_per_s'])} img/s at batch 64{_under_load(best)}",
+        f"- size: {format_value(best['n_parameters'])} parameters, {format_value(best.get('flops_per_image'))} FLOPs per image (forward); trained {format_value(best['train_seconds'])} s on {format_value(best.get('device'))}",
         "- weights: " + (_weights(best["checkpoint"], sweep) if pd.notna(best.get("checkpoint")) else "no checkpoint recorded"),
         "",
         markdown_table(_config_table(best)),
@@ -455,7 +227,7 @@ def _best_trial_lines(best: pd.Series, sweep: Sweep) -> list[str]:
 def _under_load(row: pd.Series) -> str:
     """The trial's own throughput figure, taken during training, where the speed columns hold figures measured alone."""
     taken = row.get(UNDER_LOAD + "infer_img_per_s")
-    return f" (during training, under load: {_fmt(taken)} img/s)" if taken is not None else ""
+    return f" (during training, under load: {format_value(taken)} img/s)" if taken is not None else ""
 
 
 def _importance_lines(trials: pd.DataFrame, importances: dict) -> list[str]:
@@ -466,7 +238,7 @@ def _importance_lines(trials: pd.DataFrame, importances: dict) -> list[str]:
         lines += [f"### {objective[0]} ({objective[1]})", "", markdown_table(table) if problem is None else f"Not computed: {problem}.", ""]
     held = fixed_params(finished(trials))
     if held:
-        lines += ["Held at one value in every finished trial: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in held.items()) + ".", ""]
+        lines += ["Held at one value in every finished trial: " + ", ".join(f"{k} = {format_value(v)}" for k, v in held.items()) + ".", ""]
     return lines
 
 
@@ -516,15 +288,6 @@ def _pairs_note(pairs: PairRates, table: pd.DataFrame) -> str:
     return note + "\n\n" + markdown_table(rows)
 
 
-def comparison_figure(reports: list[SweepReport], objectives: Objectives) -> Figure:
-    """The sweeps' Pareto fronts overlaid on one plot, a colour per sweep: drawn, never shown or saved."""
-    fig, [ax] = _figure(9, 6)
-    for i, r in enumerate(reports):
-        plot_pareto(ax, r.sweep.trials, r.front, objectives, label=r.sweep.name, color=f"C{i % 10}", speed_label=r.sweep.speed_label)
-    ax.set_title("Pareto fronts, overlaid")
-    return fig
-
-
 def write_comparison_report(reports: list[SweepReport], objectives: Objectives, fronts: Figure, out: Path, top: int = 5) -> Path:
     """One page comparing sweeps: their fronts overlaid on one plot (comparison_figure's), a row per sweep, the best trials of all."""
     out.mkdir(parents=True, exist_ok=True)
@@ -540,7 +303,7 @@ def write_comparison_report(reports: list[SweepReport], objectives: Objectives, 
     combined = combined.sort_values(metrics, ascending=[mode == "min" for _, mode in objectives], na_position="last", kind="stable").head(top)
     combined = combined[["sweep", *[c for c in combined.columns if c != "sweep"]]]
     links = [f"- [{r.sweep.name}]({Path('..', '..', r.sweep.name, REPORT_DIR, 'report.md').as_posix()})" for r in reports]
-    ref_text = ", ".join(f"{m} = {_fmt(v)}" for (m, _), v in zip(objectives, reports[0].reference))
+    ref_text = ", ".join(f"{m} = {format_value(v)}" for (m, _), v in zip(objectives, reports[0].reference))
     text = "\n".join(
         [
             f"# Sweep comparison: {', '.join(r.sweep.name for r in reports)}",
@@ -580,12 +343,12 @@ def terminal_summary(reports: list[SweepReport], objectives: Objectives, shown: 
         accurate = most_accurate(trials, objectives)
         lines.append(f"{r.sweep.name}: {len(trials)} trials, {len(finished(trials))} finished; objectives {describe_objectives(objectives)}")
         for _, row in r.top.head(shown).iterrows():
-            values = "  ".join(f"{m} {_fmt(row[m])}" for m, _ in objectives)
+            values = "  ".join(f"{m} {format_value(row[m])}" for m, _ in objectives)
             lines.append(f"  {row['trial_id']}  {values}" + ("  [front]" if row["on_front"] else ""))
         lines.append(f"  speed: {r.sweep.speed_label}")
         lines.append(f"  front: {len(r.front)} trial{'' if len(r.front) == 1 else 's'}, hypervolume {r.hypervolume:.6g}")
         if accurate is not None:
-            lines.append(f"  most accurate: {accurate['trial_id']} (val_accuracy {_fmt(accurate['val_accuracy'])})")
+            lines.append(f"  most accurate: {accurate['trial_id']} (val_accuracy {format_value(accurate['val_accuracy'])})")
         if len(r.top) and "checkpoint" in trials.columns:
             weights = trials.loc[trials["trial_id"] == r.top.iloc[0]["trial_id"], "checkpoint"].dropna()
             if len(weights):
@@ -647,6 +410,6 @@ def analyze(names: Sequence[str], results: Path, objectives: Objectives | None =
     text = terminal_summary(reports, objectives)
     if len(reports) == 1:
         return Analysis(reports, reports[0].report, text)
-    fronts = comparison_figure(reports, objectives)
+    fronts = comparison_figure([r.sweep for r in reports], [r.front for r in reports], objectives)
     path = write_comparison_report(reports, objectives, fronts, comparison_folder(results, names))
     return Analysis(reports, path, f"{text}\ncomparison: {path}", fronts)
