@@ -61,6 +61,8 @@ def run_in_workers(fn: Callable[[T], R], tasks: Iterable[T], workers: int) -> It
                     proc = key.data
                     task, value = busy.pop(proc), _answer(proc)
                     _give(proc, fn, todo, busy)
+                    if proc not in busy:  # nothing left for it: its end of file, when it exits, is no answer
+                        ready.unregister(proc.stdout)
                     yield task, value
             finished = True
         finally:
