@@ -83,7 +83,7 @@ def test_a_sweep_joins_a_two_node_cluster_started_outside_it_whose_nodes_lack_as
     data = make_dataset(tmp_path / "data", per_class=30, size=32)
     port = free_port()
     address = f"127.0.0.1:{port}"
-    # Token authentication, Ray's default for a cluster it starts: every process is given the same token.
+    # Token authentication, which Ray 2.60 uses only when given a token (else it warns and lets anyone join): every process gets the same one.
     for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}.items():
         monkeypatch.setenv(key, value)
     absent = tmp_path / "nodes-site" / "asl_tune"
