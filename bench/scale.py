@@ -18,23 +18,36 @@ as Tune takes them):
          backend ("optuna_journal": a lock and an fsync per change) and the SQLite study.db ("sqlite") of
          sweeps made before study.log. Then what Tune keeps of a trial for the whole sweep ("tune_trial_kb":
          1,000 of its Trial objects fed the made-up reports, whole and as asl-tune's DropRecordedParts leaves
-         them).
+         them). Then reading the folder it wrote, as a finished sweep's: `read_trials` before and after the
+         driver's compaction (results.compact) and the time that takes, `asl_tune.load` after it, and
+         `asl_tune.analyze` after it in a process of its own (its wall time and peak RSS; speeds as trained).
+  bookkeeping  (--bookkeeping, instead of the stack part) Ray Tune's own bookkeeping release test on this
+         machine (ray-project/ray, release/tune_tests/scalability_tests/workloads/test_bookkeeping_overhead.py):
+         at each N in --sizes, N trials of 1 s each (one report, then a 1-s sleep; no torch), one CPU each,
+         so theory is N / CPUs seconds; asl-tune's whole stack ("asl_tune": TPE on the study journal, the
+         recorder and its progress lines, ASHA off) and bare Tune as Ray's test sets it up ("bare_tune": its
+         trainable's config, the default searcher, reuse_actors=True, Tune's own loggers on, a save every
+         100 s), in one Ray instance. The ratios are each wall time over theory.
 
 The made-up reports have the trainer's keys and sizes (on the last epoch, the 29 x 29 confusion matrix and
 the per-class rates), so the recorder writes all four tables and Tune keeps what it would of a real trial.
 
     python bench/scale.py --json                                          # N = 100, and the micro bench at 10,000 trials x 20 epochs
     python bench/scale.py --sizes 100 1000 --no-mirror --micro-trials 0 --json  # N = 100 and 1,000, bare Tune in the same run
+    python bench/scale.py --bookkeeping --sizes 100 --micro-trials 0 --json     # Ray's bookkeeping test shape at N = 100
+    python bench/scale.py --no-stack --json                                     # the micro bench and the reading of its folder only
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -73,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-mirror", action="store_true", help="skip the setting with the mirror to a file:// URI")
     p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), help="which settings of the stack part to run (default: all; e.g. --settings asl_tune --sizes 10000 for the driver's RSS at 10,000 trials); ratios need asl_tune and the setting they divide by")
     p.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help="asl-tune's sampler in the stack part (default tpe; TPE's pass over the finished trials makes an ask cost O(N), so N = 10,000 takes about an hour here with it: random measures the rest of the stack, memory included, at that N in minutes)")
+    p.add_argument("--bookkeeping", action="store_true", help="instead of the stack part, Ray's bookkeeping release test shape at each --sizes: N trials of 1 s (one report), asl-tune's whole stack and bare Tune (see above)")
+    p.add_argument("--no-stack", action="store_true", help="skip the stack (or bookkeeping) part: the micro bench only")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last stdout line")
     return p.parse_args(argv)
 
@@ -151,7 +166,8 @@ def _run(tuner) -> dict:
     cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
     results = sum(int((r.metrics or {}).get("training_iteration", 0)) for r in grid)
     errors = sum(1 for r in grid if r.error)
-    return {"wall_s": wall, "driver_cpu_s": cpu, "results": results, "errors": errors,
+    pids = {(r.metrics or {}).get("pid") for r in grid} - {None}  # the worker processes that ran the trials: fewer than trials when Tune reused them
+    return {"wall_s": wall, "driver_cpu_s": cpu, "results": results, "errors": errors, "trials": len(grid), "worker_pids": len(pids),
             "driver_cpu_s_per_result": cpu / max(results, 1), "driver_peak_rss_mb": rss.mb}
 
 
@@ -232,6 +248,102 @@ def run_tune_optuna(n: int, epochs: int, concurrency: int, work: Path) -> dict:
         run_config=tune.RunConfig(name=f"tune-optuna-{n}", storage_path=str(work / "tune-optuna"), verbose=0),
     )
     return _run(tuner)
+
+
+BOOKKEEPING_SAVE_S = "100"  # Ray's test: os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "100"
+
+
+def bookkeeping_trainable(config: dict) -> None:
+    """Ray's release_test_util.function_trainable at trial_length_s = 1, results_per_second = 1: one report, then a
+    1-s sleep; the report has the trainer's keys (made_up_epoch, its last epoch) so asl-tune's recorder writes every table."""
+    from ray import tune
+
+    tune.report(made_up_epoch(config, 1, last=True) if "lr" in config else {"score": config["score"]})
+    time.sleep(1.0)
+
+
+def run_bookkeeping_asl_tune(n: int, work: Path, pending: int | None = None) -> dict:
+    """Ray's bookkeeping shape under asl-tune's whole driver stack: StudySearch (TPE, the study journal), FIFO, the recorder
+    (its progress lines on stderr), DropRecordedParts, asl-tune's save period; one CPU a trial."""
+    from ray import tune
+
+    from asl_tune.sweep.mirror import SweepFolder
+    from asl_tune.sweep.recorder import DropRecordedParts, ParquetRecorder
+    from asl_tune.sweep.run import _searcher
+    from asl_tune.sweep.space import load_space
+
+    name = f"bookkeeping-{n}{'' if pending is None else f'-pending{pending}'}"
+    space_path = work / "bookkeeping.yaml"
+    space_path.write_text(SPACE.format(epochs=1, sampler="tpe"))
+    space = load_space(space_path)
+    sweep = SweepFolder(work / "results", name)
+    sweep.path.mkdir(parents=True)
+    tuner = tune.Tuner(
+        tune.with_resources(bookkeeping_trainable, {"cpu": 1}),
+        tune_config=tune.TuneConfig(search_alg=_searcher(space, sweep, name, 0, None, True), num_samples=n, reuse_actors=True),
+        run_config=tune.RunConfig(name="run-1", storage_path=str(sweep.path / "ray"), callbacks=[ParquetRecorder(sweep, space, n), DropRecordedParts(space)], verbose=0),
+    )
+    from asl_tune.sweep import cluster
+
+    # Tune keeps at most TUNE_MAX_PENDING_TRIALS_PG trials pending: 1 for a searcher without a ConcurrencyLimiter (asl-tune's
+    # without --max-concurrent), so with reused actors a second worker is only asked for when a trial is pending (see RESULTS §8).
+    with cluster.scoped_environment({**cluster.tune_environment(n), **({} if pending is None else {"TUNE_MAX_PENDING_TRIALS_PG": str(pending)})}):
+        return _run(tuner)
+
+
+def run_bookkeeping_bare_tune(n: int, work: Path) -> dict:
+    """Ray's bookkeeping test as it configures Tune: its trainable's config, the default searcher, reuse_actors=True,
+    Tune's own loggers (on in Ray's test), a save every 100 s; one CPU a trial (Tune's default)."""
+    from ray import tune
+
+    from asl_tune.sweep import cluster
+
+    tuner = tune.Tuner(
+        bookkeeping_trainable,
+        param_space={"score": tune.uniform(0.0, 1.0), "num_iters": 1, "sleep_time": 1.0, "checkpoint_iters": -1, "checkpoint_size_b": 0, "checkpoint_num_files": 1},
+        tune_config=tune.TuneConfig(num_samples=n, reuse_actors=True),
+        run_config=tune.RunConfig(name=f"bookkeeping-bare-{n}", storage_path=str(work / "bare"), verbose=0),
+    )
+    with cluster.scoped_environment({"TUNE_GLOBAL_CHECKPOINT_S": BOOKKEEPING_SAVE_S, "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "0"}):
+        return _run(tuner)
+
+
+def _all_cpus_free(cpus: float, limit_s: float = 60.0) -> tuple[float, float]:
+    """Wait (up to limit_s) until Ray has every CPU free; the seconds waited and the CPUs free then."""
+    import ray
+
+    t0 = time.monotonic()
+    while (free := ray.available_resources().get("CPU", 0.0)) < cpus and time.monotonic() - t0 < limit_s:
+        time.sleep(0.5)
+    return time.monotonic() - t0, free
+
+
+def bookkeeping(args: argparse.Namespace, work: Path) -> dict:
+    """Each size under bare Tune then asl-tune, in one Ray instance; each run's wall over the theory (N trials of 1 s on the CPUs)."""
+    import logging
+
+    import ray
+
+    from asl_tune.sweep import cluster
+
+    runs: dict[str, dict] = {}
+    with cluster.scoped_environment(cluster.LOCAL_ENV):
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)
+        cpus = ray.cluster_resources()["CPU"]
+        for n in args.sizes:
+            settings = [("bare_tune", run_bookkeeping_bare_tune), ("asl_tune", run_bookkeeping_asl_tune),
+                        ("asl_tune_pending_cpus", lambda n, work: run_bookkeeping_asl_tune(n, work, pending=int(cpus)))]
+            for setting, run in settings:
+                waited, free = _all_cpus_free(cpus)  # the run before's actors may still hold CPUs a while after it returns
+                say(f"bookkeeping {setting}: {n} trials of 1 s on {cpus:g} CPUs (theory {n / cpus:.0f} s), load {os.getloadavg()[0]:.2f}; {free:g} CPUs free after {waited:.1f} s")
+                load_before = os.getloadavg()
+                figures = run(n, work)
+                figures.update(theory_s=n / cpus, ratio=figures["wall_s"] / (n / cpus), cpus=cpus, cpus_free_at_start=free, waited_for_cpus_s=waited,
+                               load_avg_before=load_before, load_avg_after=os.getloadavg())
+                runs.setdefault(setting, {})[n] = figures
+                say(f"bookkeeping {setting}: {n} trials in {figures['wall_s']:.1f} s, {figures['ratio']:.2f} x theory, load {os.getloadavg()[0]:.2f}")
+        ray.shutdown()
+    return runs
 
 
 def _sizes(folder: Path) -> dict:
@@ -322,7 +434,48 @@ def micro(args: argparse.Namespace, work: Path) -> dict:
         "wall_s": time.perf_counter() - t0,
         "peak_rss_mb": rss.mb,
         "tune_trial_kb": tune_trial_kb(min(args.micro_trials, 1000), args.epochs),
+        "reading": reading(folder),
     }
+
+
+ANALYZE = """import json, resource, sys, time
+import asl_tune
+t0 = time.perf_counter()
+asl_tune.analyze(sys.argv[2], sys.argv[1], speed_on="training")
+print(json.dumps({"analyze_s": time.perf_counter() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def reading(folder: Path) -> dict:
+    """The micro bench's folder read as a finished sweep's: read_trials on its parts, the driver's compaction, read_trials
+    and asl_tune.load after it, then asl_tune.analyze in a process of its own (wall and peak RSS, speeds as trained)."""
+    import asl_tune
+    from asl_tune.results import compact, read_trials
+
+    def timed(f) -> tuple[float, object]:
+        t0 = time.perf_counter()
+        out = f()
+        return time.perf_counter() - t0, out
+
+    figures = {"load_avg_before": os.getloadavg()}
+    figures["read_trials_parts_s"], trials = timed(lambda: read_trials(folder))
+    figures["compact_s"], changed = timed(lambda: compact(folder))
+    figures["files_after_compaction"] = _sizes(folder)
+    figures["read_trials_s"], after = timed(lambda: read_trials(folder))
+    assert after.equals(trials), "compaction changed what read_trials reads"
+    figures["load_s"], tables = timed(lambda: asl_tune.load(folder.name, folder.parent))
+    figures["rows"] = {name: len(df) for name, df in tables._asdict().items()}
+    say(f"reading: read_trials {figures['read_trials_parts_s']:.1f} s on parts, compaction {figures['compact_s']:.1f} s, read_trials {figures['read_trials_s']:.2f} s, load {figures['load_s']:.2f} s")
+    done = subprocess.run([sys.executable, "-c", ANALYZE, str(folder.parent), folder.name], capture_output=True, text=True)
+    if done.returncode:
+        say(f"reading: analyze failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        figures["analyze_error"] = done.stderr[-2000:]
+    else:
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        figures["analyze_s"], figures["analyze_peak_rss_mb"] = out["analyze_s"], out["peak_rss_mb"]
+        say(f"reading: analyze {figures['analyze_s']:.1f} s, peak RSS {figures['analyze_peak_rss_mb']:.0f} MB")
+    figures["load_avg_after"] = os.getloadavg()
+    return figures
 
 
 def tune_trial_kb(n: int, epochs: int) -> dict:
@@ -400,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="asl-bench-scale-"))
     figures = {**machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
-        runs = stack(args, work)
+        runs = {} if args.no_stack else bookkeeping(args, work) if args.bookkeeping else stack(args, work)
         micro_figures = micro(args, work) if args.micro_trials else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -437,6 +590,13 @@ def main(argv: list[str] | None = None) -> int:
         runs=runs,
         micro=micro_figures,
     )
+    if args.bookkeeping:
+        figures.update(bookkeeping_ratio=_each(ours, "ratio"), bookkeeping_ratio_bare_tune=_each(bare, "ratio"),
+                       bookkeeping_ratio_pending_cpus=_each(runs.get("asl_tune_pending_cpus", {}), "ratio"))
+    if micro_figures:
+        read = micro_figures["reading"]
+        figures.update(read_trials_s=read["read_trials_s"], read_trials_parts_s=read["read_trials_parts_s"], compact_s=read["compact_s"],
+                       load_s=read["load_s"], analyze_s=read.get("analyze_s"), analyze_peak_rss_mb=read.get("analyze_peak_rss_mb"))
     if "asl_tune_mirror" in runs:
         figures["mirror_wall_s"] = _each(runs["asl_tune_mirror"], "wall_s")
         figures["mirror_ratio_vs_bare_tune"] = ratio(runs["asl_tune_mirror"], bare)
