@@ -9,6 +9,12 @@ Runs the same fixed trial (no searched setting changes the work) N times two way
 
 overhead_ratio = sweep_wall_s / (trial_compute_s / concurrency). Target: 1.10 or less.
 
+A trial's fixed cost: first_epoch_extra_s (alone and in the sweep) is the median over trials of the first
+epoch's seconds less the median of its later epochs'. Whether Tune reuses the trial workers
+(reuse_actors=True in run.py): worker_pids counts the distinct processes that ran a trial, sampled
+from /proc every half second while the sweep runs (bench/fullsize.py's Sampler); fewer than trials
+means a worker ran more than one trial.
+
     python bench/overhead.py --json
 """
 
@@ -16,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import statistics
 import shutil
 import sys
 import tempfile
@@ -24,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fullsize import Sampler  # noqa: E402
 from harness import emit, machine, say, synthetic_dataset  # noqa: E402
 
 TARGET = 1.10
@@ -61,8 +70,15 @@ def write_space(folder: Path, args: argparse.Namespace) -> Path:
     return path
 
 
-def time_alone(space_path: Path, data: Path, runs: int, threads: int) -> list[float]:
-    """train_seconds of `runs` trials of the space's one configuration, trained one after another in this process."""
+def first_epoch_extra_s(epochs: list[list[float]]) -> float | None:
+    """Median over trials of (first epoch's seconds - median of its later epochs'): a trial's fixed cost in its first epoch."""
+    extra = [e[0] - statistics.median(e[1:]) for e in epochs if len(e) >= 2]
+    return statistics.median(extra) if extra else None
+
+
+def time_alone(space_path: Path, data: Path, runs: int, threads: int) -> tuple[list[float], list[list[float]]]:
+    """train_seconds of `runs` trials of the space's one configuration, trained one after another in this process,
+    and each trial's epochs' seconds."""
     from asl_tune.data import load_dataset
     from asl_tune.sweep.space import load_space
     from asl_tune.train import train_trial
@@ -70,18 +86,19 @@ def time_alone(space_path: Path, data: Path, runs: int, threads: int) -> list[fl
     space = load_space(space_path)
     config = space.config({"head_width": space.params["head_width"].choices[0]})
     ds = load_dataset(data, config.image_size, progress=True)
-    seconds = []
+    seconds, epochs = [], []
     for k in range(runs):
         result = train_trial(config, ds, threads=threads)
         seconds.append(float(result.final["train_seconds"]))
+        epochs.append([float(e["seconds"]) for e in result.epochs])
         say(f"alone {k + 1}/{runs}: {seconds[-1]:.1f} s (val accuracy {result.final['val_accuracy']:.3f})")
-    return seconds
+    return seconds, epochs
 
 
 def time_sweep(space_path: Path, data: Path, results: Path, args: argparse.Namespace) -> dict:
     """Wall seconds of a whole sweep, Ray start included, and what its trials recorded."""
     from asl_tune.sweep import cluster
-    from asl_tune.results import read_trials
+    from asl_tune.results import read_epochs, read_trials
     from asl_tune.sweep.request import SweepRequest
     from asl_tune.sweep.run import run_sweep
 
@@ -91,11 +108,15 @@ def time_sweep(space_path: Path, data: Path, results: Path, args: argparse.Names
     # Start Ray here so its start-up is timed on its own too; run_sweep reuses the running instance.
     with cluster.ray_session():
         ray_start_s = time.perf_counter() - t0
-        with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables: keep stdout for the figures
+        # Ray's processes are this one's descendants: the sampler sees each trial worker (ray::ImplicitFunc) by its PID.
+        with contextlib.redirect_stdout(sys.stderr), Sampler(os.getpid()) as sampled:  # Tune's progress tables: keep stdout for the figures
             folder = run_sweep(req)
         wall = time.perf_counter() - t0
     trials = read_trials(folder)
+    epochs = read_epochs(folder)
     return {
+        "worker_pids": len(sampled.trials),
+        "first_epoch_extra_s": first_epoch_extra_s([list(g.sort_values("epoch")["seconds"]) for _, g in epochs.groupby("trial_id")]),
         "sweep_wall_s": wall,
         "ray_start_s": ray_start_s,
         "sweep_trials_completed": int((trials["status"] == "completed").sum()),
@@ -117,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         space_path = write_space(scratch, args)
         say(f"{runs} trial(s) alone, {args.cpus_per_trial} thread(s) each")
-        alone = time_alone(space_path, data, runs, args.cpus_per_trial)
+        alone, alone_epochs = time_alone(space_path, data, runs, args.cpus_per_trial)
         trial_compute_s = sum(alone) * args.trials / runs
         say(f"sweep of {args.trials} trials at concurrency {args.concurrency}")
         sweep = time_sweep(space_path, data, results, args)
@@ -140,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         # The same ratio against the trials' own seconds inside the sweep: orchestration alone, contention excluded.
         overhead_ratio_own_seconds=sweep["sweep_wall_s"] / (sweep["sweep_trial_seconds_sum"] / args.concurrency),
         sweep_trials_completed=sweep["sweep_trials_completed"],
+        # Fewer worker processes than trials: Tune reused a worker (reuse_actors) for a later trial.
+        worker_pids=sweep["worker_pids"],
+        workers_reused=0 < sweep["worker_pids"] < args.trials,
+        first_epoch_extra_s_alone=first_epoch_extra_s(alone_epochs),
+        first_epoch_extra_s_sweep=sweep["first_epoch_extra_s"],
         cpus_per_trial=args.cpus_per_trial,
         image_size=args.image_size,
         epochs=args.epochs,
