@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -56,7 +57,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def slurm_conf(root: Path, node: str, cpus: int) -> str:
+def slurm_conf(root: Path, node: str, cpus: int, first_job: int) -> str:
     return "\n".join([
         "ClusterName=asltune", f"SlurmctldHost={node}(127.0.0.1)", f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
         "SlurmUser=root", "SlurmdUser=root", f"StateSaveLocation={root}/state", f"SlurmdSpoolDir={root}/spool",
@@ -67,7 +68,7 @@ def slurm_conf(root: Path, node: str, cpus: int) -> str:
         f"AuthInfo=socket={root}/munge.socket,cred_expire=10", "SchedulerParameters=sched_interval=5",
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
         "SchedulerType=sched/builtin", "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "MpiDefault=none", "ReturnToService=2", "JobRequeue=1",
-        "SlurmctldParameters=enable_configless", "MinJobAge=600", "KillWait=10",
+        "SlurmctldParameters=enable_configless", "MinJobAge=600", "KillWait=10", f"FirstJobId={first_job}",
         f"NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN",
         f"PartitionName=asltune Nodes={node} Default=YES MaxTime=INFINITE State=UP",
     ]) + "\n"
@@ -83,7 +84,8 @@ def slurm(tmp_path_factory):
         (root / sub).mkdir()
     node = socket.gethostname().split(".")[0]
     cpus = os.cpu_count() or 1
-    (root / "slurm.conf").write_text(slurm_conf(root, node, cpus))
+    # Job ids of this run's own: the script keeps Ray's files in /tmp/ray-JOBID, removed after the test.
+    (root / "slurm.conf").write_text(slurm_conf(root, node, cpus, first_job=100_000 + secrets.randbelow(800_000)))
     key = root / "munge.key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
@@ -151,6 +153,7 @@ def test_the_sbatch_script_stops_on_sigterm_requeues_itself_and_resumes_to_exact
         wait_for(lambda: job_state(env, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), 400, what="the requeued job to end")
     finally:
         subprocess.run([tool("scancel"), job], env=job_env, capture_output=True)
+        shutil.rmtree(f"/tmp/ray-{job}", ignore_errors=True)  # Ray's session files, left by the job's Ray head
     state, text = job_state(env, job), _text(out)
     assert state.get("JobState") == "COMPLETED" and state.get("Restarts") == "1", (state, text[-4000:])
     assert "SIGTERM: stopping the sweep, then requeueing" in text and "stopped by SIGTERM" in text, text[-4000:]
