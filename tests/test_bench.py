@@ -166,12 +166,12 @@ def test_the_simulated_asha_decides_as_rays_own_bracket(rf, min_t, max_t):
 
 
 def test_gpu_script_smoke_runs_every_section_and_names_every_headline_key():
-    """bench/gpu.py --smoke: every section at tiny sizes on the CPU (packing and the sweep without GPU shares), none fails."""
+    """bench/gpu.py --smoke: every section at tiny sizes on the CPU (packing and the full-size sweep without GPU shares), none fails."""
     figures = run_script("gpu.py", "--smoke")
     for key in ("device", "torch", "train_img_per_s", "seed_pipeline_img_per_s", "trainer_vs_seed", "mfu", "packed_aggregate_img_per_s", "sweep_trials_completed"):
         assert key in figures, key
     assert figures["smoke"] is True and figures["torch"] == __import__("torch").__version__
-    for section in ("trainer", "seed", "compute", "profile", "packing", "sweep"):
+    for section in ("fullsize_sweep", "trainer", "seed", "compute", "profile", "packing"):
         assert "error" not in figures[section], figures[section].get("traceback")
         assert figures[section]["section_s"] >= 0
     assert set(figures["train_img_per_s"]) == {"fp32", "bf16", "bf16_channels_last", "bf16_channels_last_compile"}
@@ -182,11 +182,22 @@ def test_gpu_script_smoke_runs_every_section_and_names_every_headline_key():
     assert figures["compute"]["flops_per_train_image"] > 2 * figures["compute"]["flops_per_infer_image"] > 0  # backward costs about twice forward
     assert figures["profile"]["top"] and sum(k["share"] for k in figures["profile"]["top"]) <= 1.0 + 1e-9
     # Packing and the sweep run on the CPU too (no GPU share to split), so their code cannot rot between GPU sessions.
-    assert set(figures["packed_aggregate_img_per_s"]) == {"1", "2"} and all(positive(v) for v in figures["packed_aggregate_img_per_s"].values())
-    assert figures["sweep"]["exit_status"] == 0 and figures["sweep_trials_completed"] == 2
-    assert len(figures["sweep"]["spans"]) == 2 and figures["sweep"]["most_at_once"] >= 1
+    assert set(figures["packed_aggregate_img_per_s"]) == {"2"} and all(positive(v) for v in figures["packed_aggregate_img_per_s"].values())
+    # The full-size section at smoke size: 29 x 12 names hard-linked to the 6 rendered frames a class, one trainer alone, 2 trials.
+    full = figures["fullsize_sweep"]
+    assert full["n_images"] == 29 * 12 and full["distinct_jpegs"] == 29 * 6
+    assert full["exit_status"] == 0 and full["stopped_at_timeout"] is False
+    assert full["trials_completed"] == figures["sweep_trials_completed"] == 2
+    assert 1 <= full["most_at_once"] <= 2 and positive(full["wall_s"]) and positive(full["trials_span_s"])
+    assert positive(full["one_steady_img_per_s"]) and positive(full["aggregate_train_img_per_s"])
+    assert full["aggregate_vs_one"] == pytest.approx(full["aggregate_train_img_per_s"] / full["one_steady_img_per_s"])
+    assert positive(full["trial_avg_vs_steady"]) and positive(full["trial_host_uss_mb"]) and positive(full["trial_host_anon_mb"])
+    assert 1 <= full["trial_workers_seen"] <= 2 and len(full["trials"]) == 2
+    for trial in full["trials"]:
+        assert 0.2 <= trial["data_fraction"] <= 1.0 and len(trial["epoch_img_per_s"]) == 2 and positive(trial["avg_vs_steady"])
     if figures["device"] == "cpu":
-        assert figures["sweep"]["devices"] == ["cpu"] and figures["mfu"] is None
+        assert full["devices"] == ["cpu"] and figures["mfu"] is None
+        assert full["gpu_busy_share"] is None and full["gpu_sampler"] is None  # no GPU to sample
 
 
 @pytest.mark.slow
