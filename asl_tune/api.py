@@ -55,10 +55,24 @@ class Sweep:
 
 
 def sweep(
-    space: str | Path | None = None, data: str | Path | None = None, results: str | Path = "results", name: str | None = None,
-    num_samples: int | None = None, max_concurrent: int | None = None, cpus_per_trial: float = 1.0, gpus_per_trial: float | None = None,
-    address: str | None = None, storage: str | None = None, seed: int = 0, extend: bool = False, external: str | Path | None = None,
-    dashboard: bool = False, verbose: bool = False, tensorboard: bool = False, mlflow: str | None = None, ship_code: bool = True,
+    space: str | Path | None = None,
+    data: str | Path | None = None,
+    results: str | Path = "results",
+    name: str | None = None,
+    num_samples: int | None = None,
+    max_concurrent: int | None = None,
+    cpus_per_trial: float = 1.0,
+    gpus_per_trial: float | None = None,
+    address: str | None = None,
+    storage: str | None = None,
+    seed: int = 0,
+    extend: bool = False,
+    external: str | Path | None = None,
+    dashboard: bool = False,
+    verbose: bool = False,
+    tensorboard: bool = False,
+    mlflow: str | None = None,
+    ship_code: bool = True,
 ) -> Sweep:
     """Run a sweep as `asl-tune sweep` does (extend=True: add num_samples trials to the sweep `name`); return its handle once it ends."""
     from asl_tune.sweep.request import SweepRequest
@@ -68,10 +82,24 @@ def sweep(
     if extend and name is None:
         raise AslTuneError("--extend: needs --name, the sweep to add trials to")
     request = SweepRequest(
-        space_path=resolve(space), data=_path(data), external=_path(external), name=name, results=results,
-        num_samples=num_samples, max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial,
-        gpus_per_trial=gpus_per_trial, address=address, storage=storage, seed=seed, extend=extend, dashboard=dashboard, verbose=verbose,
-        tensorboard=tensorboard, mlflow=mlflow, ship_code=ship_code,
+        space_path=resolve(space),
+        data=_path(data),
+        external=_path(external),
+        name=name,
+        results=results,
+        num_samples=num_samples,
+        max_concurrent=max_concurrent,
+        cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial,
+        address=address,
+        storage=storage,
+        seed=seed,
+        extend=extend,
+        dashboard=dashboard,
+        verbose=verbose,
+        tensorboard=tensorboard,
+        mlflow=mlflow,
+        ship_code=ship_code,
     )
     folder = run_sweep(request)
     return Sweep(folder.name, results, folder)
@@ -102,8 +130,11 @@ def load(name: str, results: str | Path = "results") -> Results:
 
 
 def analyze(
-    names: str | Sequence[str], results: str | Path = "results", objectives: str | Sequence[tuple[str, str]] | None = None,
-    speed_on: str = "cpu", threads: int | None = None,
+    names: str | Sequence[str],
+    results: str | Path = "results",
+    objectives: str | Sequence[tuple[str, str]] | None = None,
+    speed_on: str = "cpu",
+    threads: int | None = None,
 ) -> Analysis:
     """Write the report of one sweep (or several, and their comparison) as `asl-tune analyze` does; return what it found.
 

@@ -33,7 +33,9 @@ class TrialConfig:
     data_fraction: float = _setting(1.0, "share of the training split used, in (0, 1]; val and test stay whole")
     batch_size: int = _setting(64, "training batch size, in images")
     image_size: int = _setting(200, "square input side in px (the seed: 200; use 32-64 on a CPU)")
-    split: str = _setting("blocked", "blocked: contiguous frame blocks per class, honest; random: the seed's, flattered by near-duplicate frames")
+    split: str = _setting(
+        "blocked", "blocked: contiguous frame blocks per class, honest; random: the seed's, flattered by near-duplicate frames"
+    )
     seed: int = _setting(0, "seeds the weights, the shuffling and the data_fraction subsample")
     split_seed: int = _setting(0, "seeds which frames go to train/val/test with split random; a sweep holds it for every trial")
 

@@ -238,7 +238,9 @@ def _build(root: Path, classes: list[str], entries: list[tuple[Path, int, int]],
     return final
 
 
-def _decode_into(tmp: Path, root: Path, classes: list[str], entries: list[tuple[Path, int, int]], size: int, key: str, workers: int, progress: bool) -> None:
+def _decode_into(
+    tmp: Path, root: Path, classes: list[str], entries: list[tuple[Path, int, int]], size: int, key: str, workers: int, progress: bool
+) -> None:
     """Decode every entry into the new folder tmp: images.npy (the readable ones) and meta.json."""
     tmp.mkdir(parents=True)
     failures = _decode_all([p for p, _, _ in entries], size, tmp / "all.npy", workers, progress)
@@ -280,7 +282,9 @@ def _load_cached(folder: Path) -> DecodedDataset:
     )
 
 
-def _cached_decode(root: Path, classes: list[str], entries: list[tuple[Path, int, int]], size: int, progress: bool, workers: int | None) -> DecodedDataset:
+def _cached_decode(
+    root: Path, classes: list[str], entries: list[tuple[Path, int, int]], size: int, progress: bool, workers: int | None
+) -> DecodedDataset:
     key = fingerprint(root, entries, classes)
     folder = cache_root() / "decoded" / f"{key}-{size}px"
     if not (folder / "meta.json").exists():
@@ -408,7 +412,9 @@ def describe(ds: DecodedDataset, split: str = "blocked", seed: int = 0, sizes: t
     lines += [f"  {c:<8} {n}" for c, n in counts.items()]
     lines.append(f"split ({split}, seed {seed}): train {len(s.train)}, val {len(s.val)}, test {len(s.test)}")
     # What a sweep holds once per node (memory-mapped from the cache, or in Ray's object store): the memory plan's figure.
-    lines.append("decoded size: " + ", ".join(f"{size_text(decoded_bytes(len(ds.labels), size))} at {size} px" for size in sorted(set(sizes))))
+    lines.append(
+        "decoded size: " + ", ".join(f"{size_text(decoded_bytes(len(ds.labels), size))} at {size} px" for size in sorted(set(sizes)))
+    )
     for path, why in ds.skipped:
         lines.append(f"skipped {path}: {why}")
     return "\n".join(lines)

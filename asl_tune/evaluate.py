@@ -23,7 +23,9 @@ def autocast_to(device: torch.device, dtype: torch.dtype | None) -> torch.autoca
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, batcher: Batcher, rows: np.ndarray, labels: np.ndarray, autocast: torch.dtype | None = None) -> tuple[np.ndarray, float]:
+def predict(
+    model: nn.Module, batcher: Batcher, rows: np.ndarray, labels: np.ndarray, autocast: torch.dtype | None = None
+) -> tuple[np.ndarray, float]:
     """(predicted class per row, mean cross-entropy) in eval mode, under autocast to that dtype (None: full precision).
 
     Losses and predictions stay on the device until the end: one wait for a GPU, not one per batch.
@@ -110,7 +112,14 @@ class Timed:
 
 
 @torch.inference_mode()
-def measure_speed(model: nn.Module, batcher: Batcher, rows: np.ndarray, autocast: torch.dtype | None = None, budget_s: float = 1.0, timed: Timed | None = None) -> dict[str, float]:
+def measure_speed(
+    model: nn.Module,
+    batcher: Batcher,
+    rows: np.ndarray,
+    autocast: torch.dtype | None = None,
+    budget_s: float = 1.0,
+    timed: Timed | None = None,
+) -> dict[str, float]:
     """Inference img/s at batch 64 and batch-1 latency p50/p95 (ms) on real images, uint8 -> logits, after warm-up.
 
     autocast: the dtype the trial runs at (None: full precision), so speed is measured at the trial's precision.

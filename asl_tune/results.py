@@ -91,10 +91,38 @@ TRIAL_COLUMNS = [
     "error",
     "log",
 ]
-EPOCH_COLUMNS = ["trial_id", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "train_img_per_s", "images_seen", "seconds"]
+EPOCH_COLUMNS = [
+    "trial_id",
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "train_img_per_s",
+    "images_seen",
+    "seconds",
+]
 CONFUSION_COLUMNS = ["trial_id", "true_label", "pred_label", "count"]
 PER_CLASS_COLUMNS = ["trial_id", "class_name", "support", "precision", "recall", "fpr", "fnr"]
-METRICS = [c for c in TRIAL_COLUMNS if c not in ("trial_id", "status", "node_id", "hostname", "device", "precision", "started_at", "ended_at", "checkpoint", "error", "log", "keeps_up_30fps")]
+METRICS = [
+    c
+    for c in TRIAL_COLUMNS
+    if c
+    not in (
+        "trial_id",
+        "status",
+        "node_id",
+        "hostname",
+        "device",
+        "precision",
+        "started_at",
+        "ended_at",
+        "checkpoint",
+        "error",
+        "log",
+        "keeps_up_30fps",
+    )
+]
 
 
 def is_plain_name(name: str) -> bool:
@@ -150,7 +178,7 @@ def sealed_name(generation: int) -> str:
 
 
 def _generation(name: str) -> int:
-    return int(name[len(SEALED_PREFIX):-len(".parquet")])
+    return int(name[len(SEALED_PREFIX) : -len(".parquet")])
 
 
 def _parquet_names(path: Path) -> list[str]:
@@ -202,7 +230,7 @@ def _sealed(names: Iterable[str]) -> list[str]:
 
 def _one_part_a_trial(tables: dict[str, pa.Table]) -> pa.Table | None:
     """The parts' rows, each trial's from one part: its own, else the newest sealed part holding it."""
-    seen = {n[len(TRIAL_PREFIX):-len(".parquet")] for n in tables if n.startswith(TRIAL_PREFIX)}
+    seen = {n[len(TRIAL_PREFIX) : -len(".parquet")] for n in tables if n.startswith(TRIAL_PREFIX)}
     sealed = sorted(_sealed(tables), key=_generation, reverse=True)
     for k, part in enumerate(sealed):
         table = tables[part]
@@ -296,7 +324,7 @@ def compact(folder: Path) -> list[str]:
         path = Path(folder) / name
         if not path.is_dir():
             continue
-        loose = {n[len(TRIAL_PREFIX):-len(".parquet")] for n in _parquet_names(path) if n.startswith(TRIAL_PREFIX)} & ended
+        loose = {n[len(TRIAL_PREFIX) : -len(".parquet")] for n in _parquet_names(path) if n.startswith(TRIAL_PREFIX)} & ended
         if loose:
             changed += regroup(folder, name, sealed_ids(folder, name) | loose, trials if name == TRIALS else None)
     return changed
@@ -378,16 +406,24 @@ class ResultsStore:
         self.epochs: dict[str, dict[int, dict]] = {}  # trial_id -> epoch -> row
         self.confusion: dict[str, list[dict]] = {}
         self.per_class: dict[str, list[dict]] = {}
-        self._on_disk: dict[str, set[str]] = {name: set() for name in RESULT_FILES if name != TRIALS}  # trials whose rows of that table are in its part only
+        self._on_disk: dict[str, set[str]] = {
+            name: set() for name in RESULT_FILES if name != TRIALS
+        }  # trials whose rows of that table are in its part only
         self._dirty: set[tuple[str, str]] = set()  # (table, trial_id) whose part is to be rewritten
         self._schemas: dict[str, pa.Schema] = {}  # every column each table's parts hold, as its schema part says
         self._single_files = [name for name in RESULT_FILES if (self.folder / name).is_file()]  # the layout before parts
-        self._sealed = {name: sealed_ids(self.folder, name) for name in RESULT_FILES}  # trials whose rows are in the table's sealed part (compact)
+        self._sealed = {
+            name: sealed_ids(self.folder, name) for name in RESULT_FILES
+        }  # trials whose rows are in the table's sealed part (compact)
         for name in RESULT_FILES:
             schema_part = self.folder / name / SCHEMA_PART
             if name != TRIALS and schema_part.is_file():  # parts: the trials that have one, and the columns, without their rows
                 self._schemas[name] = pq.read_schema(schema_part)
-                self._on_disk[name] = {n[len(TRIAL_PREFIX):-len(".parquet")] for n in os.listdir(self.folder / name) if n.startswith(TRIAL_PREFIX) and n.endswith(".parquet")}
+                self._on_disk[name] = {
+                    n[len(TRIAL_PREFIX) : -len(".parquet")]
+                    for n in os.listdir(self.folder / name)
+                    if n.startswith(TRIAL_PREFIX) and n.endswith(".parquet")
+                }
                 self._on_disk[name] |= self._sealed[name]
                 continue
             table = read_table(self.folder, name)
@@ -432,8 +468,12 @@ class ResultsStore:
 
     def rows_in_memory(self) -> dict[str, int]:
         """How many rows of each table are held in memory (the rest are in their parts only)."""
-        return {TRIALS: len(self.trials), EPOCHS: sum(map(len, self.epochs.values())),
-                CONFUSION: sum(map(len, self.confusion.values())), PER_CLASS: sum(map(len, self.per_class.values()))}
+        return {
+            TRIALS: len(self.trials),
+            EPOCHS: sum(map(len, self.epochs.values())),
+            CONFUSION: sum(map(len, self.confusion.values())),
+            PER_CLASS: sum(map(len, self.per_class.values())),
+        }
 
     def put_trial(self, row: dict) -> None:
         """Insert or replace a trial's row (keeps columns it already had that row lacks)."""
@@ -529,7 +569,9 @@ class ResultsStore:
         for name in self._single_files:
             (self.folder / name).unlink(missing_ok=True)
             self._schemas.pop(name, None)
-            self._dirty.update((name, tid) for tid in {**self.trials, **self.epochs, **self.confusion, **self.per_class} if self._rows(name, tid))
+            self._dirty.update(
+                (name, tid) for tid in {**self.trials, **self.epochs, **self.confusion, **self.per_class} if self._rows(name, tid)
+            )
             changed.append(name)
         self._single_files = []
         return changed
@@ -544,7 +586,6 @@ def _ordered(df: pd.DataFrame, first: list[str]) -> pd.DataFrame:
     pairs = sorted(c for c in df.columns if c.startswith(PAIR_PREFIX))
     rest = [c for c in df.columns if c not in first and c not in params and c not in pairs]
     return df[first + params + pairs + rest].sort_values("trial_id", kind="stable").reset_index(drop=True)
-
 
 
 def save_trial(folder: Path, result, trial_id: str | None = None, checkpoint: str | None = None, **where: str) -> Path:

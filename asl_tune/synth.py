@@ -47,8 +47,17 @@ FINGER_BASES = ((-0.36, 1.08), (-0.12, 1.13), (0.12, 1.10), (0.35, 1.02))  # ind
 FINGER_LENGTHS = ((0.55, 0.33, 0.25), (0.60, 0.37, 0.27), (0.56, 0.35, 0.25), (0.44, 0.27, 0.21))
 FINGER_WIDTHS = (0.22, 0.22, 0.21, 0.18)  # proximal segment; later segments taper
 THUMB_WIDTH = 0.24
-PALM_OUTLINE = ((-0.47, 0.02), (-0.50, 0.55), (-0.47, 1.05), (-0.30, 1.17), (0.0, 1.21),
-                (0.30, 1.15), (0.46, 1.05), (0.50, 0.50), (0.44, 0.0))
+PALM_OUTLINE = (
+    (-0.47, 0.02),
+    (-0.50, 0.55),
+    (-0.47, 1.05),
+    (-0.30, 1.17),
+    (0.0, 1.21),
+    (0.30, 1.15),
+    (0.46, 1.05),
+    (0.50, 0.50),
+    (0.44, 0.0),
+)
 PX_PER_UNIT = 0.28  # hand units -> fraction of the image side, at scale 1
 
 STRAIGHT = (0.0, 0.0, 0.0)
@@ -85,55 +94,101 @@ def _fingers(index, middle, ring, pinky):
 
 HANDSHAPES: dict[str, Handshape] = {
     # The fist family: the fingers are identical; only where the thumb goes differs.
-    "A": Handshape(_fingers(FIST, FIST, FIST, FIST), NATURAL,
-                   ((-0.45, 0.2), (-0.57, 0.62), (-0.55, 0.95), (-0.50, 1.22)), 1.0),
+    "A": Handshape(_fingers(FIST, FIST, FIST, FIST), NATURAL, ((-0.45, 0.2), (-0.57, 0.62), (-0.55, 0.95), (-0.50, 1.22)), 1.0),
     "S": Handshape(_fingers(FIST, FIST, FIST, FIST), NATURAL, THUMB_ACROSS_INDEX_MIDDLE, 1.0),
-    "T": Handshape(_fingers(FIST, FIST, FIST, FIST), NATURAL,
-                   ((-0.45, 0.2), (-0.40, 0.62), (-0.30, 0.95), (-0.24, 1.24)), 0.1),
-    "M": Handshape(_fingers(FIST, FIST, FIST, FIST), NATURAL,
-                   ((-0.45, 0.2), (-0.22, 0.55), (0.06, 0.85), (0.24, 1.16)), 0.1),
-    "N": Handshape(_fingers(FIST, FIST, FIST, FIST), NATURAL,
-                   ((-0.45, 0.2), (-0.30, 0.58), (-0.12, 0.90), (0.00, 1.22)), 0.1),
-    "E": Handshape(_fingers((70, 95, 70), (70, 95, 70), (70, 95, 70), (70, 95, 70)), TOGETHER,
-                   ((-0.45, 0.2), (-0.32, 0.48), (-0.04, 0.58), (0.24, 0.62)), 0.2),
-    "O": Handshape(_fingers((40, 50, 45), (40, 50, 45), (40, 50, 45), (40, 50, 45)), (10.0, 3.0, -4.0, -10.0),
-                   ((-0.45, 0.2), (-0.50, 0.62), (-0.38, 1.00), (-0.16, 1.30)), 0.6),
-    "C": Handshape(_fingers((25, 35, 30), (25, 35, 30), (25, 35, 30), (25, 35, 30)), TOGETHER,
-                   ((-0.45, 0.2), (-0.68, 0.55), (-0.70, 0.90), (-0.55, 1.12)), 0.6, rotation=10, squash=0.8),
+    "T": Handshape(_fingers(FIST, FIST, FIST, FIST), NATURAL, ((-0.45, 0.2), (-0.40, 0.62), (-0.30, 0.95), (-0.24, 1.24)), 0.1),
+    "M": Handshape(_fingers(FIST, FIST, FIST, FIST), NATURAL, ((-0.45, 0.2), (-0.22, 0.55), (0.06, 0.85), (0.24, 1.16)), 0.1),
+    "N": Handshape(_fingers(FIST, FIST, FIST, FIST), NATURAL, ((-0.45, 0.2), (-0.30, 0.58), (-0.12, 0.90), (0.00, 1.22)), 0.1),
+    "E": Handshape(
+        _fingers((70, 95, 70), (70, 95, 70), (70, 95, 70), (70, 95, 70)),
+        TOGETHER,
+        ((-0.45, 0.2), (-0.32, 0.48), (-0.04, 0.58), (0.24, 0.62)),
+        0.2,
+    ),
+    "O": Handshape(
+        _fingers((40, 50, 45), (40, 50, 45), (40, 50, 45), (40, 50, 45)),
+        (10.0, 3.0, -4.0, -10.0),
+        ((-0.45, 0.2), (-0.50, 0.62), (-0.38, 1.00), (-0.16, 1.30)),
+        0.6,
+    ),
+    "C": Handshape(
+        _fingers((25, 35, 30), (25, 35, 30), (25, 35, 30), (25, 35, 30)),
+        TOGETHER,
+        ((-0.45, 0.2), (-0.68, 0.55), (-0.70, 0.90), (-0.55, 1.12)),
+        0.6,
+        rotation=10,
+        squash=0.8,
+    ),
     "B": Handshape(_fingers(STRAIGHT, STRAIGHT, STRAIGHT, STRAIGHT), TOGETHER, THUMB_ACROSS_PALM, 1.0),
-    "D": Handshape(_fingers(STRAIGHT, (50, 70, 50), (50, 70, 50), (50, 70, 50)), (-2.0, -4.0, -8.0, -12.0),
-                   ((-0.45, 0.2), (-0.36, 0.55), (-0.18, 0.82), (0.02, 0.98)), 0.5),
-    "F": Handshape(_fingers((45, 60, 45), STRAIGHT, STRAIGHT, STRAIGHT), (4.0, -2.0, 9.0, 20.0),
-                   ((-0.45, 0.2), (-0.62, 0.60), (-0.58, 0.98), (-0.40, 1.18)), 0.7),
-    "G": Handshape(_fingers(STRAIGHT, FIST, FIST, FIST), NATURAL,
-                   ((-0.45, 0.2), (-0.58, 0.62), (-0.60, 0.98), (-0.58, 1.30)), 1.0, rotation=90),
+    "D": Handshape(
+        _fingers(STRAIGHT, (50, 70, 50), (50, 70, 50), (50, 70, 50)),
+        (-2.0, -4.0, -8.0, -12.0),
+        ((-0.45, 0.2), (-0.36, 0.55), (-0.18, 0.82), (0.02, 0.98)),
+        0.5,
+    ),
+    "F": Handshape(
+        _fingers((45, 60, 45), STRAIGHT, STRAIGHT, STRAIGHT),
+        (4.0, -2.0, 9.0, 20.0),
+        ((-0.45, 0.2), (-0.62, 0.60), (-0.58, 0.98), (-0.40, 1.18)),
+        0.7,
+    ),
+    "G": Handshape(
+        _fingers(STRAIGHT, FIST, FIST, FIST), NATURAL, ((-0.45, 0.2), (-0.58, 0.62), (-0.60, 0.98), (-0.58, 1.30)), 1.0, rotation=90
+    ),
     "H": Handshape(_fingers(STRAIGHT, STRAIGHT, FIST, FIST), TOGETHER, THUMB_ACROSS_RING_PINKY, 1.0, rotation=90),
     "I": Handshape(_fingers(FIST, FIST, FIST, STRAIGHT), NATURAL, THUMB_ACROSS_INDEX_MIDDLE, 1.0),
-    "J": Handshape(_fingers(FIST, FIST, FIST, STRAIGHT), NATURAL, THUMB_ACROSS_INDEX_MIDDLE, 1.0,
-                   rotation=-35, squash=0.85),
-    "K": Handshape(_fingers(STRAIGHT, (40, 10, 0), FIST, FIST), (-6.0, 10.0, 5.0, 10.0),
-                   ((-0.45, 0.2), (-0.40, 0.62), (-0.30, 0.98), (-0.20, 1.28)), 0.3),
+    "J": Handshape(_fingers(FIST, FIST, FIST, STRAIGHT), NATURAL, THUMB_ACROSS_INDEX_MIDDLE, 1.0, rotation=-35, squash=0.85),
+    "K": Handshape(
+        _fingers(STRAIGHT, (40, 10, 0), FIST, FIST),
+        (-6.0, 10.0, 5.0, 10.0),
+        ((-0.45, 0.2), (-0.40, 0.62), (-0.30, 0.98), (-0.20, 1.28)),
+        0.3,
+    ),
     "L": Handshape(_fingers(STRAIGHT, FIST, FIST, FIST), NATURAL, THUMB_OUT_SIDE, 0.5),
-    "P": Handshape(_fingers(STRAIGHT, (40, 10, 0), FIST, FIST), (-6.0, 10.0, 5.0, 10.0),
-                   ((-0.45, 0.2), (-0.40, 0.62), (-0.30, 0.98), (-0.20, 1.28)), 0.3, rotation=165, squash=0.9),
-    "Q": Handshape(_fingers(STRAIGHT, FIST, FIST, FIST), NATURAL,
-                   ((-0.45, 0.2), (-0.58, 0.62), (-0.60, 0.98), (-0.58, 1.30)), 1.0, rotation=170, squash=0.9),
+    "P": Handshape(
+        _fingers(STRAIGHT, (40, 10, 0), FIST, FIST),
+        (-6.0, 10.0, 5.0, 10.0),
+        ((-0.45, 0.2), (-0.40, 0.62), (-0.30, 0.98), (-0.20, 1.28)),
+        0.3,
+        rotation=165,
+        squash=0.9,
+    ),
+    "Q": Handshape(
+        _fingers(STRAIGHT, FIST, FIST, FIST),
+        NATURAL,
+        ((-0.45, 0.2), (-0.58, 0.62), (-0.60, 0.98), (-0.58, 1.30)),
+        1.0,
+        rotation=170,
+        squash=0.9,
+    ),
     # Two fingers up: crossed, together or spread.
-    "R": Handshape(_fingers(STRAIGHT, STRAIGHT, FIST, FIST), (9.0, -9.0, 5.0, 10.0), THUMB_ACROSS_RING_PINKY, 1.0,
-                   middle_over_index=True),
+    "R": Handshape(_fingers(STRAIGHT, STRAIGHT, FIST, FIST), (9.0, -9.0, 5.0, 10.0), THUMB_ACROSS_RING_PINKY, 1.0, middle_over_index=True),
     "U": Handshape(_fingers(STRAIGHT, STRAIGHT, FIST, FIST), TOGETHER, THUMB_ACROSS_RING_PINKY, 1.0),
     "V": Handshape(_fingers(STRAIGHT, STRAIGHT, FIST, FIST), (-12.0, 12.0, 5.0, 10.0), THUMB_ACROSS_RING_PINKY, 1.0),
-    "W": Handshape(_fingers(STRAIGHT, STRAIGHT, STRAIGHT, FIST), (-13.0, 0.0, 13.0, 10.0),
-                   ((-0.45, 0.2), (-0.12, 0.50), (0.18, 0.70), (0.36, 0.80)), 1.0),
+    "W": Handshape(
+        _fingers(STRAIGHT, STRAIGHT, STRAIGHT, FIST),
+        (-13.0, 0.0, 13.0, 10.0),
+        ((-0.45, 0.2), (-0.12, 0.50), (0.18, 0.70), (0.36, 0.80)),
+        1.0,
+    ),
     "X": Handshape(_fingers(HOOK, FIST, FIST, FIST), NATURAL, THUMB_ACROSS_INDEX_MIDDLE, 1.0),
     "Y": Handshape(_fingers(FIST, FIST, FIST, STRAIGHT), (-4.0, 0.0, 5.0, 24.0), THUMB_OUT_SIDE, 0.5),
-    "Z": Handshape(_fingers(STRAIGHT, FIST, FIST, FIST), NATURAL, THUMB_ACROSS_INDEX_MIDDLE, 1.0,
-                   rotation=-30, squash=0.85),
+    "Z": Handshape(_fingers(STRAIGHT, FIST, FIST, FIST), NATURAL, THUMB_ACROSS_INDEX_MIDDLE, 1.0, rotation=-30, squash=0.85),
     # The dataset's two non-letter gestures: a claw pointing down and an open hand pointing left.
-    "del": Handshape(_fingers((30, 75, 55), (30, 75, 55), (30, 75, 55), (30, 75, 55)), SPREAD,
-                     ((-0.45, 0.2), (-0.70, 0.50), (-0.82, 0.80), (-0.78, 1.05)), 0.6, rotation=180),
-    "space": Handshape(_fingers(STRAIGHT, STRAIGHT, STRAIGHT, STRAIGHT), SPREAD,
-                       ((-0.45, 0.2), (-0.72, 0.52), (-0.95, 0.78), (-1.12, 1.0)), 0.5, rotation=-90),
+    "del": Handshape(
+        _fingers((30, 75, 55), (30, 75, 55), (30, 75, 55), (30, 75, 55)),
+        SPREAD,
+        ((-0.45, 0.2), (-0.70, 0.50), (-0.82, 0.80), (-0.78, 1.05)),
+        0.6,
+        rotation=180,
+    ),
+    "space": Handshape(
+        _fingers(STRAIGHT, STRAIGHT, STRAIGHT, STRAIGHT),
+        SPREAD,
+        ((-0.45, 0.2), (-0.72, 0.52), (-0.95, 0.78), (-1.12, 1.0)),
+        0.5,
+        rotation=-90,
+    ),
 }
 assert set(HANDSHAPES) == set(ASL_CLASSES) - {"nothing"}
 
@@ -142,14 +197,32 @@ assert set(HANDSHAPES) == set(ASL_CLASSES) - {"nothing"}
 # ---------------------------------------------------------------------------------------------
 
 # The signer's hand moves differently in every class's video ...
-HAND_DRIFTS = ("rotation", "scale", "shift_x", "shift_y", "squash", "depth_x", "arm_angle") \
-    + tuple(f"flex{f}{j}" for f in range(4) for j in range(3)) + tuple(f"lean{f}" for f in range(4)) \
+HAND_DRIFTS = (
+    ("rotation", "scale", "shift_x", "shift_y", "squash", "depth_x", "arm_angle")
+    + tuple(f"flex{f}{j}" for f in range(4) for j in range(3))
+    + tuple(f"lean{f}" for f in range(4))
     + tuple(f"thumb{p}{axis}" for p in range(1, 4) for axis in "xy")
+)
 # ... but every video was shot in the same room: one looping scene, which each class's video enters at
 # its own point. Were the background class-specific, a CNN would learn the rooms instead of the hands.
-SCENE_DRIFTS = ("skin", "skin_hue", "brightness", "contrast", "cast_r", "cast_g", "cast_b", "light_angle",
-                "light_strength", "bg_angle", "bg_top_r", "bg_top_g", "bg_top_b", "bg_bottom_r", "bg_bottom_g",
-                "bg_bottom_b")
+SCENE_DRIFTS = (
+    "skin",
+    "skin_hue",
+    "brightness",
+    "contrast",
+    "cast_r",
+    "cast_g",
+    "cast_b",
+    "light_angle",
+    "light_strength",
+    "bg_angle",
+    "bg_top_r",
+    "bg_top_g",
+    "bg_top_b",
+    "bg_bottom_r",
+    "bg_bottom_g",
+    "bg_bottom_b",
+)
 MIN_HAND_CYCLES, MAX_HAND_CYCLES = 1.5, 4.0  # how fast the hand's drift curves vary, in cycles per video
 SCENE_LOOPS = 2  # passes of each video through the shared scene's loop
 CLUTTER_ITEMS = 9  # background objects in the scene's loop; each is on screen for part of it
@@ -197,22 +270,24 @@ def _scene(seed: int) -> tuple[_Drift, np.ndarray]:
     rng = np.random.default_rng([seed, 0x5CE7E])
     drift = _random_drift(rng, SCENE_DRIFTS, rng.integers(1, 3, (len(SCENE_DRIFTS), 3)).astype(float))
     n = CLUTTER_ITEMS
-    clutter = np.column_stack([
-        rng.uniform(0, 1, n),  # 0 birth, in loop time
-        rng.uniform(0.25, 0.6, n),  # 1 lifetime
-        rng.integers(0, 4, n),  # 2 kind: ellipse, rectangle, bar, triangle
-        rng.uniform(-0.1, 1.1, n),  # 3 x at birth, fraction of the side
-        rng.uniform(-0.1, 1.1, n),  # 4 y at birth
-        rng.normal(0, 0.25, n),  # 5 x velocity, sides per loop
-        rng.normal(0, 0.25, n),  # 6 y velocity
-        rng.uniform(0.06, 0.3, n),  # 7 width
-        rng.uniform(0.06, 0.3, n),  # 8 height
-        rng.uniform(0, 180, n),  # 9 angle (bars, triangles), degrees
-        rng.integers(50, 206, n),  # 10-12 colour
-        rng.integers(50, 206, n),
-        rng.integers(50, 206, n),
-        rng.uniform(-40, 40, n),  # 13 angular velocity, degrees per loop
-    ])
+    clutter = np.column_stack(
+        [
+            rng.uniform(0, 1, n),  # 0 birth, in loop time
+            rng.uniform(0.25, 0.6, n),  # 1 lifetime
+            rng.integers(0, 4, n),  # 2 kind: ellipse, rectangle, bar, triangle
+            rng.uniform(-0.1, 1.1, n),  # 3 x at birth, fraction of the side
+            rng.uniform(-0.1, 1.1, n),  # 4 y at birth
+            rng.normal(0, 0.25, n),  # 5 x velocity, sides per loop
+            rng.normal(0, 0.25, n),  # 6 y velocity
+            rng.uniform(0.06, 0.3, n),  # 7 width
+            rng.uniform(0.06, 0.3, n),  # 8 height
+            rng.uniform(0, 180, n),  # 9 angle (bars, triangles), degrees
+            rng.integers(50, 206, n),  # 10-12 colour
+            rng.integers(50, 206, n),
+            rng.integers(50, 206, n),
+            rng.uniform(-40, 40, n),  # 13 angular velocity, degrees per loop
+        ]
+    )
     return drift, clutter
 
 
@@ -295,8 +370,9 @@ def _hand_primitives(shape: Handshape, drift: dict[str, float], rng: np.random.G
     return capsules
 
 
-def _draw_hand(img: Image.Image, mask: Image.Image | None, shape: Handshape, drift: dict[str, float],
-               rng: np.random.Generator, image_px: int) -> None:
+def _draw_hand(
+    img: Image.Image, mask: Image.Image | None, shape: Handshape, drift: dict[str, float], rng: np.random.Generator, image_px: int
+) -> None:
     squash = shape.squash * (0.9 + 0.1 * drift["squash"])
     depth_x, depth_y = 0.25 + 0.12 * drift["depth_x"], 0.12
     angle = math.radians(shape.rotation + 10.0 * drift["rotation"] + rng.normal(0, 1.5))
@@ -347,8 +423,9 @@ def _draw_clutter(img: Image.Image, clutter: np.ndarray, u: float, image_px: int
             draw.polygon(pts, fill=colour)
 
 
-def _render(class_name: str, frame: int, per_class: int, seed: int, image_px: int,
-            with_mask: bool = False) -> tuple[Image.Image, Image.Image | None, int]:
+def _render(
+    class_name: str, frame: int, per_class: int, seed: int, image_px: int, with_mask: bool = False
+) -> tuple[Image.Image, Image.Image | None, int]:
     """The frame's image, its hand mask (when asked) and the JPEG quality to save it with."""
     class_index = ASL_CLASSES.index(class_name)
     t = (frame - 1) / per_class  # 0 at the first frame; the test image sits just past the last
@@ -365,8 +442,7 @@ def _render(class_name: str, frame: int, per_class: int, seed: int, image_px: in
     bg_angle = math.pi * drift["bg_angle"]
     ramp = 0.5 + 0.35 * (np.cos(bg_angle) * side[:, None] + np.sin(bg_angle) * side[None, :])
     top = 128 + 60 * np.array([drift["bg_top_r"], drift["bg_top_g"], drift["bg_top_b"]], dtype=np.float32)
-    bottom = 128 + 60 * np.array([drift["bg_bottom_r"], drift["bg_bottom_g"], drift["bg_bottom_b"]],
-                                  dtype=np.float32)
+    bottom = 128 + 60 * np.array([drift["bg_bottom_r"], drift["bg_bottom_g"], drift["bg_bottom_b"]], dtype=np.float32)
     bg = top + (bottom - top) * ramp[..., None]  # (H, W, 3)
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     _draw_clutter(img, clutter, u, image_px)
@@ -379,8 +455,7 @@ def _render(class_name: str, frame: int, per_class: int, seed: int, image_px: in
     pixels = np.asarray(img, dtype=np.float32)
     # Lighting: a directional falloff, then brightness, contrast and a colour cast over everything.
     light_angle = math.pi * drift["light_angle"]
-    falloff = 1.0 + 0.22 * drift["light_strength"] * (np.cos(light_angle) * side[:, None]
-                                                      + np.sin(light_angle) * side[None, :])
+    falloff = 1.0 + 0.22 * drift["light_strength"] * (np.cos(light_angle) * side[:, None] + np.sin(light_angle) * side[None, :])
     pixels = pixels * falloff[..., None]
     contrast = 1.0 + 0.15 * drift["contrast"]
     pixels = (pixels - 128.0) * contrast + 128.0 + 20.0 * drift["brightness"]
@@ -390,14 +465,16 @@ def _render(class_name: str, frame: int, per_class: int, seed: int, image_px: in
     return img, mask, int(rng.integers(82, 96))
 
 
-def render_image(class_name: str, frame: int, per_class: int = DEFAULT_PER_CLASS, seed: int = DEFAULT_SEED,
-                 image_px: int = DEFAULT_IMAGE_PX) -> Image.Image:
+def render_image(
+    class_name: str, frame: int, per_class: int = DEFAULT_PER_CLASS, seed: int = DEFAULT_SEED, image_px: int = DEFAULT_IMAGE_PX
+) -> Image.Image:
     """Frame `frame` (1-based) of class `class_name`'s video of `per_class` frames, as an RGB image."""
     return _render(class_name, frame, per_class, seed, image_px)[0]
 
 
-def render_hand_mask(class_name: str, frame: int, per_class: int = DEFAULT_PER_CLASS, seed: int = DEFAULT_SEED,
-                     image_px: int = DEFAULT_IMAGE_PX) -> np.ndarray:
+def render_hand_mask(
+    class_name: str, frame: int, per_class: int = DEFAULT_PER_CLASS, seed: int = DEFAULT_SEED, image_px: int = DEFAULT_IMAGE_PX
+) -> np.ndarray:
     """Boolean (H, W) mask of the pixels the hand covers in that frame (all False for `nothing`)."""
     return np.asarray(_render(class_name, frame, per_class, seed, image_px, with_mask=True)[1]) > 0
 
@@ -447,17 +524,16 @@ def _render_into(tmp: Path, per_class: int, seed: int, image_px: int, progress: 
     for class_name in classes:
         class_dir = tmp / TRAIN_SUBDIR / class_name
         class_dir.mkdir(parents=True)
-        tasks += [(class_name, n, per_class, seed, image_px, str(class_dir / f"{class_name}{n}.jpg"))
-                  for n in range(1, per_class + 1)]
+        tasks += [(class_name, n, per_class, seed, image_px, str(class_dir / f"{class_name}{n}.jpg")) for n in range(1, per_class + 1)]
     (tmp / TEST_SUBDIR).mkdir(parents=True)
     # The real test images are extra frames of the same videos; here, the frame just after the last.
-    tasks += [(c, per_class + 1, per_class, seed, image_px, str(tmp / TEST_SUBDIR / f"{c}_test.jpg"))
-              for c in TEST_CLASSES if c in classes]
+    tasks += [(c, per_class + 1, per_class, seed, image_px, str(tmp / TEST_SUBDIR / f"{c}_test.jpg")) for c in TEST_CLASSES if c in classes]
     _run_tasks(tasks, progress)
 
 
-def _render_atomically(out_dir: Path, per_class: int, seed: int, image_px: int, progress: bool,
-                       reuse_existing: bool, classes: tuple[str, ...] = ASL_CLASSES) -> Path:
+def _render_atomically(
+    out_dir: Path, per_class: int, seed: int, image_px: int, progress: bool, reuse_existing: bool, classes: tuple[str, ...] = ASL_CLASSES
+) -> Path:
     out_dir = Path(out_dir)
     try:
         # Renamed onto a missing or empty folder; a non-empty one is in the way.
@@ -469,9 +545,14 @@ def _render_atomically(out_dir: Path, per_class: int, seed: int, image_px: int, 
     return out_dir
 
 
-def render_dataset(out_dir: Path, per_class: int = DEFAULT_PER_CLASS, seed: int = DEFAULT_SEED,
-                   image_px: int = DEFAULT_IMAGE_PX, progress: bool = True,
-                   classes: tuple[str, ...] | list[str] | None = None) -> Path:
+def render_dataset(
+    out_dir: Path,
+    per_class: int = DEFAULT_PER_CLASS,
+    seed: int = DEFAULT_SEED,
+    image_px: int = DEFAULT_IMAGE_PX,
+    progress: bool = True,
+    classes: tuple[str, ...] | list[str] | None = None,
+) -> Path:
     """Render the dataset into out_dir in the Kaggle layout and return out_dir.
 
     `classes` renders only those classes (in the alphabet's order; a class's images do not depend on
@@ -497,8 +578,7 @@ def default_dataset_dir(per_class: int = DEFAULT_PER_CLASS, seed: int = DEFAULT_
     return cache_root() / f"synth-{SYNTH_VERSION}-pc{per_class}-s{seed}"
 
 
-def ensure_default_dataset(progress: bool = True, per_class: int = DEFAULT_PER_CLASS,
-                           seed: int = DEFAULT_SEED) -> Path:
+def ensure_default_dataset(progress: bool = True, per_class: int = DEFAULT_PER_CLASS, seed: int = DEFAULT_SEED) -> Path:
     """Return the default dataset's folder, rendering it on first use; reused afterwards."""
     _validate(per_class, seed, DEFAULT_IMAGE_PX)
     out_dir = default_dataset_dir(per_class, seed)

@@ -25,8 +25,8 @@ from torch import nn
 from asl_tune.config import TrialConfig, config_problems
 from asl_tune.data import Batcher, DecodedDataset, Splits, make_splits, subsample
 from asl_tune.errors import AslTuneError
-from asl_tune.files import write_atomically
 from asl_tune.evaluate import EVAL_BATCH, autocast_to, confusion_matrix, measure_speed, pair_rates, per_class_rates, predict
+from asl_tune.files import write_atomically
 from asl_tune.model import DexNet, count_parameters, flops_per_image
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def keeps_on_device(nbytes: int, total_memory: int, share: float) -> bool:
 
 
 def device_name(device: torch.device) -> str:
-    """"cpu", or the GPU's name (as trial rows record it)."""
+    """ "cpu", or the GPU's name (as trial rows record it)."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
@@ -125,7 +125,9 @@ class Trained:
         images = np.asarray(images)
         size = self.config.image_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
-            raise AslTuneError(f"images: must be a (N, {size}, {size}, 3) uint8 RGB array for {self.source}, got {images.dtype} {images.shape}")
+            raise AslTuneError(
+                f"images: must be a (N, {size}, {size}, 3) uint8 RGB array for {self.source}, got {images.dtype} {images.shape}"
+            )
         device = device or pick_device()
         model = self.model.to(device)
         batcher = Batcher(np.ascontiguousarray(images), device, channels_last=False)
@@ -156,7 +158,9 @@ def load_trained(where: str | Path) -> Trained:
     except Exception as e:  # missing, unreachable, torn, or not a torch file
         raise AslTuneError(f"{where}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or "config" not in state or "classes" not in state:
-        raise AslTuneError(f"{where}: this checkpoint does not record its settings and classes (written before asl-tune saved them); retrain to load it")
+        raise AslTuneError(
+            f"{where}: this checkpoint does not record its settings and classes (written before asl-tune saved them); retrain to load it"
+        )
     settings = dict(state["config"])
     settings.setdefault("split_seed", settings.get("seed", 0))  # written before the split had a seed of its own
     config = TrialConfig(**settings)
@@ -246,7 +250,9 @@ def train_trial(
         # the one restored from is already the final one.
         evaluation = finish(run)
         _report(report, run, run.history[-1], evaluation, None)
-    out = TrialResult(status=run.status, config=config, epochs=run.history, final=trial_metrics(run, evaluation), classes=list(dataset.classes))
+    out = TrialResult(
+        status=run.status, config=config, epochs=run.history, final=trial_metrics(run, evaluation), classes=list(dataset.classes)
+    )
     if evaluation is not None:
         out.confusion, out.per_class = evaluation["confusion"], evaluation["per_class"]
     return out
@@ -290,7 +296,21 @@ def set_up(
     labels = torch.from_numpy(dataset.labels).to(device)
     precision = pick_precision(device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    return Run(config, dataset, external, device, splits, train_rows, model, optimizer, batcher, labels, started, precision=precision, scaler=scaler)
+    return Run(
+        config,
+        dataset,
+        external,
+        device,
+        splits,
+        train_rows,
+        model,
+        optimizer,
+        batcher,
+        labels,
+        started,
+        precision=precision,
+        scaler=scaler,
+    )
 
 
 def restore(run: Run, state: dict) -> None:
@@ -457,7 +477,9 @@ def checkpoint_state(run: Run) -> dict:
     }
 
 
-def _epoch_row(epoch: int, train_loss: float, train_acc: float, val_loss: float, val_acc: float, img_per_s: float, images_seen: int, seconds: float) -> dict:
+def _epoch_row(
+    epoch: int, train_loss: float, train_acc: float, val_loss: float, val_acc: float, img_per_s: float, images_seen: int, seconds: float
+) -> dict:
     return {
         "epoch": epoch + 1,  # 1-based, as users count epochs
         "train_loss": train_loss,

@@ -51,16 +51,33 @@ class Setup:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, help="a folder-per-class dataset (default: a synthetic one rendered at 200 px, --per-class frames per class)")
-    p.add_argument("--per-class", type=int, default=40, help="synthetic images per class when --data is not given (default 40: 1,160 images, 812 for training)")
+    p.add_argument(
+        "--data", type=Path, help="a folder-per-class dataset (default: a synthetic one rendered at 200 px, --per-class frames per class)"
+    )
+    p.add_argument(
+        "--per-class",
+        type=int,
+        default=40,
+        help="synthetic images per class when --data is not given (default 40: 1,160 images, 812 for training)",
+    )
     p.add_argument("--image-size", type=int, default=64, help="input side in px for all three pipelines (default 64; the seed used 200)")
     p.add_argument("--head-width", type=int, default=512, help="DexNet head width (default 512, the seed's model 1)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64, the seed's)")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per pipeline (default 2)")
-    p.add_argument("--repeats", type=int, default=1, help="measure each pipeline this many times, interleaved, and report the median (default 1)")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="measure each pipeline this many times, interleaved, and report the median (default 1)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads for every pipeline (default 2)")
-    p.add_argument("--loader-workers", type=int, nargs="*", default=[0], help="DataLoader num_workers for the seed's pipeline; the first is the headline figure (default 0, the seed's; e.g. 0 2)")
-    p.add_argument("--cache-workers", type=int, default=None, help="decode processes for the cold cache build (default: the library's, min(CPUs, 8))")
+    p.add_argument(
+        "--loader-workers",
+        type=int,
+        nargs="*",
+        default=[0],
+        help="DataLoader num_workers for the seed's pipeline; the first is the headline figure (default 0, the seed's; e.g. 0 2)",
+    )
+    p.add_argument(
+        "--cache-workers", type=int, default=None, help="decode processes for the cold cache build (default: the library's, min(CPUs, 8))"
+    )
     p.add_argument("--skip-cache", action="store_true", help="do not time a cold cache build (use the normal cache)")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the weights and the batch order (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last stdout line")
@@ -147,8 +164,12 @@ def trainer_throughput(setup: Setup, ds, device) -> tuple[float, int]:
     from asl_tune.train import train_trial
 
     config = TrialConfig(
-        head_width=setup.head_width, lr=setup.lr, epochs=setup.epochs, batch_size=setup.batch_size,
-        image_size=setup.image_size, seed=setup.seed,
+        head_width=setup.head_width,
+        lr=setup.lr,
+        epochs=setup.epochs,
+        batch_size=setup.batch_size,
+        image_size=setup.image_size,
+        seed=setup.seed,
     )
     result = train_trial(config, ds, threads=setup.threads, device=device)
     return float(result.final["train_img_per_s"]), int(result.final["images_seen"]) // setup.epochs
@@ -170,7 +191,10 @@ def bare_throughput(setup: Setup, ds, rows, device) -> float:
     batcher = Batcher(ds.images, device, channels_last=device.type == "cuda")
     rows_t = torch.from_numpy(rows)
     labels = torch.from_numpy(ds.labels).to(device)
-    batches = [(batcher.batch(rows_t[s : s + setup.batch_size]), labels[rows_t[s : s + setup.batch_size].to(device)]) for s in range(0, len(rows_t), setup.batch_size)]
+    batches = [
+        (batcher.batch(rows_t[s : s + setup.batch_size]), labels[rows_t[s : s + setup.batch_size].to(device)])
+        for s in range(0, len(rows_t), setup.batch_size)
+    ]
     model, opt = new_model(setup, len(ds.classes), device)
     model.train()
     seen, start = 0, time.perf_counter()
@@ -196,8 +220,14 @@ def seed_loader(data: Path, image_size: int, n_images: int, batch_size: int, wor
     # As many images as the trainer's training split; which ones does not change the cost (all are 200 px JPEGs).
     pick = torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed))[:n_images].tolist()
     subset = torch.utils.data.Subset(folder, pick)
-    return torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(
+        subset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def seed_pipeline_throughput(setup: Setup, data: Path, n_images: int, num_classes: int, workers: int, device) -> float:
@@ -257,7 +287,9 @@ def measure(args: argparse.Namespace) -> dict:
     setup = Setup(args.image_size, args.head_width, args.batch_size, 0.008, args.epochs, args.threads, args.seed)
     rows = train_rows(ds, args.seed)
     n_train = len(rows)
-    say(f"{n_train} training images, {args.epochs} epochs, batch {args.batch_size}, head {args.head_width}, {args.threads} threads on {device_name(device)}")
+    say(
+        f"{n_train} training images, {args.epochs} epochs, batch {args.batch_size}, head {args.head_width}, {args.threads} threads on {device_name(device)}"
+    )
     warm_up(setup, len(ds.classes), device)
 
     runs: dict[str, list[float]] = {"bare": [], "trainer": []}

@@ -45,8 +45,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 200], help="image sizes to sweep at, px (default 64 200)")
-    p.add_argument("--per-class", type=int, default=KAGGLE_PER_CLASS, help="images per class in the stand-in (default 3,000: the Kaggle set's 87,000)")
-    p.add_argument("--render-per-class", type=int, default=100, help="distinct rendered frames per class, hard-linked to --per-class names (default 100)")
+    p.add_argument(
+        "--per-class", type=int, default=KAGGLE_PER_CLASS, help="images per class in the stand-in (default 3,000: the Kaggle set's 87,000)"
+    )
+    p.add_argument(
+        "--render-per-class",
+        type=int,
+        default=100,
+        help="distinct rendered frames per class, hard-linked to --per-class names (default 100)",
+    )
     p.add_argument("--trials", type=int, default=2, help="trials, all at once (default 2: one per core)")
     p.add_argument("--data-fraction", type=float, default=0.01, help="share of the training split each trial trains on (default 0.01)")
     p.add_argument("--work", type=Path, help="where the stand-in and the sweeps go (default: a temporary folder, removed after)")
@@ -97,7 +104,9 @@ def check_room(n_images: int, sizes: list[int], work: Path) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if need * 1.05 > free:
-        sys.exit(f"fullsize.py: error: the decoded cache needs {need / GB:.1f} GB in {cache_root()} and its disk has {free / GB:.1f} GB free; set ASL_TUNE_CACHE to a larger disk or use smaller --sizes")
+        sys.exit(
+            f"fullsize.py: error: the decoded cache needs {need / GB:.1f} GB in {cache_root()} and its disk has {free / GB:.1f} GB free; set ASL_TUNE_CACHE to a larger disk or use smaller --sizes"
+        )
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if mem < 8 * GB and max(sizes) >= 200:
         sys.exit(f"fullsize.py: error: this machine has {mem / GB:.1f} GB of memory; the 200 px run wants at least 8 GB")
@@ -188,9 +197,14 @@ class Sampler:
 def _space(path: Path, size: int, trials: int, data_fraction: float) -> Path:
     import yaml
 
-    doc = {"name": path.stem, "metric": "val_accuracy", "mode": "max", "num_samples": trials,
-           "fixed": {"image_size": size, "epochs": 1, "data_fraction": data_fraction, "batch_size": 64},
-           "params": {"lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True}}}
+    doc = {
+        "name": path.stem,
+        "metric": "val_accuracy",
+        "mode": "max",
+        "num_samples": trials,
+        "fixed": {"image_size": size, "epochs": 1, "data_fraction": data_fraction, "batch_size": 64},
+        "params": {"lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True}},
+    }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -203,8 +217,24 @@ def sweep_at(size: int, data: Path, work: Path, args: argparse.Namespace) -> dic
     space = _space(work / f"{name}.yaml", size, args.trials, args.data_fraction)
     ray_tmp = Path(tempfile.mkdtemp(prefix="fsb-", dir="/tmp"))  # Ray's own temp folder for this run: its spill folder is ours to measure
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    cmd = [sys.executable, "-m", "asl_tune", "sweep", "--space", str(space), "--data", str(data), "--results", str(work / "results"),
-           "--name", name, "--cpus-per-trial", "1", "--max-concurrent", str(args.trials)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "asl_tune",
+        "sweep",
+        "--space",
+        str(space),
+        "--data",
+        str(data),
+        "--results",
+        str(work / "results"),
+        "--name",
+        name,
+        "--cpus-per-trial",
+        "1",
+        "--max-concurrent",
+        str(args.trials),
+    ]
     say(f"{size} px: {' '.join(cmd[2:])}")
     start = time.monotonic()
     stamps: dict[str, float] = {}
@@ -232,7 +262,12 @@ def sweep_at(size: int, data: Path, work: Path, args: argparse.Namespace) -> dic
     spilled = sum(f.stat().st_size for f in ray_tmp.rglob("*") if f.is_file() and "spill" in str(f.relative_to(ray_tmp)))
     shutil.rmtree(ray_tmp, ignore_errors=True)
     trials = read_trials(work / "results" / name) if (work / "results" / name / "trials.parquet").exists() else None
-    completed = proc.returncode == 0 and trials is not None and len(trials) == args.trials and set(trials["status"]) <= {"completed", "stopped_early"}
+    completed = (
+        proc.returncode == 0
+        and trials is not None
+        and len(trials) == args.trials
+        and set(trials["status"]) <= {"completed", "stopped_early"}
+    )
     decode_start = stamps.get("decode_start", stamps.get("decoded", 0.0))
     return {
         "completed": completed,
@@ -240,14 +275,18 @@ def sweep_at(size: int, data: Path, work: Path, args: argparse.Namespace) -> dic
         "trial_uss_mb": round(max(sampled.trials.values()), 1) if sampled.trials else None,
         "trial_anon_mb": round(max(sampled.trials_anon.values()), 1) if sampled.trials_anon else None,
         "trial_workers_seen": len(sampled.trials),
-        "trial_peak_private_mb": [round(v, 1) for v in trials["peak_private_mb"]] if trials is not None and "peak_private_mb" in trials else None,
+        "trial_peak_private_mb": [round(v, 1) for v in trials["peak_private_mb"]]
+        if trials is not None and "peak_private_mb" in trials
+        else None,
         "driver_uss_mb": round(sampled.driver_uss, 1),
         "driver_anon_mb": round(sampled.driver_anon, 1),
         "driver_rss_mb": round(sampled.driver_rss, 1),
         "spilled_mb": round(spilled / 1e6, 1),
         "decode_s": round(stamps["decoded"] - decode_start, 1) if "decoded" in stamps else 0.0,
         "handoff_s": round(stamps["tune_start"] - stamps.get("decoded", stamps["tune_start"]), 1) if "tune_start" in stamps else None,
-        "first_result_s": round(stamps["first_result"] - stamps["tune_start"], 1) if "first_result" in stamps and "tune_start" in stamps else None,
+        "first_result_s": round(stamps["first_result"] - stamps["tune_start"], 1)
+        if "first_result" in stamps and "tune_start" in stamps
+        else None,
         "wall_s": round(wall, 1),
         "plan": next((ln for ln in lines if ln.startswith("memory plan")), None),
         "last_line": lines[-1] if lines else "",
@@ -262,8 +301,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         say(f"building the stand-in: {n_images:,} images ({args.render_per_class} rendered per class, hard-linked to {args.per_class})")
         data, n_images = build_standin(work / "data", args.per_class, args.render_per_class)
-        figures = {"n_images": n_images, "distinct_jpegs": distinct_files(data), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **machine(), "trials_at_once": args.trials,
-                   "data_fraction": args.data_fraction, "smoke": args.smoke}
+        figures = {
+            "n_images": n_images,
+            "distinct_jpegs": distinct_files(data),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            **machine(),
+            "trials_at_once": args.trials,
+            "data_fraction": args.data_fraction,
+            "smoke": args.smoke,
+        }
         for size in args.sizes:
             figures[str(size)] = sweep_at(size, data, work, args)
         emit(figures, args.json)

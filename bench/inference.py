@@ -36,12 +36,27 @@ DEVICES = ("auto", "cpu", "cuda")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, help="a folder-per-class dataset (default: the embedded synthetic dataset `asl-tune train` and `sweep` use, rendered on first use)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="a folder-per-class dataset (default: the embedded synthetic dataset `asl-tune train` and `sweep` use, rendered on first use)",
+    )
     p.add_argument("--image-size", type=int, default=64, help="input side in px (default 64; the seed used 200)")
     p.add_argument("--head-width", type=int, default=256, help="DexNet head width (default 256)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto (the first GPU, else the CPU, as the trainer picks), cpu or cuda (default auto)")
-    p.add_argument("--budget-s", dest="budget_s", type=float, default=2.0, help="seconds of batches, then of single images, per round (default 2; a trial uses 1)")
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="auto (the first GPU, else the CPU, as the trainer picks), cpu or cuda (default auto)",
+    )
+    p.add_argument(
+        "--budget-s",
+        dest="budget_s",
+        type=float,
+        default=2.0,
+        help="seconds of batches, then of single images, per round (default 2; a trial uses 1)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="rounds; each figure is their median (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights and the split whose validation images are fed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last stdout line")
@@ -68,8 +83,8 @@ def measure(args: argparse.Namespace) -> dict:
 
     from asl_tune.data import Batcher, load_dataset, make_splits
     from asl_tune.evaluate import measure_speed
-    from asl_tune.results import FRAME_BUDGET_MS
     from asl_tune.model import DexNet
+    from asl_tune.results import FRAME_BUDGET_MS
     from asl_tune.synth import ensure_default_dataset
     from asl_tune.train import AUTOCAST, device_name, keeps_on_device, pick_precision
 
@@ -90,15 +105,19 @@ def measure(args: argparse.Namespace) -> dict:
     batcher = Batcher(ds.images, device, channels_last=on_gpu)
     if on_gpu and keeps_on_device(ds.images.nbytes, torch.cuda.get_device_properties(device).total_memory, 1.0):
         batcher.to_device()
-    say(f"DexNet head {args.head_width} at {args.image_size} px on {device_name(device)}, {args.threads} threads; "
-        f"{len(rows)} validation images of {data}; {args.repeats} rounds of ~{2 * args.budget_s:g} s")
+    say(
+        f"DexNet head {args.head_width} at {args.image_size} px on {device_name(device)}, {args.threads} threads; "
+        f"{len(rows)} validation images of {data}; {args.repeats} rounds of ~{2 * args.budget_s:g} s"
+    )
 
     started = time.perf_counter()
     rounds = []
     for r in range(args.repeats):
         speed = measure_speed(model, batcher, rows, autocast=AUTOCAST[pick_precision(device)], budget_s=args.budget_s)
         rounds.append(speed)
-        say(f"round {r + 1}: {speed['infer_img_per_s']:.1f} img/s at batch 64; batch 1 p50 {speed['latency_ms_p50']:.2f} ms, p95 {speed['latency_ms_p95']:.2f} ms")
+        say(
+            f"round {r + 1}: {speed['infer_img_per_s']:.1f} img/s at batch 64; batch 1 p50 {speed['latency_ms_p50']:.2f} ms, p95 {speed['latency_ms_p95']:.2f} ms"
+        )
     wall_s = time.perf_counter() - started
 
     def median(key: str) -> float:

@@ -77,16 +77,41 @@ params:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[100], help="trials per sweep in the stack part (default 100; --sizes 100 1000 --no-mirror --micro-trials 0 took 5.5 min on the 2 cores at load 1-3, about 20 min at load 8-12)")
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[100],
+        help="trials per sweep in the stack part (default 100; --sizes 100 1000 --no-mirror --micro-trials 0 took 5.5 min on the 2 cores at load 1-3, about 20 min at load 8-12)",
+    )
     p.add_argument("--epochs", type=int, default=10, help="epochs each made-up trial reports in the stack part (default 10)")
     p.add_argument("--micro-trials", type=int, default=10000, help="trials in the micro bench (default 10,000); 0 skips it")
     p.add_argument("--micro-epochs", type=int, default=20, help="epochs per trial in the micro bench (default 20)")
-    p.add_argument("--micro-compare", action="store_true", help="also time, in the micro bench, Optuna's own journal file backend (a lock and an fsync per change, about 3 ms a result) and the SQLite study.db of sweeps made before study.log (about 18 ms a result): at the default sizes they add about 10 and 60 min")
+    p.add_argument(
+        "--micro-compare",
+        action="store_true",
+        help="also time, in the micro bench, Optuna's own journal file backend (a lock and an fsync per change, about 3 ms a result) and the SQLite study.db of sweeps made before study.log (about 18 ms a result): at the default sizes they add about 10 and 60 min",
+    )
     p.add_argument("--concurrency", type=int, default=2, help="trials at once (default 2: each asks for half the CPUs of a 2-core machine)")
     p.add_argument("--no-mirror", action="store_true", help="skip the setting with the mirror to a file:// URI")
-    p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), help="which settings of the stack part to run (default: all; e.g. --settings asl_tune --sizes 10000 for the driver's RSS at 10,000 trials); ratios need asl_tune and the setting they divide by")
-    p.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help="asl-tune's sampler in the stack part (default tpe; TPE's pass over the finished trials makes an ask cost O(N), so N = 10,000 takes about an hour here with it: random measures the rest of the stack, memory included, at that N in minutes)")
-    p.add_argument("--bookkeeping", action="store_true", help="instead of the stack part, Ray's bookkeeping release test shape at each --sizes: N trials of 1 s (one report), asl-tune's whole stack and bare Tune (see above)")
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        choices=SETTINGS,
+        default=list(SETTINGS),
+        help="which settings of the stack part to run (default: all; e.g. --settings asl_tune --sizes 10000 for the driver's RSS at 10,000 trials); ratios need asl_tune and the setting they divide by",
+    )
+    p.add_argument(
+        "--sampler",
+        choices=("tpe", "random"),
+        default="tpe",
+        help="asl-tune's sampler in the stack part (default tpe; TPE's pass over the finished trials makes an ask cost O(N), so N = 10,000 takes about an hour here with it: random measures the rest of the stack, memory included, at that N in minutes)",
+    )
+    p.add_argument(
+        "--bookkeeping",
+        action="store_true",
+        help="instead of the stack part, Ray's bookkeeping release test shape at each --sizes: N trials of 1 s (one report), asl-tune's whole stack and bare Tune (see above)",
+    )
     p.add_argument("--no-stack", action="store_true", help="skip the stack (or bookkeeping) part: the micro bench only")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last stdout line")
     return p.parse_args(argv)
@@ -99,18 +124,48 @@ def made_up_epoch(config: dict, epoch: int, last: bool = False) -> dict:
     """One epoch's report with the keys and sizes of the trainer's (train.trial_metrics, train.EPOCH_ROW nested), made
     up from the settings alone; the last epoch's also has the test evaluation (29 x 29 confusion, per-class rates)."""
     accuracy = 1 - math.exp(-epoch * config["lr"] * 10) * (0.5 + 0.1 * math.log2(config["head_width"]) / 7)
-    row = {"epoch": epoch, "train_loss": 1 - accuracy, "train_accuracy": accuracy, "val_loss": 1 - accuracy, "val_accuracy": accuracy,
-           "train_img_per_s": 1000.0, "images_seen": epoch * N_TRAIN, "seconds": 0.001}
-    report = {"status": "running", "val_accuracy": accuracy, "epochs_completed": epoch, "images_seen": epoch * N_TRAIN,
-              "train_img_per_s": 1000.0, "train_seconds": 0.001 * epoch, "n_parameters": 1000 * config["head_width"],
-              "flops_per_image": 5e6, "device": "cpu", "precision": "fp32", "hostname": "bench",
-              "infer_img_per_s": 2000.0, "latency_ms_p50": 1.0, "latency_ms_p95": 1.5, "keeps_up_30fps": True, "epoch_row": row}
+    row = {
+        "epoch": epoch,
+        "train_loss": 1 - accuracy,
+        "train_accuracy": accuracy,
+        "val_loss": 1 - accuracy,
+        "val_accuracy": accuracy,
+        "train_img_per_s": 1000.0,
+        "images_seen": epoch * N_TRAIN,
+        "seconds": 0.001,
+    }
+    report = {
+        "status": "running",
+        "val_accuracy": accuracy,
+        "epochs_completed": epoch,
+        "images_seen": epoch * N_TRAIN,
+        "train_img_per_s": 1000.0,
+        "train_seconds": 0.001 * epoch,
+        "n_parameters": 1000 * config["head_width"],
+        "flops_per_image": 5e6,
+        "device": "cpu",
+        "precision": "fp32",
+        "hostname": "bench",
+        "infer_img_per_s": 2000.0,
+        "latency_ms_p50": 1.0,
+        "latency_ms_p95": 1.5,
+        "keeps_up_30fps": True,
+        "epoch_row": row,
+    }
     if last:
         k = len(CLASSES)
         confusion = [[90 if t == p else (t * p + epoch) % 3 for p in range(k)] for t in range(k)]
-        report.update(status="completed", test_accuracy=accuracy, test_loss=1 - accuracy, confusion=confusion,
-                      per_class=[{"class_name": c, "support": 100, "precision": 0.9, "recall": 0.9, "fpr": 0.003, "fnr": 0.1} for c in CLASSES],
-                      **{f"pair_{x}_as_{y}": 0.02 for x, y in (("U", "R"), ("R", "U"), ("K", "V"), ("V", "K"), ("M", "N"), ("N", "M"), ("E", "S"), ("S", "E"), ("A", "T"))})
+        report.update(
+            status="completed",
+            test_accuracy=accuracy,
+            test_loss=1 - accuracy,
+            confusion=confusion,
+            per_class=[{"class_name": c, "support": 100, "precision": 0.9, "recall": 0.9, "fpr": 0.003, "fnr": 0.1} for c in CLASSES],
+            **{
+                f"pair_{x}_as_{y}": 0.02
+                for x, y in (("U", "R"), ("R", "U"), ("K", "V"), ("V", "K"), ("M", "N"), ("N", "M"), ("E", "S"), ("S", "E"), ("A", "T"))
+            },
+        )
     return report
 
 
@@ -166,9 +221,19 @@ def _run(tuner) -> dict:
     cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
     results = sum(int((r.metrics or {}).get("training_iteration", 0)) for r in grid)
     errors = sum(1 for r in grid if r.error)
-    pids = {(r.metrics or {}).get("pid") for r in grid} - {None}  # the worker processes that ran the trials: fewer than trials when Tune reused them
-    return {"wall_s": wall, "driver_cpu_s": cpu, "results": results, "errors": errors, "trials": len(grid), "worker_pids": len(pids),
-            "driver_cpu_s_per_result": cpu / max(results, 1), "driver_peak_rss_mb": rss.mb}
+    pids = {(r.metrics or {}).get("pid") for r in grid} - {
+        None
+    }  # the worker processes that ran the trials: fewer than trials when Tune reused them
+    return {
+        "wall_s": wall,
+        "driver_cpu_s": cpu,
+        "results": results,
+        "errors": errors,
+        "trials": len(grid),
+        "worker_pids": len(pids),
+        "driver_cpu_s_per_result": cpu / max(results, 1),
+        "driver_peak_rss_mb": rss.mb,
+    }
 
 
 def run_asl_tune(n: int, epochs: int, concurrency: int, work: Path, mirrored: bool, sampler: str = "tpe") -> dict:
@@ -190,8 +255,15 @@ def run_asl_tune(n: int, epochs: int, concurrency: int, work: Path, mirrored: bo
     sweep.path.mkdir(parents=True)
     tuner = tune.Tuner(
         _trainable(epochs, concurrency),
-        tune_config=tune.TuneConfig(search_alg=_searcher(space, sweep, name, 0, None, True), scheduler=_scheduler(space, N_TRAIN), num_samples=n, reuse_actors=True),
-        run_config=tune.RunConfig(name="run-1", storage_path=str(sweep.path / "ray"), callbacks=[ParquetRecorder(sweep, space, n), DropRecordedParts(space)], verbose=0),
+        tune_config=tune.TuneConfig(
+            search_alg=_searcher(space, sweep, name, 0, None, True), scheduler=_scheduler(space, N_TRAIN), num_samples=n, reuse_actors=True
+        ),
+        run_config=tune.RunConfig(
+            name="run-1",
+            storage_path=str(sweep.path / "ray"),
+            callbacks=[ParquetRecorder(sweep, space, n), DropRecordedParts(space)],
+            verbose=0,
+        ),
     )
     figures = _run(tuner)
     sweep.sync(final=True)
@@ -239,12 +311,19 @@ def run_tune_optuna(n: int, epochs: int, concurrency: int, work: Path) -> dict:
     space_path.write_text(SPACE.format(epochs=epochs, sampler="tpe"))
     space = load_space(space_path)
     max_t = space.max_epochs() * space.max_fraction() * N_TRAIN
-    asha = ASHAScheduler(time_attr="images_seen", max_t=max_t, grace_period=min(space.grace_epochs * N_TRAIN, max_t),
-                         reduction_factor=space.reduction_factor, stop_last_trials=False)
+    asha = ASHAScheduler(
+        time_attr="images_seen",
+        max_t=max_t,
+        grace_period=min(space.grace_epochs * N_TRAIN, max_t),
+        reduction_factor=space.reduction_factor,
+        stop_last_trials=False,
+    )
     tuner = tune.Tuner(
         _trainable(epochs, concurrency),
         param_space={"lr": tune.loguniform(0.001, 0.1), "head_width": tune.choice([16, 32, 64, 128])},
-        tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", search_alg=OptunaSearch(seed=0), scheduler=asha, num_samples=n, reuse_actors=True),
+        tune_config=tune.TuneConfig(
+            metric="val_accuracy", mode="max", search_alg=OptunaSearch(seed=0), scheduler=asha, num_samples=n, reuse_actors=True
+        ),
         run_config=tune.RunConfig(name=f"tune-optuna-{n}", storage_path=str(work / "tune-optuna"), verbose=0),
     )
     return _run(tuner)
@@ -281,13 +360,20 @@ def run_bookkeeping_asl_tune(n: int, work: Path, pending: int | None = None) -> 
     tuner = tune.Tuner(
         tune.with_resources(bookkeeping_trainable, {"cpu": 1}),
         tune_config=tune.TuneConfig(search_alg=_searcher(space, sweep, name, 0, None, True), num_samples=n, reuse_actors=True),
-        run_config=tune.RunConfig(name="run-1", storage_path=str(sweep.path / "ray"), callbacks=[ParquetRecorder(sweep, space, n), DropRecordedParts(space)], verbose=0),
+        run_config=tune.RunConfig(
+            name="run-1",
+            storage_path=str(sweep.path / "ray"),
+            callbacks=[ParquetRecorder(sweep, space, n), DropRecordedParts(space)],
+            verbose=0,
+        ),
     )
     from asl_tune.sweep import cluster
 
     # Tune keeps at most TUNE_MAX_PENDING_TRIALS_PG trials pending: 1 for a searcher without a ConcurrencyLimiter (asl-tune's
     # without --max-concurrent), so with reused actors a second worker is only asked for when a trial is pending (see RESULTS §8).
-    with cluster.scoped_environment({**cluster.tune_environment(n), **({} if pending is None else {"TUNE_MAX_PENDING_TRIALS_PG": str(pending)})}):
+    with cluster.scoped_environment(
+        {**cluster.tune_environment(n), **({} if pending is None else {"TUNE_MAX_PENDING_TRIALS_PG": str(pending)})}
+    ):
         return _run(tuner)
 
 
@@ -300,7 +386,14 @@ def run_bookkeeping_bare_tune(n: int, work: Path) -> dict:
 
     tuner = tune.Tuner(
         bookkeeping_trainable,
-        param_space={"score": tune.uniform(0.0, 1.0), "num_iters": 1, "sleep_time": 1.0, "checkpoint_iters": -1, "checkpoint_size_b": 0, "checkpoint_num_files": 1},
+        param_space={
+            "score": tune.uniform(0.0, 1.0),
+            "num_iters": 1,
+            "sleep_time": 1.0,
+            "checkpoint_iters": -1,
+            "checkpoint_size_b": 0,
+            "checkpoint_num_files": 1,
+        },
         tune_config=tune.TuneConfig(num_samples=n, reuse_actors=True),
         run_config=tune.RunConfig(name=f"bookkeeping-bare-{n}", storage_path=str(work / "bare"), verbose=0),
     )
@@ -331,17 +424,31 @@ def bookkeeping(args: argparse.Namespace, work: Path) -> dict:
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)
         cpus = ray.cluster_resources()["CPU"]
         for n in args.sizes:
-            settings = [("bare_tune", run_bookkeeping_bare_tune), ("asl_tune", run_bookkeeping_asl_tune),
-                        ("asl_tune_pending_cpus", lambda n, work: run_bookkeeping_asl_tune(n, work, pending=int(cpus)))]
+            settings = [
+                ("bare_tune", run_bookkeeping_bare_tune),
+                ("asl_tune", run_bookkeeping_asl_tune),
+                ("asl_tune_pending_cpus", lambda n, work: run_bookkeeping_asl_tune(n, work, pending=int(cpus))),
+            ]
             for setting, run in settings:
                 waited, free = _all_cpus_free(cpus)  # the run before's actors may still hold CPUs a while after it returns
-                say(f"bookkeeping {setting}: {n} trials of 1 s on {cpus:g} CPUs (theory {n / cpus:.0f} s), load {os.getloadavg()[0]:.2f}; {free:g} CPUs free after {waited:.1f} s")
+                say(
+                    f"bookkeeping {setting}: {n} trials of 1 s on {cpus:g} CPUs (theory {n / cpus:.0f} s), load {os.getloadavg()[0]:.2f}; {free:g} CPUs free after {waited:.1f} s"
+                )
                 load_before = os.getloadavg()
                 figures = run(n, work)
-                figures.update(theory_s=n / cpus, ratio=figures["wall_s"] / (n / cpus), cpus=cpus, cpus_free_at_start=free, waited_for_cpus_s=waited,
-                               load_avg_before=load_before, load_avg_after=os.getloadavg())
+                figures.update(
+                    theory_s=n / cpus,
+                    ratio=figures["wall_s"] / (n / cpus),
+                    cpus=cpus,
+                    cpus_free_at_start=free,
+                    waited_for_cpus_s=waited,
+                    load_avg_before=load_before,
+                    load_avg_after=os.getloadavg(),
+                )
                 runs.setdefault(setting, {})[n] = figures
-                say(f"bookkeeping {setting}: {n} trials in {figures['wall_s']:.1f} s, {figures['ratio']:.2f} x theory, load {os.getloadavg()[0]:.2f}")
+                say(
+                    f"bookkeeping {setting}: {n} trials in {figures['wall_s']:.1f} s, {figures['ratio']:.2f} x theory, load {os.getloadavg()[0]:.2f}"
+                )
         ray.shutdown()
     return runs
 
@@ -367,9 +474,11 @@ def stack(args: argparse.Namespace, work: Path) -> dict:
     with cluster.scoped_environment(cluster.LOCAL_ENV):
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)
         for n in args.sizes:
-            settings = [("bare_tune", lambda: run_bare_tune(n, args.epochs, args.concurrency, work)),
-                        ("tune_optuna", lambda: run_tune_optuna(n, args.epochs, args.concurrency, work)),
-                        ("asl_tune", lambda: run_asl_tune(n, args.epochs, args.concurrency, work, False, args.sampler))]
+            settings = [
+                ("bare_tune", lambda: run_bare_tune(n, args.epochs, args.concurrency, work)),
+                ("tune_optuna", lambda: run_tune_optuna(n, args.epochs, args.concurrency, work)),
+                ("asl_tune", lambda: run_asl_tune(n, args.epochs, args.concurrency, work, False, args.sampler)),
+            ]
             if not args.no_mirror:
                 settings.append(("asl_tune_mirror", lambda: run_asl_tune(n, args.epochs, args.concurrency, work, True, args.sampler)))
             for setting, run in [(s, r) for s, r in settings if s in args.settings]:
@@ -395,9 +504,9 @@ def micro(args: argparse.Namespace, work: Path) -> dict:
     """The recorder's and each storage's cost per result, over the first WINDOW trials and the last WINDOW."""
     import optuna
 
+    from asl_tune.sweep.mirror import SweepFolder
     from asl_tune.sweep.recorder import ParquetRecorder
     from asl_tune.sweep.space import load_space
-    from asl_tune.sweep.mirror import SweepFolder
     from asl_tune.sweep.study import SweepStudyStorage, study_storage
 
     space_path = work / "micro.yaml"
@@ -410,7 +519,9 @@ def micro(args: argparse.Namespace, work: Path) -> dict:
         (work / "micro" / sub).mkdir(parents=True)
     storages = {"study": study_storage(work / "micro" / "study")}  # asl-tune's: Optuna's journal, written in batches
     if args.micro_compare:
-        storages["optuna_journal"] = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(work / "micro" / "optuna_journal" / "study.log")))
+        storages["optuna_journal"] = optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(work / "micro" / "optuna_journal" / "study.log"))
+        )
         storages["sqlite"] = SweepStudyStorage(SweepFolder(work / "micro", "sqlite"), "study.db")  # what sweeps made before study.log use
     studies = {k: optuna.create_study(study_name="micro", storage=s) for k, s in storages.items()}
     seconds = {k: [0.0] * args.micro_trials for k in ("recorder", *storages)}
@@ -425,9 +536,13 @@ def micro(args: argparse.Namespace, work: Path) -> dict:
                 say(f"micro: {k + 1} trials in {time.perf_counter() - t0:.0f} s")
     w = min(WINDOW, max(args.micro_trials // 2, 1))
     seconds["recorder_and_study"] = [r + q for r, q in zip(seconds["recorder"], seconds["study"])]  # what asl-tune's driver pays
-    per_result = {key: {"first": sum(s[:w]) / (w * args.micro_epochs), "last": sum(s[-w:]) / (w * args.micro_epochs)} for key, s in seconds.items()}
+    per_result = {
+        key: {"first": sum(s[:w]) / (w * args.micro_epochs), "last": sum(s[-w:]) / (w * args.micro_epochs)} for key, s in seconds.items()
+    }
     return {
-        "trials": args.micro_trials, "epochs": args.micro_epochs, "window_trials": w,
+        "trials": args.micro_trials,
+        "epochs": args.micro_epochs,
+        "window_trials": w,
         "cost_per_result_ms": {key: {k: v * 1000 for k, v in c.items()} for key, c in per_result.items()},
         "growth": {key: c["last"] / c["first"] for key, c in per_result.items()},
         "files_bytes": {"recorder": _sizes(folder), **{k: _sizes(work / "micro" / k) for k in storages}},
@@ -465,7 +580,9 @@ def reading(folder: Path) -> dict:
     assert after.equals(trials), "compaction changed what read_trials reads"
     figures["load_s"], tables = timed(lambda: asl_tune.load(folder.name, folder.parent))
     figures["rows"] = {name: len(df) for name, df in tables._asdict().items()}
-    say(f"reading: read_trials {figures['read_trials_parts_s']:.1f} s on parts, compaction {figures['compact_s']:.1f} s, read_trials {figures['read_trials_s']:.2f} s, load {figures['load_s']:.2f} s")
+    say(
+        f"reading: read_trials {figures['read_trials_parts_s']:.1f} s on parts, compaction {figures['compact_s']:.1f} s, read_trials {figures['read_trials_s']:.2f} s, load {figures['load_s']:.2f} s"
+    )
     done = subprocess.run([sys.executable, "-c", ANALYZE, str(folder.parent), folder.name], capture_output=True, text=True)
     if done.returncode:
         say(f"reading: analyze failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
@@ -488,7 +605,6 @@ def tune_trial_kb(n: int, epochs: int) -> dict:
     from ray.tune.experiment import Trial
 
     from asl_tune.sweep.recorder import DropRecordedParts
-
     from asl_tune.sweep.space import load_space
 
     space_path = Path(tempfile.mkdtemp(prefix="asl-bench-space-")) / "scale.yaml"
@@ -534,7 +650,10 @@ def _store_trial(study, trial: _Trial, epochs: int) -> float:
 
     t0 = time.perf_counter()
     storage, study_id = study._storage, study._study_id
-    distributions = {"lr": optuna.distributions.FloatDistribution(0.001, 0.1, log=True), "head_width": optuna.distributions.CategoricalDistribution([16, 32, 64, 128])}
+    distributions = {
+        "lr": optuna.distributions.FloatDistribution(0.001, 0.1, log=True),
+        "head_width": optuna.distributions.CategoricalDistribution([16, 32, 64, 128]),
+    }
     tid = storage.create_new_trial(study_id)
     for name, value in (("lr", trial.config["lr"]), ("head_width", trial.config["head_width"])):
         storage.set_trial_param(tid, name, distributions[name].to_internal_repr(value), distributions[name])
@@ -562,7 +681,10 @@ def main(argv: list[str] | None = None) -> int:
     def ratio(a: dict, b: dict, per_result: bool = False) -> dict | None:
         if not (a and b):
             return None
-        return {n: (a[n]["wall_s"] / (a[n]["results"] if per_result else 1)) / (b[n]["wall_s"] / (b[n]["results"] if per_result else 1)) for n in args.sizes}
+        return {
+            n: (a[n]["wall_s"] / (a[n]["results"] if per_result else 1)) / (b[n]["wall_s"] / (b[n]["results"] if per_result else 1))
+            for n in args.sizes
+        }
 
     figures.update(
         n_trials=args.sizes,
@@ -584,19 +706,31 @@ def main(argv: list[str] | None = None) -> int:
         # Tune's own memory a trial for the whole sweep, its result whole and as asl-tune leaves it (DropRecordedParts).
         tune_trial_kb=micro_figures["tune_trial_kb"] if micro_figures else None,
         # asl-tune's driver: the highest of its runs' peaks (and the micro bench's); the process's, runs of other settings included, beside it.
-        driver_peak_rss_mb=max([r["driver_peak_rss_mb"] for s in ("asl_tune", "asl_tune_mirror") for r in runs.get(s, {}).values()]
-                               + ([micro_figures["peak_rss_mb"]] if micro_figures else []), default=None),
+        driver_peak_rss_mb=max(
+            [r["driver_peak_rss_mb"] for s in ("asl_tune", "asl_tune_mirror") for r in runs.get(s, {}).values()]
+            + ([micro_figures["peak_rss_mb"]] if micro_figures else []),
+            default=None,
+        ),
         process_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         runs=runs,
         micro=micro_figures,
     )
     if args.bookkeeping:
-        figures.update(bookkeeping_ratio=_each(ours, "ratio"), bookkeeping_ratio_bare_tune=_each(bare, "ratio"),
-                       bookkeeping_ratio_pending_cpus=_each(runs.get("asl_tune_pending_cpus", {}), "ratio"))
+        figures.update(
+            bookkeeping_ratio=_each(ours, "ratio"),
+            bookkeeping_ratio_bare_tune=_each(bare, "ratio"),
+            bookkeeping_ratio_pending_cpus=_each(runs.get("asl_tune_pending_cpus", {}), "ratio"),
+        )
     if micro_figures:
         read = micro_figures["reading"]
-        figures.update(read_trials_s=read["read_trials_s"], read_trials_parts_s=read["read_trials_parts_s"], compact_s=read["compact_s"],
-                       load_s=read["load_s"], analyze_s=read.get("analyze_s"), analyze_peak_rss_mb=read.get("analyze_peak_rss_mb"))
+        figures.update(
+            read_trials_s=read["read_trials_s"],
+            read_trials_parts_s=read["read_trials_parts_s"],
+            compact_s=read["compact_s"],
+            load_s=read["load_s"],
+            analyze_s=read.get("analyze_s"),
+            analyze_peak_rss_mb=read.get("analyze_peak_rss_mb"),
+        )
     if "asl_tune_mirror" in runs:
         figures["mirror_wall_s"] = _each(runs["asl_tune_mirror"], "wall_s")
         figures["mirror_ratio_vs_bare_tune"] = ratio(runs["asl_tune_mirror"], bare)

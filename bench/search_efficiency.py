@@ -64,18 +64,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--per-class", type=int, default=50, help="synthetic images per class (default 50: 1,015 training images)")
     g.add_argument("--image-size", type=int, default=48, help="input side, px (default 48)")
     g.add_argument("--epochs", type=int, default=4, help="full budget, epochs (default 4)")
-    g.add_argument("--head-widths", type=int, nargs="+", default=[64, 128, 256, 512], help="grid values of head_width (default 64 128 256 512)")
-    g.add_argument("--lrs", type=float, nargs="+", default=[0.002, 0.006, 0.02, 0.06], help="grid values of lr (default 0.002 0.006 0.02 0.06)")
-    g.add_argument("--batch-size", type=int, default=16, help="training batch, fixed (default 16: four times the SGD steps of 64 per epoch)")
+    g.add_argument(
+        "--head-widths", type=int, nargs="+", default=[64, 128, 256, 512], help="grid values of head_width (default 64 128 256 512)"
+    )
+    g.add_argument(
+        "--lrs", type=float, nargs="+", default=[0.002, 0.006, 0.02, 0.06], help="grid values of lr (default 0.002 0.006 0.02 0.06)"
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=16, help="training batch, fixed (default 16: four times the SGD steps of 64 per epoch)"
+    )
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, fixed (default 0.9)")
-    g.add_argument("--dropout", type=float, default=0.0, help="head dropout, fixed (default 0: with the seed's 0.5, CPU-sized trials stay near chance)")
+    g.add_argument(
+        "--dropout", type=float, default=0.0, help="head dropout, fixed (default 0: with the seed's 0.5, CPU-sized trials stay near chance)"
+    )
     s = p.add_argument_group("the simulation")
-    s.add_argument("--trials", type=int, default=None, help="trials per search, both strategies (default: the grid's number of configurations)")
+    s.add_argument(
+        "--trials", type=int, default=None, help="trials per search, both strategies (default: the grid's number of configurations)"
+    )
     s.add_argument("--seeds", type=int, default=100, help="simulated searches per strategy (default 100)")
     s.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA's reduction factor (default 3, the library's)")
     s.add_argument("--grace-epochs", type=float, default=1.0, help="ASHA's first rung, in epochs of images (default 1)")
-    s.add_argument("--concurrency", type=int, default=2, help="trials running at once, simulated and in the real sweeps of --record and --check-real (default 2)")
-    s.add_argument("--clock", choices=("seconds", "images"), default="seconds", help="what an epoch's duration is in the simulation: its recorded seconds (default) or its images")
+    s.add_argument(
+        "--concurrency",
+        type=int,
+        default=2,
+        help="trials running at once, simulated and in the real sweeps of --record and --check-real (default 2)",
+    )
+    s.add_argument(
+        "--clock",
+        choices=("seconds", "images"),
+        default="seconds",
+        help="what an epoch's duration is in the simulation: its recorded seconds (default) or its images",
+    )
     s.add_argument("--tolerance-pp", type=float, default=0.5, help="how close to the best counts as found, percentage points (default 0.5)")
     r = p.add_argument_group("the real check (--check-real)")
     r.add_argument("--check-real", action="store_true", help="run one real ASHA + TPE sweep and compare it with the simulation")
@@ -119,8 +139,16 @@ def run_real_sweep(space_text: str, name: str, data: Path, trials: int, concurre
     parent.mkdir(parents=True, exist_ok=True)
     space_path = parent / f"{name}.yaml"
     space_path.write_text(space_text)
-    req = SweepRequest(space_path=space_path, data=data, results=parent, name=name, num_samples=trials,
-                       max_concurrent=concurrency, cpus_per_trial=1, seed=seed)
+    req = SweepRequest(
+        space_path=space_path,
+        data=data,
+        results=parent,
+        name=name,
+        num_samples=trials,
+        max_concurrent=concurrency,
+        cpus_per_trial=1,
+        seed=seed,
+    )
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables: keep stdout for the figures
         folder = run_sweep(req)
@@ -137,8 +165,18 @@ def class_count(folder: Path) -> int:
 
 def record_grid(args: argparse.Namespace) -> None:
     """Run every grid configuration to its full epochs and keep the small result files in --grid."""
-    meta = {"per_class": args.per_class, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
-            "momentum": args.momentum, "dropout": args.dropout, "head_widths": args.head_widths, "lrs": args.lrs, "concurrency": args.concurrency, "machine": machine()}
+    meta = {
+        "per_class": args.per_class,
+        "image_size": args.image_size,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "momentum": args.momentum,
+        "dropout": args.dropout,
+        "head_widths": args.head_widths,
+        "lrs": args.lrs,
+        "concurrency": args.concurrency,
+        "machine": machine(),
+    }
     n = len(args.head_widths) * len(args.lrs)
     data = synthetic_dataset(args.per_class)
     scratch = Path(tempfile.mkdtemp(prefix="asl-bench-grid-"))
@@ -204,7 +242,9 @@ def load_grid(folder: Path) -> Grid:
     for row in trials.itertuples():
         key = config_key(row.params_head_width, row.params_lr)
         rows = epochs[epochs["trial_id"] == row.trial_id].sort_values("epoch")
-        curves[key] = Curve(tuple(rows["val_accuracy"].astype(float)), tuple(rows["images_seen"].astype(int)), tuple(rows["seconds"].astype(float)))
+        curves[key] = Curve(
+            tuple(rows["val_accuracy"].astype(float)), tuple(rows["images_seen"].astype(int)), tuple(rows["seconds"].astype(float))
+        )
     widths, lrs = sorted({k[0] for k in curves}), sorted({k[1] for k in curves})
     missing = [k for k in itertools.product(widths, lrs) if k not in curves or not curves[k].accuracy]
     if missing or len(widths) * len(lrs) != len(meta["head_widths"]) * len(meta["lrs"]):
@@ -222,7 +262,10 @@ def simulate_random(grid: Grid, trials: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     picked = [keys[i] for i in rng.integers(len(keys), size=trials)]
     finals = [grid.final(k) for k in picked]
-    return {"images": sum(grid.curves[k].images[-1] for k in picked), "best": np.nanmax(finals) if not all(map(math.isnan, finals)) else math.nan}
+    return {
+        "images": sum(grid.curves[k].images[-1] for k in picked),
+        "best": np.nanmax(finals) if not all(map(math.isnan, finals)) else math.nan,
+    }
 
 
 class Asha:
@@ -269,14 +312,18 @@ def _duration(grid: Grid, key: tuple, epoch: int, clock: str) -> float:
     return c.seconds[epoch] if clock == "seconds" else float(c.images[0])
 
 
-def simulate_asha_tpe(grid: Grid, trials: int, seed: int, rf: float, grace_epochs: float, concurrency: int, clock: str, target: float) -> dict:
+def simulate_asha_tpe(
+    grid: Grid, trials: int, seed: int, rf: float, grace_epochs: float, concurrency: int, clock: str, target: float
+) -> dict:
     """ASHA + TPE replayed on the recorded curves; returns total images, best full-budget accuracy and images used when target was reached."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True))
-    dists = {"head_width": optuna.distributions.CategoricalDistribution(sorted(grid.meta["head_widths"])),
-             "lr": optuna.distributions.CategoricalDistribution(sorted(grid.meta["lrs"]))}
+    dists = {
+        "head_width": optuna.distributions.CategoricalDistribution(sorted(grid.meta["head_widths"])),
+        "lr": optuna.distributions.CategoricalDistribution(sorted(grid.meta["lrs"])),
+    }
     per_epoch = grid.images_per_epoch
     max_t = grid.epochs * per_epoch
     asha = Asha(grace_epochs * per_epoch, max_t, rf) if grace_epochs * per_epoch < max_t else None
@@ -325,7 +372,12 @@ def simulate_asha_tpe(grid: Grid, trials: int, seed: int, rf: float, grace_epoch
                 reached_at = images_now()
         if launched < trials:
             launch()
-    return {"images": done_images, "best": best if math.isfinite(best) else math.nan, "images_at_target": reached_at, "stopped_early": stopped}
+    return {
+        "images": done_images,
+        "best": best if math.isfinite(best) else math.nan,
+        "images_at_target": reached_at,
+        "stopped_early": stopped,
+    }
 
 
 def compare(grid: Grid, args: argparse.Namespace, trials: int) -> tuple[dict, list[dict]]:
@@ -336,17 +388,19 @@ def compare(grid: Grid, args: argparse.Namespace, trials: int) -> tuple[dict, li
         target = rnd["best"] - args.tolerance_pp / 100
         asha = simulate_asha_tpe(grid, trials, seed, args.reduction_factor, args.grace_epochs, args.concurrency, args.clock, target)
         reached = asha["images_at_target"] is not None
-        rows.append({
-            "seed": seed,
-            "random_best": rnd["best"],
-            "random_images": rnd["images"],
-            "asha_best": asha["best"],
-            "asha_images": asha["images"],
-            "asha_stopped_early": asha["stopped_early"],
-            "reached": reached,
-            "fraction": asha["images_at_target"] / rnd["images"] if reached else math.inf,
-            "gap_pp": max(0.0, 100 * (rnd["best"] - np.nan_to_num(asha["best"], nan=0.0))),
-        })
+        rows.append(
+            {
+                "seed": seed,
+                "random_best": rnd["best"],
+                "random_images": rnd["images"],
+                "asha_best": asha["best"],
+                "asha_images": asha["images"],
+                "asha_stopped_early": asha["stopped_early"],
+                "reached": reached,
+                "fraction": asha["images_at_target"] / rnd["images"] if reached else math.inf,
+                "gap_pp": max(0.0, 100 * (rnd["best"] - np.nan_to_num(asha["best"], nan=0.0))),
+            }
+        )
     fractions = [r["fraction"] for r in rows]
     reached = [r["fraction"] for r in rows if r["reached"]]
     finals = [grid.final(k) for k in grid.curves]
@@ -383,7 +437,11 @@ def informative(grid: Grid, min_lift_pp: float = 5.0, min_spread_pp: float = 1.0
     chance = 1 / grid.meta.get("num_classes", 29)
     lift = 100 * (np.nanmax(finals) - chance) if np.isfinite(finals).any() else 0.0
     spread = 100 * (np.nanmax(finals) - np.nanmin(finals)) if np.isfinite(finals).any() else 0.0
-    return {"chance_accuracy": chance, "grid_spread_pp": float(spread), "grid_informative": bool(lift >= min_lift_pp and spread >= min_spread_pp)}
+    return {
+        "chance_accuracy": chance,
+        "grid_spread_pp": float(spread),
+        "grid_informative": bool(lift >= min_lift_pp and spread >= min_spread_pp),
+    }
 
 
 # ------------------------------------------------------------------ the real check
@@ -399,7 +457,9 @@ def check_real(grid: Grid, args: argparse.Namespace, trials: int, rows: list[dic
     parent = args.keep or Path(tempfile.mkdtemp(prefix="asl-bench-asha-"))
     try:
         say(f"real ASHA + TPE sweep, {trials} trials, seed {args.real_seed}")
-        folder, wall = run_real_sweep(text, f"bench-asha-real-s{args.real_seed}-{time.strftime('%H%M%S')}", data, trials, args.concurrency, args.real_seed, parent)
+        folder, wall = run_real_sweep(
+            text, f"bench-asha-real-s{args.real_seed}-{time.strftime('%H%M%S')}", data, trials, args.concurrency, args.real_seed, parent
+        )
         real_trials, real_epochs = read_trials(folder), read_epochs(folder)
     finally:
         if args.keep is None:
@@ -451,7 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = parse_args(argv)
     if min(args.seeds, args.concurrency, args.trials or 1) < 1 or args.reduction_factor <= 1 or args.grace_epochs <= 0:
-        print("search_efficiency.py: --seeds, --concurrency, --trials must be >= 1, --reduction-factor > 1, --grace-epochs > 0", file=sys.stderr)
+        print(
+            "search_efficiency.py: --seeds, --concurrency, --trials must be >= 1, --reduction-factor > 1, --grace-epochs > 0",
+            file=sys.stderr,
+        )
         return 2
     if args.record:
         record_grid(args)

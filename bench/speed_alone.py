@@ -60,11 +60,18 @@ def measure(args: argparse.Namespace) -> dict:
     import statistics
 
     import inference
+
     from asl_tune.analysis.speed import classes_from_parameters, measure_alone, speed_on
     from asl_tune.evaluate import Timed
 
-    bench_args = [f"--image-size={args.image_size}", f"--head-width={args.head_width}", f"--threads={args.threads}", f"--device={args.device}",
-                  "--repeats=1", f"--budget-s={args.budget_s}"] + ([f"--data={args.data}"] if args.data else [])
+    bench_args = [
+        f"--image-size={args.image_size}",
+        f"--head-width={args.head_width}",
+        f"--threads={args.threads}",
+        f"--device={args.device}",
+        "--repeats=1",
+        f"--budget-s={args.budget_s}",
+    ] + ([f"--data={args.data}"] if args.data else [])
     counts = {k: v for k, v in (("batches", args.batches), ("latencies", args.latencies)) if v is not None}
     on = speed_on(args.device, args.threads, dataclasses.replace(Timed(), **counts))
     figures = machine()
@@ -73,8 +80,12 @@ def measure(args: argparse.Namespace) -> dict:
         rounds.append(inference.measure(inference.parse_args(bench_args)))
         classes = classes_from_parameters(args.head_width, args.image_size, rounds[-1]["n_parameters"])  # the bench's dataset decides it
         alone.append(measure_alone(args.head_width, args.image_size, classes, on))
-        say(f"analyze's measurement {r + 1}: {alone[-1]['infer_img_per_s']:.1f} img/s, p50 {alone[-1]['latency_ms_p50']:.2f} ms, p95 {alone[-1]['latency_ms_p95']:.2f} ms")
-    figures.update(device=rounds[0]["device"], threads=args.threads, image_size=args.image_size, head_width=args.head_width, classes=classes)
+        say(
+            f"analyze's measurement {r + 1}: {alone[-1]['infer_img_per_s']:.1f} img/s, p50 {alone[-1]['latency_ms_p50']:.2f} ms, p95 {alone[-1]['latency_ms_p95']:.2f} ms"
+        )
+    figures.update(
+        device=rounds[0]["device"], threads=args.threads, image_size=args.image_size, head_width=args.head_width, classes=classes
+    )
     for key in (*JUDGED, "latency_ms_p95"):
         bench = statistics.median(b[key] for b in rounds)
         figures[f"bench_{key}"] = bench
@@ -92,7 +103,12 @@ def measure(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = parse_args(argv)
-    if args.repeats < 1 or args.threads < 1 or not args.budget_s > 0 or any(v is not None and v < 1 for v in (args.batches, args.latencies)):
+    if (
+        args.repeats < 1
+        or args.threads < 1
+        or not args.budget_s > 0
+        or any(v is not None and v < 1 for v in (args.batches, args.latencies))
+    ):
         print("speed_alone.py: --repeats, --threads, --batches and --latencies must be >= 1 and --budget-s > 0", file=sys.stderr)
         return 2
     from asl_tune.errors import AslTuneError

@@ -107,7 +107,12 @@ def hosts(root: Path, count: int, env: dict) -> Iterator[list[Host]]:
             undo.callback(_ip, "link", "del", veth, check=False)
             _ip("link", "set", f"{tag}e{i}", "netns", netns)
             _ip("link", "set", veth, "master", bridge, "up")
-            for args in (["link", "set", "lo", "up"], ["link", "set", f"{tag}e{i}", "name", "eth0"], ["addr", "add", f"{SUBNET}.{i}/24", "dev", "eth0"], ["link", "set", "eth0", "up"]):
+            for args in (
+                ["link", "set", "lo", "up"],
+                ["link", "set", f"{tag}e{i}", "name", "eth0"],
+                ["addr", "add", f"{SUBNET}.{i}/24", "dev", "eth0"],
+                ["link", "set", "eth0", "up"],
+            ):
                 _ip("-n", netns, *args)
             host = Host(name, f"{SUBNET}.{i}", netns, veth, root / f"{name}-tmp", env={**env, "HOME": "/tmp", "TMPDIR": "/tmp"})
             undo.callback(host.kill)
@@ -122,13 +127,31 @@ def _start(host: Host, shared: Path) -> None:
     binds = [f"mount --bind {shared} {host.tmp}/nfs"]
     for keep in {str(Path(p).resolve()) for p in KEEP_VISIBLE}:
         if keep.startswith("/tmp/"):  # the venv of a CI run lives under /tmp: seen at the same path in the host
-            inside = host.tmp / keep[len("/tmp/"):]
+            inside = host.tmp / keep[len("/tmp/") :]
             inside.mkdir(parents=True, exist_ok=True)
             binds.append(f"mount --rbind {keep} {inside}")
     script = "; ".join([f"hostname {host.name}", *binds, f"mount --rbind {host.tmp} /tmp", "touch /tmp/.ready", "exec sleep infinity"])
     host.init = subprocess.Popen(
-        ["ip", "netns", "exec", host.netns, "unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc", "--propagation", "private", "sh", "-ec", script],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            "ip",
+            "netns",
+            "exec",
+            host.netns,
+            "unshare",
+            "--mount",
+            "--uts",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--propagation",
+            "private",
+            "sh",
+            "-ec",
+            script,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 30
     while not (host.tmp / ".ready").exists() or not _children(host.init.pid):

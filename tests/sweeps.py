@@ -22,7 +22,15 @@ TINY_FIXED = {"image_size": 32, "batch_size": 16, "momentum": 0.9}
 
 def write_space(path: Path, num_samples: int, params: dict, fixed: dict | None = None, **extra) -> Path:
     """A search-space YAML file for a tiny sweep."""
-    doc = {"name": path.stem, "metric": "val_accuracy", "mode": "max", "num_samples": num_samples, "fixed": {**TINY_FIXED, **(fixed or {})}, "params": params, **extra}
+    doc = {
+        "name": path.stem,
+        "metric": "val_accuracy",
+        "mode": "max",
+        "num_samples": num_samples,
+        "fixed": {**TINY_FIXED, **(fixed or {})},
+        "params": params,
+        **extra,
+    }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -30,8 +38,13 @@ def write_space(path: Path, num_samples: int, params: dict, fixed: dict | None =
 def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
     """`asl-tune ARGS` in its own process group, so the test can kill it and every Ray process it started."""
     return subprocess.Popen(
-        [sys.executable, "-m", "asl_tune", *args], cwd=cwd, env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [sys.executable, "-m", "asl_tune", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -62,6 +75,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 def wait_for_saved_state(run: Path, since: float, timeout: float = 60, proc: subprocess.Popen | None = None) -> None:
     """Wait until Tune has saved its experiment state in run (a run-K folder) after `since` (time.time())."""
+
     def saved() -> bool:
         return any(p.stat().st_mtime > since for p in Path(run).glob("experiment_state-*.json"))
 

@@ -13,14 +13,14 @@ from asl_tune.analysis.compute import (
     pair_rates,
     pair_summary,
     param_importance,
-    parse_objectives,
     pareto_front,
+    parse_objectives,
     reference_point,
     summary,
 )
-from asl_tune.errors import AslTuneError
 from asl_tune.analysis.figures import SWEEP_FIGURES
 from asl_tune.analysis.report import analyze
+from asl_tune.errors import AslTuneError
 from asl_tune.results import ResultsStore, trial_row, write_atomic
 
 MAX2 = [("val_accuracy", "max"), ("infer_img_per_s", "max")]
@@ -66,7 +66,9 @@ def test_nan_in_any_objective_keeps_a_trial_off_the_front():
 
 
 def test_min_objectives_flip_which_side_wins():
-    df = pd.DataFrame({"trial_id": ["fast", "slow", "mid"], "status": "completed", "val_accuracy": [0.8, 0.95, 0.7], "latency_ms_p95": [5.0, 40.0, 10.0]})
+    df = pd.DataFrame(
+        {"trial_id": ["fast", "slow", "mid"], "status": "completed", "val_accuracy": [0.8, 0.95, 0.7], "latency_ms_p95": [5.0, 40.0, 10.0]}
+    )
     assert front_ids(df, [("val_accuracy", "max"), ("latency_ms_p95", "min")]) == {"fast", "slow"}
     # Minimising accuracy too: mid (least accurate) now wins on one axis.
     assert front_ids(df, [("val_accuracy", "min"), ("latency_ms_p95", "min")]) == {"fast", "mid"}
@@ -105,7 +107,15 @@ def test_hypervolume_2d_matches_a_hand_computed_area():
 
 
 def test_hypervolume_min_objective_default_reference_is_past_the_worst_value():
-    df = pd.DataFrame({"trial_id": ["a", "b"], "status": "completed", "val_accuracy": [0.8, 0.9], "latency_ms_p95": [10.0, 30.0], "pair_U_as_R": [0.1, 0.1]})
+    df = pd.DataFrame(
+        {
+            "trial_id": ["a", "b"],
+            "status": "completed",
+            "val_accuracy": [0.8, 0.9],
+            "latency_ms_p95": [10.0, 30.0],
+            "pair_U_as_R": [0.1, 0.1],
+        }
+    )
     objectives = [("val_accuracy", "max"), ("latency_ms_p95", "min")]
     assert reference_point(df, objectives) == pytest.approx([0.0, 33.0])  # 10% past the slowest
     assert hypervolume(df, objectives) == pytest.approx(0.8 * 23 + (0.9 - 0.8) * 3)
@@ -115,14 +125,30 @@ def test_hypervolume_min_objective_default_reference_is_past_the_worst_value():
 
 
 def test_hypervolume_3d_is_exact():
-    df = pd.DataFrame({"trial_id": ["a", "b"], "status": "completed", "val_accuracy": [2.0, 1.0], "test_accuracy": [1.0, 2.0], "infer_img_per_s": [1.0, 1.0]})
+    df = pd.DataFrame(
+        {
+            "trial_id": ["a", "b"],
+            "status": "completed",
+            "val_accuracy": [2.0, 1.0],
+            "test_accuracy": [1.0, 2.0],
+            "infer_img_per_s": [1.0, 1.0],
+        }
+    )
     objectives = [("val_accuracy", "max"), ("test_accuracy", "max"), ("infer_img_per_s", "max")]
     assert hypervolume(df, objectives) == pytest.approx(3.0)  # two 2x1x1 boxes overlapping in a unit cube
     from optuna._hypervolume import compute_hypervolume
 
     rng = np.random.default_rng(0)
     points = rng.random((12, 3))
-    df = pd.DataFrame({"trial_id": [str(i) for i in range(12)], "status": "completed", "val_accuracy": points[:, 0], "test_accuracy": points[:, 1], "infer_img_per_s": points[:, 2]})
+    df = pd.DataFrame(
+        {
+            "trial_id": [str(i) for i in range(12)],
+            "status": "completed",
+            "val_accuracy": points[:, 0],
+            "test_accuracy": points[:, 1],
+            "infer_img_per_s": points[:, 2],
+        }
+    )
     expected = compute_hypervolume(-points, np.zeros(3))  # Optuna minimises: negate against the origin
     assert hypervolume(pareto_front(df, objectives), objectives) == pytest.approx(expected)
 
@@ -229,7 +255,19 @@ SWEEP_FRONT = {"t0", "t1", "t3"}
 def make_sweep(folder, scale: float = 1.0, external: bool = False):
     store = ResultsStore(folder)
     for tid, status, acc, speed, head, lr, fraction, ran in SWEEP:
-        params = dict(head_width=head, lr=lr, data_fraction=fraction, epochs=4, batch_size=64, image_size=64, split="blocked", seed=0, momentum=0.9, weight_decay=0.0, dropout=0.5)
+        params = dict(
+            head_width=head,
+            lr=lr,
+            data_fraction=fraction,
+            epochs=4,
+            batch_size=64,
+            image_size=64,
+            split="blocked",
+            seed=0,
+            momentum=0.9,
+            weight_decay=0.0,
+            dropout=0.5,
+        )
         done = status == "completed"
         metrics = {
             "val_accuracy": None if acc is None else acc * scale,
@@ -245,11 +283,32 @@ def make_sweep(folder, scale: float = 1.0, external: bool = False):
             "train_seconds": 10.0 * ran * fraction,
         }
         if done:
-            metrics.update({"pair_U_as_R": 0.1 * scale, "pair_R_as_U": 0.0, "pair_K_as_V": 0.05, "pair_V_as_K": 0.0, "pair_M_as_N": 0.3, "pair_E_as_S": 0.2})
+            metrics.update(
+                {
+                    "pair_U_as_R": 0.1 * scale,
+                    "pair_R_as_U": 0.0,
+                    "pair_K_as_V": 0.05,
+                    "pair_V_as_K": 0.0,
+                    "pair_M_as_N": 0.3,
+                    "pair_E_as_S": 0.2,
+                }
+            )
         store.put_trial(trial_row(tid, status, params, metrics, hostname="node-a", device="cpu"))
         for epoch in range(1, ran + 1):
             val = None if status == "diverged" else (acc or 0) * scale * epoch / ran
-            store.put_epoch(tid, {"epoch": epoch, "train_loss": 1.0 / epoch, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": val, "train_img_per_s": 300.0, "images_seen": epoch * int(1000 * fraction), "seconds": 5.0})
+            store.put_epoch(
+                tid,
+                {
+                    "epoch": epoch,
+                    "train_loss": 1.0 / epoch,
+                    "train_accuracy": 0.5,
+                    "val_loss": 1.0,
+                    "val_accuracy": val,
+                    "train_img_per_s": 300.0,
+                    "images_seen": epoch * int(1000 * fraction),
+                    "seconds": 5.0,
+                },
+            )
         if done:
             store.put_confusion(tid, list(ASL_CLASSES), confusion_counts({("U", "R"): 1, ("K", "V"): 1, ("M", "N"): 3, ("E", "S"): 2}))
     store.flush()
@@ -409,7 +468,9 @@ def write_pair_sweep(folder, with_counts: bool = True):
     store = ResultsStore(folder)
     for row in pair_trials().to_dict("records"):
         tid, status = row.pop("trial_id"), row.pop("status")
-        store.put_trial(trial_row(tid, status, {"lr": {"a": 0.01, "b": 0.02, "c": 0.03, "d": 1.0}[tid]}, {k: v for k, v in row.items() if pd.notna(v)}))
+        store.put_trial(
+            trial_row(tid, status, {"lr": {"a": 0.01, "b": 0.02, "c": 0.03, "d": 1.0}[tid]}, {k: v for k, v in row.items() if pd.notna(v)})
+        )
     store.flush()
     if with_counts:
         write_atomic(counts_frame(), folder / "confusion.parquet")

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_dataset
+from sweeps import write_space
 
 import asl_tune
 from asl_tune.cli import main
-from conftest import make_dataset
-from sweeps import write_space
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -29,14 +29,22 @@ def test_the_readme_example_runs_as_written(tmp_path):
     names: dict = {}
     exec(settings, names)  # the README's own settings are valid Python naming what the example reads
     assert {"space", "data", "results"} <= set(names)
-    space = write_space(tmp_path / "tiny.yaml", 1, params={"head_width": {"type": "categorical", "choices": [16, 24]}}, fixed={"epochs": 1}, early_stopping=False)
+    space = write_space(
+        tmp_path / "tiny.yaml",
+        1,
+        params={"head_width": {"type": "categorical", "choices": [16, 24]}},
+        fixed={"epochs": 1},
+        early_stopping=False,
+    )
     names.update(space=str(space), data=str(make_dataset(tmp_path / "data", per_class=16, size=32)), results=str(tmp_path / "results"))
     exec(example, names)
 
     run, tables, found = names["run"], names["tables"], names["found"]
     assert run == asl_tune.Sweep("notebook", names["results"], tmp_path / "results" / "notebook")
     assert len(tables.trials) == 1 and set(tables.trials["status"]) == {"completed"}
-    assert len(tables.epochs) == 1 and set(tables.per_class["trial_id"]) == set(tables.confusion["trial_id"]) == set(tables.trials["trial_id"])
+    assert len(tables.epochs) == 1 and set(tables.per_class["trial_id"]) == set(tables.confusion["trial_id"]) == set(
+        tables.trials["trial_id"]
+    )
     assert list(found.front["trial_id"]) == list(tables.trials["trial_id"]) == [names["best"]]
     assert found.report == run.folder / "report" / "report.md" and found.report.exists()
     assert type(found.figures["pareto"]).__name__ == "Figure" and (run.folder / "report" / "pareto.png").exists()

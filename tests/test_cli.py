@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import class_image, make_dataset
+from sweeps import write_space
 
 from asl_tune.cli import main
 from asl_tune.data import load_external
 from asl_tune.errors import AslTuneError
 from asl_tune.train import load_trained
-from conftest import class_image, make_dataset
-from sweeps import write_space
 
 TINY = ["--image-size", "32", "--head-width", "32", "--batch-size", "16", "--epochs", "2", "--threads", "1"]
 
@@ -34,7 +34,16 @@ def one_error_line(capsys) -> str:
 def test_train_json_is_the_last_stdout_line(tiny_dataset, capsys):
     assert main(["train", "--data", str(tiny_dataset), *TINY, "--json"]) == 0
     final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("status", "val_accuracy", "test_accuracy", "train_img_per_s", "infer_img_per_s", "latency_ms_p50", "latency_ms_p95", "n_parameters"):
+    for key in (
+        "status",
+        "val_accuracy",
+        "test_accuracy",
+        "train_img_per_s",
+        "infer_img_per_s",
+        "latency_ms_p50",
+        "latency_ms_p95",
+        "n_parameters",
+    ):
         assert key in final, key
     assert final["status"] == "completed"
     assert 0 <= final["val_accuracy"] <= 1 and 0 <= final["test_accuracy"] <= 1
@@ -47,7 +56,9 @@ def test_train_out_writes_the_sweep_format(tiny_dataset, tmp_path, capsys):
     epochs = pd.read_parquet(tmp_path / "one" / "epochs.parquet")
     confusion = pd.read_parquet(tmp_path / "one" / "confusion.parquet")
     assert len(trials) == 1 and trials["status"].iloc[0] == "completed"
-    assert trials["params_head_width"].iloc[0] == 32 and trials["params_epochs"].iloc[0] == 2 and trials["params_split"].iloc[0] == "blocked"
+    assert (
+        trials["params_head_width"].iloc[0] == 32 and trials["params_epochs"].iloc[0] == 2 and trials["params_split"].iloc[0] == "blocked"
+    )
     assert list(epochs["epoch"]) == [1, 2] and (epochs["trial_id"] == trials["trial_id"].iloc[0]).all()
     assert set(confusion["true_label"]) <= {"A", "B", "C", "del", "nothing"} and confusion["count"].sum() == 10
     assert "confusions" in capsys.readouterr().out or math.isclose(trials["test_accuracy"].iloc[0], 1.0)
@@ -114,20 +125,23 @@ def test_load_trained_names_a_missing_or_foreign_checkpoint(tmp_path):
         load_trained(tmp_path / "old.pt")
 
 
-@pytest.mark.parametrize("option, value, rule", [
-    ("--lr", "0", "must be > 0"),
-    ("--lr", "nan", "must be > 0"),
-    ("--data-fraction", "1.5", "must be in (0, 1]"),
-    ("--data-fraction", "0", "must be in (0, 1]"),
-    ("--epochs", "0", "must be >= 1"),
-    ("--head-width", "1", "must be >= 2"),
-    ("--image-size", "16", "must be >= 32"),
-    ("--batch-size", "0", "must be >= 1"),
-    ("--momentum", "1", "must be in [0, 1)"),
-    ("--dropout", "1", "must be in [0, 1)"),
-    ("--weight-decay", "-0.1", "must be >= 0"),
-    ("--threads", "0", "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "option, value, rule",
+    [
+        ("--lr", "0", "must be > 0"),
+        ("--lr", "nan", "must be > 0"),
+        ("--data-fraction", "1.5", "must be in (0, 1]"),
+        ("--data-fraction", "0", "must be in (0, 1]"),
+        ("--epochs", "0", "must be >= 1"),
+        ("--head-width", "1", "must be >= 2"),
+        ("--image-size", "16", "must be >= 32"),
+        ("--batch-size", "0", "must be >= 1"),
+        ("--momentum", "1", "must be in [0, 1)"),
+        ("--dropout", "1", "must be in [0, 1)"),
+        ("--weight-decay", "-0.1", "must be >= 0"),
+        ("--threads", "0", "must be >= 1"),
+    ],
+)
 def test_train_refuses_out_of_range_options(tiny_dataset, tmp_path, capsys, option, value, rule):
     assert main(["train", "--data", str(tiny_dataset), option, value, "--out", str(tmp_path / "out")]) == 2
     line = one_error_line(capsys)
@@ -175,19 +189,28 @@ def test_data_check_gives_the_decoded_size_at_a_spaces_image_sizes_and_refuses_a
     assert not list((Path(os.environ["ASL_TUNE_CACHE"]) / "decoded").glob("*-48px"))  # refused before decoding
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--num-samples", "0"], "--num-samples: must be > 0, got 0"),
-    (["--cpus-per-trial", "0"], "--cpus-per-trial: must be > 0, got 0"),
-    (["--gpus-per-trial", "-1"], "--gpus-per-trial: must be >= 0, got -1"),
-    (["--max-concurrent", "0"], "--max-concurrent: must be > 0, got 0"),
-    (["--address", "127.0.0.1:notaport"], "--address: must be host:port"),
-    (["--space", "no-such-space"], "--space: no file 'no-such-space'"),
-    (["--extend", "--name", "never-ran"], "--extend: there is no sweep named 'never-ran'"),
-    (["--no-ship-code"], "--no-ship-code: applies with --address only (a local Ray runs this machine's asl_tune), got it without --address"),
-    (["--storage", "/not/a/uri"], "--storage: must be a URI"),
-    (["--results", "foo://x"], "--results: must be a folder or a URI pyarrow's filesystems open (s3://bucket/path, gs://bucket/path, file:///path), got foo://x"),
-    (["--results", "file://host/x"], "--results: must be a folder or a URI pyarrow's filesystems open"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--num-samples", "0"], "--num-samples: must be > 0, got 0"),
+        (["--cpus-per-trial", "0"], "--cpus-per-trial: must be > 0, got 0"),
+        (["--gpus-per-trial", "-1"], "--gpus-per-trial: must be >= 0, got -1"),
+        (["--max-concurrent", "0"], "--max-concurrent: must be > 0, got 0"),
+        (["--address", "127.0.0.1:notaport"], "--address: must be host:port"),
+        (["--space", "no-such-space"], "--space: no file 'no-such-space'"),
+        (["--extend", "--name", "never-ran"], "--extend: there is no sweep named 'never-ran'"),
+        (
+            ["--no-ship-code"],
+            "--no-ship-code: applies with --address only (a local Ray runs this machine's asl_tune), got it without --address",
+        ),
+        (["--storage", "/not/a/uri"], "--storage: must be a URI"),
+        (
+            ["--results", "foo://x"],
+            "--results: must be a folder or a URI pyarrow's filesystems open (s3://bucket/path, gs://bucket/path, file:///path), got foo://x",
+        ),
+        (["--results", "file://host/x"], "--results: must be a folder or a URI pyarrow's filesystems open"),
+    ],
+)
 def test_sweep_refuses_bad_options_before_creating_anything(tiny_dataset, tmp_path, capsys, extra, needle):
     results = tmp_path / "results"
     assert main(["sweep", "--data", str(tiny_dataset), "--results", str(results), *extra]) == 2
@@ -221,8 +244,22 @@ def test_sweep_refuses_results_that_cannot_be_written(tiny_dataset, tmp_path, ca
 def test_an_address_where_no_cluster_answers_fails_fast(tiny_dataset, tmp_path):
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "asl_tune", "sweep", "--data", str(tiny_dataset), "--results", str(tmp_path / "results"), "--address", "127.0.0.1:9"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "asl_tune",
+            "sweep",
+            "--data",
+            str(tiny_dataset),
+            "--results",
+            str(tmp_path / "results"),
+            "--address",
+            "127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -232,7 +269,16 @@ def test_an_address_where_no_cluster_answers_fails_fast(tiny_dataset, tmp_path):
 
 
 def test_every_command_explains_itself():
-    for args in (["--help"], ["train", "--help"], ["sweep", "--help"], ["resume", "--help"], ["analyze", "--help"], ["evaluate", "--help"], ["data", "check", "--help"], ["data", "synth", "--help"]):
+    for args in (
+        ["--help"],
+        ["train", "--help"],
+        ["sweep", "--help"],
+        ["resume", "--help"],
+        ["analyze", "--help"],
+        ["evaluate", "--help"],
+        ["data", "check", "--help"],
+        ["data", "synth", "--help"],
+    ):
         proc = subprocess.run([sys.executable, "-m", "asl_tune", *args], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: asl-tune" in proc.stdout, args
 

@@ -16,11 +16,19 @@ from typing import Iterator
 
 import pytest
 import ray
-
-from asl_tune.errors import AslTuneError
-from asl_tune.sweep.cluster import CONNECT_TIMEOUT_S, JOIN_ENV, LOCAL_ENV, SAVE_PERIOD_KEY, ray_session, scoped_environment, tune_environment
 from conftest import make_dataset
 from sweeps import assert_consistent, cli, read, run_cli, run_to_end, wait_for, write_space
+
+from asl_tune.errors import AslTuneError
+from asl_tune.sweep.cluster import (
+    CONNECT_TIMEOUT_S,
+    JOIN_ENV,
+    LOCAL_ENV,
+    SAVE_PERIOD_KEY,
+    ray_session,
+    scoped_environment,
+    tune_environment,
+)
 
 pytestmark = pytest.mark.timeout(600)
 RAY = str(Path(sys.executable).with_name("ray"))  # the venv's `ray` command
@@ -70,8 +78,16 @@ def process_group(command: list[str], env: dict) -> Iterator[subprocess.Popen]:
 
 def alive_nodes(address: str) -> int:
     """Nodes alive in the cluster, asked by a driver of its own (it reads the token from the environment at start)."""
-    done = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={address!r}, logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import ray; ray.init(address={address!r}, logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return int(done.stdout.strip() or 0) if done.returncode == 0 else 0
 
 
@@ -92,13 +108,34 @@ def test_a_sweep_joins_a_two_node_cluster_started_outside_it_whose_nodes_lack_as
     env = {**os.environ, "PYTHONPATH": str(absent.parent)}  # the nodes' (and so their workers') environment; not the driver's
     no_import = subprocess.run([sys.executable, "-c", "import asl_tune"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert no_import.returncode != 0 and "not installed on this node" in no_import.stderr  # the premise
-    space = write_space(tmp_path / "joined.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 2}, early_stopping=False)
-    head_command = [RAY, "start", "--block", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"]
+    space = write_space(
+        tmp_path / "joined.yaml",
+        2,
+        params={"head_width": {"type": "categorical", "choices": [16, 32]}},
+        fixed={"epochs": 2},
+        early_stopping=False,
+    )
+    head_command = [
+        RAY,
+        "start",
+        "--block",
+        "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        "--num-gpus=0",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    ]
     with process_group(head_command, env) as head:
         wait_for(lambda: _answers(address), 120, head, "the head node to listen")
         with process_group([sys.executable, "-c", JOIN_NODE, address], env) as node:
             wait_for(lambda: alive_nodes(address) == 2, 120, node, "the second node to join")
-            out = run_cli(["sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results"), "--address", address], tmp_path, 400)
+            out = run_cli(
+                ["sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results"), "--address", address],
+                tmp_path,
+                400,
+            )
     trials, _ = assert_consistent(tmp_path / "results" / "joined", 2)
     assert set(trials["status"]) == {"completed"}, out[-3000:]
     assert trials["node_id"].nunique() == 2, trials[["trial_id", "node_id"]]
@@ -130,8 +167,13 @@ def _answers(address: str) -> bool:
 def refuse(address: str, tmp_path: Path) -> tuple[list[str], float]:
     """Run `asl-tune sweep --address ADDRESS`; return its stderr lines and how long it took to be refused."""
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "asl_tune", "sweep", "--results", str(tmp_path / "results"), "--address", address],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "asl_tune", "sweep", "--results", str(tmp_path / "results"), "--address", address],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     elapsed = time.monotonic() - started
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
@@ -146,7 +188,9 @@ def test_a_port_that_accepts_and_says_nothing_is_refused_within_the_connect_time
     with socket.create_server(("127.0.0.1", 0)) as silent:  # listens; the kernel accepts; nobody ever answers
         address = f"127.0.0.1:{silent.getsockname()[1]}"
         lines, elapsed = refuse(address, tmp_path)
-    assert lines == [f"asl-tune: error: --address: no Ray cluster answers at {address} (it accepted the connection but never answered; gave up after at most 5 s); start one with `ray start --head` or `ray up CLUSTER.yaml`"], lines
+    assert lines == [
+        f"asl-tune: error: --address: no Ray cluster answers at {address} (it accepted the connection but never answered; gave up after at most 5 s); start one with `ray start --head` or `ray up CLUSTER.yaml`"
+    ], lines
     assert elapsed < DEADLINE_S
 
 
@@ -234,12 +278,31 @@ def test_a_node_lost_mid_sweep_moves_its_trials_to_the_survivor_from_their_check
 
     data = make_dataset(tmp_path / "data", per_class=30, size=32)
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's auth settings as this process's Ray already read them
-    space = write_space(tmp_path / "lost.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 6}, early_stopping=False)
+    space = write_space(
+        tmp_path / "lost.yaml",
+        2,
+        params={"head_width": {"type": "categorical", "choices": [16, 32]}},
+        fixed={"epochs": 6},
+        early_stopping=False,
+    )
     folder = tmp_path / "results" / "lost"
-    cluster = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.1", "gcs_server_port": free_port(), "include_dashboard": False, "num_cpus": 1})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"node_ip_address": "127.0.0.1", "gcs_server_port": free_port(), "include_dashboard": False, "num_cpus": 1},
+    )
     try:
         head, second = cluster.head_node.node_id, cluster.add_node(node_ip_address="127.0.0.1", num_cpus=1)
-        command = ["sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results"), "--address", cluster.address]
+        command = [
+            "sweep",
+            "--space",
+            str(space),
+            "--data",
+            str(data),
+            "--results",
+            str(tmp_path / "results"),
+            "--address",
+            cluster.address,
+        ]
         with cli(command, cwd=tmp_path) as driver:
             wait_for(lambda: len(epochs_on(folder, second.node_id)) > 0, 300, driver, "a trial's second epoch on the second node")
             moved = epochs_on(folder, second.node_id)["trial_id"].iloc[0]

@@ -12,12 +12,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import make_dataset
+from sweeps import run_cli, write_space
 
 from asl_tune.cli import main
 from asl_tune.results import ResultsStore, read_trials
 from asl_tune.sweep.integrity import _at
-from conftest import make_dataset
-from sweeps import run_cli, write_space
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +25,24 @@ def finished(tmp_path_factory) -> Path:
     """A finished 2-trial sweep `whole` (1 epoch each, 32 px) in <tmp>/results/whole."""
     root = tmp_path_factory.mktemp("damaged")
     data = make_dataset(root / "data", per_class=8)
-    space = write_space(root / "whole.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 1}, early_stopping=False)
+    space = write_space(
+        root / "whole.yaml",
+        2,
+        params={"head_width": {"type": "categorical", "choices": [16, 32]}},
+        fixed={"epochs": 1},
+        early_stopping=False,
+    )
     run_cli(["sweep", "--space", str(space), "--data", str(data), "--results", str(root / "results")], root, 300)
     return root / "results" / "whole"
 
 
 def digest(folder: Path) -> dict[str, str]:
     """Every file under folder (the lock file aside) and a hash of its bytes."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def interrupted(folder: Path) -> None:
@@ -45,7 +55,9 @@ def interrupted(folder: Path) -> None:
 def a_part(folder: Path, table: str) -> Path:
     """One file of a table: a part of its folder, or the table's one file in the older layout."""
     path = folder / table
-    return sorted(p for p in path.glob("*.parquet") if p.name != "schema.parquet")[0] if path.is_dir() else path  # a sealed part once compacted
+    return (
+        sorted(p for p in path.glob("*.parquet") if p.name != "schema.parquet")[0] if path.is_dir() else path
+    )  # a sealed part once compacted
 
 
 def truncate(path: Path) -> None:
@@ -84,12 +96,29 @@ DAMAGE = {
     "ray/run-1 deleted": (lambda f: shutil.rmtree(f / "ray" / "run-1"), "ray/run-1"),
     "a continued trial's checkpoint missing": (running_without_checkpoint, "checkpoint_"),
 }
-REFUSED = [("resume", d) for d in DAMAGE] + [("extend", d) for d in ("sweep.json truncated", "space.yaml invalid", "study.log garbage", "study.db garbage (made before study.log)", "a Parquet file truncated")] + [("analyze", "a Parquet file truncated")]
+REFUSED = (
+    [("resume", d) for d in DAMAGE]
+    + [
+        ("extend", d)
+        for d in (
+            "sweep.json truncated",
+            "space.yaml invalid",
+            "study.log garbage",
+            "study.db garbage (made before study.log)",
+            "a Parquet file truncated",
+        )
+    ]
+    + [("analyze", "a Parquet file truncated")]
+)
 
 
 def command(verb: str, results: Path) -> list[str]:
     flag = ["--results", str(results)]
-    return {"resume": ["resume", "whole", *flag], "extend": ["sweep", "--name", "whole", "--extend", "--num-samples", "1", *flag], "analyze": ["analyze", "whole", *flag]}[verb]
+    return {
+        "resume": ["resume", "whole", *flag],
+        "extend": ["sweep", "--name", "whole", "--extend", "--num-samples", "1", *flag],
+        "analyze": ["analyze", "whole", *flag],
+    }[verb]
 
 
 @pytest.mark.slow
@@ -117,6 +146,7 @@ def test_resume_of_a_finished_sweep_says_so_and_succeeds_running_and_changing_no
     driver (killed after the sweep finished, before it exited): on a finished sweep that is a success in one line."""
     folder = tmp_path / "results" / "whole"
     shutil.copytree(finished, folder)
+
     def times() -> dict[str, int]:
         return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
 
@@ -144,7 +174,9 @@ def test_analyze_goes_on_without_what_it_does_not_need_and_names_it(finished, tm
     shutil.rmtree(gone)
     capsys.readouterr()
 
-    assert main([*command("analyze", tmp_path / "results"), "--speed-on", "training"]) == 0  # no speed to time alone: the notes are the point
+    assert (
+        main([*command("analyze", tmp_path / "results"), "--speed-on", "training"]) == 0
+    )  # no speed to time alone: the notes are the point
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("asl-tune: note: ")]
     assert any("study.log" in n and "goes on" in n for n in notes), notes
     assert any("sweep.json" in n for n in notes), notes
@@ -157,9 +189,9 @@ def test_a_sweep_made_before_study_log_is_extended_in_its_sqlite_study(finished,
     """The older layout: the study in study.db (SQLite), no study.log. --extend learns from it and grows it there,
     and writes no study.log beside it (the same study, copied into SQLite with Optuna's own copy_study)."""
     import optuna
+    from sweeps import load_study
 
     from asl_tune.sweep.study import sqlite_url
-    from sweeps import load_study
 
     folder = tmp_path / "results" / "whole"
     shutil.copytree(finished, folder)

@@ -3,11 +3,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import CLASSES, class_image, make_dataset
 from PIL import Image
 
 from asl_tune.data import find_class_root, frame_number, load_dataset, load_external, make_splits, subsample
 from asl_tune.errors import AslTuneError
-from conftest import CLASSES, class_image, make_dataset
 
 
 def test_seed_split_sizes_on_the_full_dataset_shape():
@@ -75,7 +75,10 @@ def test_decoded_array_matches_files_and_class_order(tiny_dataset):
     assert ds.class_counts() == {c: 12 for c in CLASSES}
     i = ds.paths.index(os.path.join("del", "del7.jpg"))
     assert ds.labels[i] == ds.classes.index("del") and ds.frames[i] == 7
-    expected = np.asarray(Image.open(tiny_dataset / "asl_alphabet_train/asl_alphabet_train/del/del7.jpg").convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.int16)
+    expected = np.asarray(
+        Image.open(tiny_dataset / "asl_alphabet_train/asl_alphabet_train/del/del7.jpg").convert("RGB").resize((32, 32), Image.BILINEAR),
+        dtype=np.int16,
+    )
     assert np.abs(ds.images[i].astype(np.int16) - expected).mean() < 6  # draft-mode decode, same picture
 
 

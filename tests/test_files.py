@@ -20,7 +20,9 @@ def test_a_write_replaces_the_file_and_leaves_nothing_else(tmp_path):
     seen = []
     write_atomically(target, lambda tmp: (seen.append(tmp), tmp.write_text("new")))
     assert target.read_text() == "new"
-    assert seen[0].parent == tmp_path and seen[0].name.startswith(".") and str(os.getpid()) in seen[0].name  # hidden, beside, this process's
+    assert (
+        seen[0].parent == tmp_path and seen[0].name.startswith(".") and str(os.getpid()) in seen[0].name
+    )  # hidden, beside, this process's
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
 
@@ -103,6 +105,7 @@ def test_on_a_pyarrow_filesystem_the_copy_is_moved_into_place_or_removed(tmp_pat
                 out.write(data)
                 if data == b"broken":
                     raise OSError("connection reset")
+
         return write
 
     with pytest.raises(OSError, match="connection reset"):

@@ -19,6 +19,7 @@ import zlib
 from pathlib import Path
 
 import yaml
+from conftest import make_dataset
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +28,6 @@ from asl_tune.config import config_problems
 from asl_tune.data import IMAGE_SUFFIXES, cache_root, load_dataset
 from asl_tune.errors import AslTuneError
 from asl_tune.sweep.space import SPACES_DIR, load_space
-from conftest import make_dataset
 
 EXAMPLES = int(os.environ.get("ASL_TUNE_FUZZ_EXAMPLES", "0"))
 
@@ -35,7 +35,11 @@ EXAMPLES = int(os.environ.get("ASL_TUNE_FUZZ_EXAMPLES", "0"))
 def fuzz(ci_examples: int):
     """Hypothesis settings: ci_examples cases in CI (derandomized), or ASL_TUNE_FUZZ_EXAMPLES when set."""
     return settings(
-        max_examples=EXAMPLES or ci_examples, deadline=None, derandomize=True, database=None, print_blob=True,
+        max_examples=EXAMPLES or ci_examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        print_blob=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
     )
 
@@ -57,11 +61,31 @@ def listing(*folders: Path) -> set[str]:
 SHIPPED = {p.name: yaml.safe_load(p.read_text()) for p in sorted(SPACES_DIR.glob("*.yaml"))}
 HUGE = st.sampled_from([10**400, -(10**400), 2**63, 2**64 + 1, 1e308, -1e308, float("inf"), float("-inf"), float("nan")])
 LEAF = st.one_of(
-    st.none(), st.booleans(), st.integers(), HUGE, st.floats(), st.text(max_size=30), st.just(""),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    HUGE,
+    st.floats(),
+    st.text(max_size=30),
+    st.just(""),
     st.sampled_from(["float", "int", "categorical", "max", "min", "val_accuracy", "tpe", "lr", "epochs", "image_size"]),
 )
-WEIRD = st.recursive(LEAF, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12) | st.integers(), inner, max_size=4), max_leaves=12)
-TAGS = ["!!python/object/apply:os.system ['true']", "!!binary aGVsbG8=", "!!set {a, b}", "!!timestamp 2001-12-14", "!!float .nan", "!!str 7", "!!int '12'", "!!omap [a: 1]", "!custom 1"]
+WEIRD = st.recursive(
+    LEAF,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12) | st.integers(), inner, max_size=4),
+    max_leaves=12,
+)
+TAGS = [
+    "!!python/object/apply:os.system ['true']",
+    "!!binary aGVsbG8=",
+    "!!set {a, b}",
+    "!!timestamp 2001-12-14",
+    "!!float .nan",
+    "!!str 7",
+    "!!int '12'",
+    "!!omap [a: 1]",
+    "!custom 1",
+]
 
 
 def paths(doc) -> list[tuple]:
@@ -154,7 +178,7 @@ def check_space_file(path: Path) -> None:
 @example(text="fixed: {weight_decay: .inf}\nparams: {epochs: {type: int, low: 1, high: 2}}")  # accepted, then every step diverged
 @example(text='name: "a\\0b"\nparams: {epochs: {type: int, low: 1, high: 2}}')  # a folder name with NUL: ValueError later
 @example(text="\t\x00")  # a ReaderError's message runs over two lines
-@example(text="params: {epochs: {type: int, low: 1, high: 2}}\n? \"a\\nb\"\n: 1\n")  # a key with a line break
+@example(text='params: {epochs: {type: int, low: 1, high: 2}}\n? "a\\nb"\n: 1\n')  # a key with a line break
 def test_fuzzed_search_spaces_are_accepted_and_work_or_refused_in_one_line(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("space") / "fuzzed.yaml"
     path.write_text(text, encoding="utf-8")
@@ -181,11 +205,43 @@ def test_every_shipped_space_is_accepted_and_works():
 # Text a shell can pass: no NUL (execve refuses it), nothing that names a remote filesystem (that would go to the network).
 ARG_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20).filter(lambda s: "://" not in s)
 NUMBER_TEXT = st.one_of(
-    st.integers().map(str), st.floats().map(repr), HUGE.map(str), st.sampled_from(["nan", "inf", "-inf", "1e999", "-0", "0x10", "1_000", " 3", "", "３"]),
+    st.integers().map(str),
+    st.floats().map(repr),
+    HUGE.map(str),
+    st.sampled_from(["nan", "inf", "-inf", "1e999", "-0", "0x10", "1_000", " 3", "", "３"]),
 )
 VALUE = ARG_TEXT | NUMBER_TEXT
-TRAIN_OPTIONS = ["--head-width", "--lr", "--momentum", "--weight-decay", "--dropout", "--epochs", "--data-fraction", "--batch-size", "--image-size", "--split", "--seed", "--split-seed", "--threads", "--out", "--data", "--external"]
-SWEEP_OPTIONS = ["--space", "--name", "--results", "--num-samples", "--max-concurrent", "--cpus-per-trial", "--gpus-per-trial", "--storage", "--seed", "--data", "--external"]
+TRAIN_OPTIONS = [
+    "--head-width",
+    "--lr",
+    "--momentum",
+    "--weight-decay",
+    "--dropout",
+    "--epochs",
+    "--data-fraction",
+    "--batch-size",
+    "--image-size",
+    "--split",
+    "--seed",
+    "--split-seed",
+    "--threads",
+    "--out",
+    "--data",
+    "--external",
+]
+SWEEP_OPTIONS = [
+    "--space",
+    "--name",
+    "--results",
+    "--num-samples",
+    "--max-concurrent",
+    "--cpus-per-trial",
+    "--gpus-per-trial",
+    "--storage",
+    "--seed",
+    "--data",
+    "--external",
+]
 ANALYZE_OPTIONS = ["--objectives", "--speed-on", "--threads", "--results"]
 
 
@@ -193,7 +249,18 @@ ANALYZE_OPTIONS = ["--objectives", "--speed-on", "--threads", "--results"]
 def command_line(draw) -> list[str]:
     """An asl-tune command whose options hold fuzzed values; its --data (or sweep name, or weights) never exists."""
     command = draw(st.sampled_from(["train", "sweep", "analyze", "evaluate", "data check"]))
-    pairs = [(o, draw(VALUE)) for o in draw(st.lists(st.sampled_from({"train": TRAIN_OPTIONS, "sweep": SWEEP_OPTIONS, "analyze": ANALYZE_OPTIONS}.get(command, ["--image-size", "--split"])), min_size=1, max_size=3))]
+    pairs = [
+        (o, draw(VALUE))
+        for o in draw(
+            st.lists(
+                st.sampled_from(
+                    {"train": TRAIN_OPTIONS, "sweep": SWEEP_OPTIONS, "analyze": ANALYZE_OPTIONS}.get(command, ["--image-size", "--split"])
+                ),
+                min_size=1,
+                max_size=3,
+            )
+        )
+    ]
     if command == "evaluate":
         return ["evaluate", draw(VALUE), "--data", draw(VALUE)]
     options = [f"{o}={v}" if draw(st.booleans()) else f"{o}\n{v}" for o, v in pairs]
@@ -222,7 +289,9 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
 @example(argv=["train", "--data", "missing-data", "--out", "out", "--lr", "1e999"])
 @example(argv=["sweep", "--data", "missing-data", "--results", "results", "--seed", "9" * 400])
 @example(argv=["sweep", "--data", "missing-data", "--results", "results", "--cpus-per-trial", "nan"])
-@example(argv=["sweep", "--data", "missing-data", "--results", "results", "--num-samples", "1" + "0" * 400])  # OverflowError in math.isfinite
+@example(
+    argv=["sweep", "--data", "missing-data", "--results", "results", "--num-samples", "1" + "0" * 400]
+)  # OverflowError in math.isfinite
 @example(argv=["sweep", "--data", "missing-data", "--results", "results", "--name", "."])
 @example(argv=["sweep", "--data", "missing-data", "--results", "results", "--space", ""])
 @example(argv=["analyze", "\r", "--results", "results"])  # the name's line break split the message in two
@@ -248,6 +317,7 @@ def test_fuzzed_command_line_values_are_refused_in_one_line_and_leave_nothing(tm
 
 # ---------------------------------------------------------------- image files
 
+
 def jpeg_bytes(size: int = 32) -> bytes:
     """A small real JPEG."""
     from PIL import Image
@@ -259,6 +329,7 @@ def jpeg_bytes(size: int = 32) -> bytes:
 
 def png_declaring(width: int, height: int, pixels: bytes = b"") -> bytes:
     """A PNG whose header declares width x height grey pixels, whatever its data holds."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -270,7 +341,7 @@ def jpeg_declaring(width: int, height: int) -> bytes:
     """A JPEG whose frame header (SOF0) declares width x height over a 32 px image's data."""
     data = jpeg_bytes()
     at = data.index(b"\xff\xc0") + 5
-    return data[:at] + struct.pack(">HH", height, width) + data[at + 4:]
+    return data[:at] + struct.pack(">HH", height, width) + data[at + 4 :]
 
 
 FILE_CONTENT = st.one_of(
@@ -283,7 +354,9 @@ FILE_CONTENT = st.one_of(
     st.text(max_size=100).map(str.encode),
 )
 SUFFIX = st.sampled_from([".jpg", ".JPG", ".jpeg", ".png", ".webp", ".bmp", ".txt", ""])
-STEM = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"), min_size=1, max_size=12).filter(lambda s: s not in (".", "..") and len(s.encode()) < 200)
+STEM = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"), min_size=1, max_size=12).filter(
+    lambda s: s not in (".", "..") and len(s.encode()) < 200
+)
 
 
 def is_image_name(name: str) -> bool:
@@ -302,7 +375,9 @@ def check_cache_whole() -> None:
 @fuzz(60)
 @given(files=st.lists(st.tuples(st.sampled_from(["A", "B"]), STEM, SUFFIX, FILE_CONTENT), min_size=1, max_size=3), replace=st.booleans())
 @example(files=[("A", "A1", ".jpg", png_declaring(10_000, 10_000))], replace=True)  # over PIL's limit: refused, not decoded
-@example(files=[("A", "strip", ".png", png_declaring(1, 8_000_000, b"\0\x80" * 8_000_000))], replace=False)  # was resized to 32 x 256,000,000
+@example(
+    files=[("A", "strip", ".png", png_declaring(1, 8_000_000, b"\0\x80" * 8_000_000))], replace=False
+)  # was resized to 32 x 256,000,000
 @example(files=[("B", "B2", ".jpg", b"")], replace=True)
 def test_fuzzed_image_files_are_decoded_skipped_by_name_or_refused(tmp_path_factory, files, replace):
     """Each bad file is decoded, or skipped with a one-line reason naming it; a class left empty is refused in one line."""

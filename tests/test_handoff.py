@@ -11,13 +11,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import make_dataset
+from sweeps import write_space
 
 from asl_tune.data import decoded_bytes, load_dataset
 from asl_tune.errors import AslTuneError
 from asl_tune.sweep.handoff import Node, SharedDataset, plan, share, trial_mb
-
-from conftest import make_dataset
-from sweeps import write_space
 
 GB = 1e9
 
@@ -37,26 +36,70 @@ def test_a_plan_that_fits_gives_the_data_size_at_each_image_size_and_the_trials_
 
 
 def test_more_trials_at_once_than_a_nodes_memory_holds_are_refused_with_the_figures_and_the_ways_out(tiny_dataset):
-    with pytest.raises(AslTuneError, match=r"memory plan: node 10\.0\.0\.1 would run 40 trials at once.*of its 8\.00 GB; run fewer at once \(--max-concurrent \d+\)") as e:
-        plan(tiny_dataset, None, [200], [node(cpus=4, memory=8 * GB)], cpus_per_trial=0.1, gpus_per_trial=0, max_concurrent=None, num_samples=100)
+    with pytest.raises(
+        AslTuneError,
+        match=r"memory plan: node 10\.0\.0\.1 would run 40 trials at once.*of its 8\.00 GB; run fewer at once \(--max-concurrent \d+\)",
+    ) as e:
+        plan(
+            tiny_dataset,
+            None,
+            [200],
+            [node(cpus=4, memory=8 * GB)],
+            cpus_per_trial=0.1,
+            gpus_per_trial=0,
+            max_concurrent=None,
+            num_samples=100,
+        )
     message = str(e.value)
     assert "\n" not in message and "--cpus-per-trial" in message and "smaller image size" in message and "more memory" in message
     fewer = int(message.split("--max-concurrent ")[1].split(")")[0])
-    plan(tiny_dataset, None, [200], [node(cpus=4, memory=8 * GB)], cpus_per_trial=0.1, gpus_per_trial=0, max_concurrent=fewer, num_samples=100)  # the way out it names fits
+    plan(
+        tiny_dataset,
+        None,
+        [200],
+        [node(cpus=4, memory=8 * GB)],
+        cpus_per_trial=0.1,
+        gpus_per_trial=0,
+        max_concurrent=fewer,
+        num_samples=100,
+    )  # the way out it names fits
 
 
 def test_a_node_without_the_cache_needs_an_object_store_that_holds_the_data_and_counts_it_against_its_memory(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=40)  # 200 images: 24 MB at 200 px
     need = decoded_bytes(200, 200)
-    with pytest.raises(AslTuneError, match=r"node 10\.0\.0\.2 has no cache file and its object store holds 10 MB, less than the 24 MB of data; .*--object-store-memory"):
-        plan(data, None, [200], [node(), node(has_cache=False, store=10e6, address="10.0.0.2")], cpus_per_trial=1, gpus_per_trial=0, max_concurrent=None, num_samples=4)
-    found = plan(data, None, [200], [node(), node(has_cache=False, store=2 * need, address="10.0.0.2")], cpus_per_trial=1, gpus_per_trial=0, max_concurrent=None, num_samples=4)
+    with pytest.raises(
+        AslTuneError,
+        match=r"node 10\.0\.0\.2 has no cache file and its object store holds 10 MB, less than the 24 MB of data; .*--object-store-memory",
+    ):
+        plan(
+            data,
+            None,
+            [200],
+            [node(), node(has_cache=False, store=10e6, address="10.0.0.2")],
+            cpus_per_trial=1,
+            gpus_per_trial=0,
+            max_concurrent=None,
+            num_samples=4,
+        )
+    found = plan(
+        data,
+        None,
+        [200],
+        [node(), node(has_cache=False, store=2 * need, address="10.0.0.2")],
+        cpus_per_trial=1,
+        gpus_per_trial=0,
+        max_concurrent=None,
+        num_samples=4,
+    )
     assert found.at_once == {"10.0.0.1": 2, "10.0.0.2": 2}
     assert "memory-mapped from the cache on 1 node and one object-store copy on each of 1 node without the cache" in found.lines[0]
 
 
 def test_gpus_bound_the_trials_a_node_runs_at_once(tiny_dataset):
-    found = plan(tiny_dataset, None, [64], [node(cpus=16, gpus=1)], cpus_per_trial=1, gpus_per_trial=0.25, max_concurrent=None, num_samples=10)
+    found = plan(
+        tiny_dataset, None, [64], [node(cpus=16, gpus=1)], cpus_per_trial=1, gpus_per_trial=0.25, max_concurrent=None, num_samples=10
+    )
     assert found.at_once == {"10.0.0.1": 4}
 
 
@@ -65,7 +108,9 @@ def test_a_cache_disk_too_small_for_the_decoded_data_is_refused(tmp_path, monkey
     import shutil
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000))
-    with pytest.raises(AslTuneError, match=r"memory plan: the decoded data needs 1 MB in the cache folder .* which has 1 kB free; set ASL_TUNE_CACHE"):
+    with pytest.raises(
+        AslTuneError, match=r"memory plan: the decoded data needs 1 MB in the cache folder .* which has 1 kB free; set ASL_TUNE_CACHE"
+    ):
         plan(data, None, [200], [node()], cpus_per_trial=1, gpus_per_trial=0, max_concurrent=None, num_samples=1)
 
 
@@ -97,7 +142,9 @@ def test_a_node_without_the_cache_file_maps_rays_read_only_copy(tmp_path, capsys
         assert shared.ref is not None
         said = capsys.readouterr().err  # the hand-off is never silent
         assert "handing 92 kB (32 px) to Ray's object store for the nodes without the cache" in said and ": done in " in said
-        elsewhere = SharedDataset(shared.meta, str(tmp_path / "no-such-cache" / "images.npy"), shared.cache_bytes, shared.ref)  # as on that node
+        elsewhere = SharedDataset(
+            shared.meta, str(tmp_path / "no-such-cache" / "images.npy"), shared.cache_bytes, shared.ref
+        )  # as on that node
 
         @ray.remote(num_cpus=1)
         def open_there(shared: SharedDataset):
@@ -113,12 +160,33 @@ def test_a_sweep_the_memory_plan_refuses_is_refused_before_decoding_with_nothing
     data = make_dataset(tmp_path / "data", per_class=4)
     space = write_space(tmp_path / "s.yaml", 200, {"lr": {"type": "float", "low": 0.01, "high": 0.1}}, fixed={"image_size": 200})
     cache = tmp_path / "cache"
-    done = subprocess.run([sys.executable, "-m", "asl_tune", "sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results"),
-                           "--cpus-per-trial", "0.01", "--max-concurrent", "200"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "ASL_TUNE_CACHE": str(cache)})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "asl_tune",
+            "sweep",
+            "--space",
+            str(space),
+            "--data",
+            str(data),
+            "--results",
+            str(tmp_path / "results"),
+            "--cpus-per-trial",
+            "0.01",
+            "--max-concurrent",
+            "200",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ASL_TUNE_CACHE": str(cache)},
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("asl-tune: error: memory plan: node 127.0.0.1 would run 200 trials at once") and "--max-concurrent" in last, done.stderr[-3000:]
+    assert last.startswith("asl-tune: error: memory plan: node 127.0.0.1 would run 200 trials at once") and "--max-concurrent" in last, (
+        done.stderr[-3000:]
+    )
     assert "Traceback" not in done.stderr
     assert not (cache / "decoded").exists()  # refused before decoding
     assert not (tmp_path / "results" / "s").exists()  # and nothing created
@@ -128,7 +196,7 @@ def _hard_linked(root: Path, per_class: int, rendered: Path) -> Path:
     """A dataset of per_class images per class, each a hard link to one of the rendered frames, in frame order (no new JPEG)."""
     base = root / "asl_alphabet_train" / "asl_alphabet_train"
     for folder in sorted((rendered / "asl_alphabet_train" / "asl_alphabet_train").iterdir()):
-        frames = sorted(folder.iterdir(), key=lambda p: int(p.stem[len(folder.name):]))
+        frames = sorted(folder.iterdir(), key=lambda p: int(p.stem[len(folder.name) :]))
         (base / folder.name).mkdir(parents=True)
         for i in range(per_class):
             os.link(frames[i * len(frames) // per_class], base / folder.name / f"{folder.name}{i + 1}.jpg")
@@ -144,8 +212,12 @@ def test_a_trials_private_memory_does_not_grow_with_the_dataset(tmp_path):
 
     rendered = make_dataset(tmp_path / "rendered", per_class=10, size=128)
     small, large = _hard_linked(tmp_path / "small", 163, rendered), _hard_linked(tmp_path / "large", 1630, rendered)
-    space = write_space(tmp_path / "mem.yaml", 1, {"lr": {"type": "float", "low": 0.01, "high": 0.02}},
-                        fixed={"image_size": 128, "epochs": 1, "data_fraction": 0.01, "batch_size": 16})
+    space = write_space(
+        tmp_path / "mem.yaml",
+        1,
+        {"lr": {"type": "float", "low": 0.01, "high": 0.02}},
+        fixed={"image_size": 128, "epochs": 1, "data_fraction": 0.01, "batch_size": 16},
+    )
     private, array_mb = {}, {}
     with cluster.ray_session(num_cpus=1):  # one Ray for both sweeps
         for name, data in (("small", small), ("large", large)):
@@ -167,12 +239,20 @@ def test_trials_killed_by_rays_memory_monitor_end_in_one_line_with_the_resume_co
     space = write_space(tmp_path / "oom.yaml", 2, {"lr": {"type": "float", "low": 0.01, "high": 0.1}}, fixed={"epochs": 1})
     base = [sys.executable, "-m", "asl_tune"]
     env = {**os.environ, "RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "100"}
-    killed = subprocess.run([*base, "sweep", "--space", str(space), "--data", str(data), "--results", "results"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300, env=env)
+    killed = subprocess.run(
+        [*base, "sweep", "--space", str(space), "--data", str(data), "--results", "results"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert killed.returncode == 3, killed.stderr[-3000:]  # errors.TrialsErrored
     assert "Traceback" not in killed.stderr and "Top 10 memory users" not in killed.stderr, killed.stderr[-3000:]
     last = killed.stderr.strip().splitlines()[-1]
-    assert last.startswith("asl-tune: error: sweep 'oom' ended with 2 of 2 trials errored") and "killed by Ray's memory monitor" in last, last
+    assert last.startswith("asl-tune: error: sweep 'oom' ended with 2 of 2 trials errored") and "killed by Ray's memory monitor" in last, (
+        last
+    )
     assert last.endswith("`asl-tune resume oom` runs them again from their last checkpoints"), last
     assert set(read_trials(tmp_path / "results" / "oom")["status"]) == {"errored"}
     for log in (tmp_path / "results" / "oom" / "logs").glob("*.log"):

@@ -18,9 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 import netns
+import pytest
 from conftest import make_dataset
 from sweeps import assert_consistent, read, wait_for, write_space
 
@@ -32,7 +31,12 @@ RAY = str(Path(sys.executable).with_name("ray"))
 ADDRESS = f"{netns.SUBNET}.1:6379"
 # Ray's health check of its nodes, shortened (its documented RAY_health_check_* settings, read by the head's GCS):
 # a host cut off is declared dead after about 3 s instead of Ray's 64 s of defaults.
-HEALTH_CHECK = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+HEALTH_CHECK = {
+    "RAY_health_check_initial_delay_ms": "1000",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
 PARAMS = {"head_width": {"type": "categorical", "choices": [16, 24, 32]}}
 # On h2 and h3 only (their Ray nodes' environment, which their workers inherit), a trial of head width 40 waits after
 # its first epoch until its host goes down: the lost-host test's trials are there, checkpointed, when it strikes.
@@ -58,8 +62,15 @@ class Cluster:
 
     def ids(self) -> dict[str, str]:
         """Ray's node id of each host, by hostname, asked by a driver inside h1."""
-        ask = "import json, ray; ray.init(address=%r, logging_level='ERROR'); print(json.dumps({n['NodeManagerHostname']: n['NodeID'] for n in ray.nodes() if n['Alive']}))" % ADDRESS
-        out, _ = self.hosts[0].run([sys.executable, "-c", ask], env=self.token, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).communicate(timeout=120)
+        ask = (
+            "import json, ray; ray.init(address=%r, logging_level='ERROR'); print(json.dumps({n['NodeManagerHostname']: n['NodeID'] for n in ray.nodes() if n['Alive']}))"
+            % ADDRESS
+        )
+        out, _ = (
+            self.hosts[0]
+            .run([sys.executable, "-c", ask], env=self.token, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            .communicate(timeout=120)
+        )
         return json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
 
 
@@ -74,12 +85,21 @@ def cluster(tmp_path_factory):
         common = ["--block", "--num-cpus=1", "--num-gpus=0", "--object-store-memory=100000000", "--disable-usage-stats"]
         logs = root / "ray-logs"
         logs.mkdir()
-        hosts[0].run([RAY, "start", "--head", f"--node-ip-address={hosts[0].ip}", "--port=6379", "--include-dashboard=false", *common],
-                     env={**token, **HEALTH_CHECK}, stdout=open(logs / "h1.log", "w"), stderr=subprocess.STDOUT)
+        hosts[0].run(
+            [RAY, "start", "--head", f"--node-ip-address={hosts[0].ip}", "--port=6379", "--include-dashboard=false", *common],
+            env={**token, **HEALTH_CHECK},
+            stdout=open(logs / "h1.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         c = Cluster(hosts, root, token)
         wait_for(lambda: "Ray runtime started" in (logs / "h1.log").read_text(), 180, what="the head node on h1")
         for host in hosts[1:]:
-            host.run([RAY, "start", f"--address={ADDRESS}", f"--node-ip-address={host.ip}", *common], env={**token, **HOLD_ON_WORKERS}, stdout=open(logs / f"{host.name}.log", "w"), stderr=subprocess.STDOUT)
+            host.run(
+                [RAY, "start", f"--address={ADDRESS}", f"--node-ip-address={host.ip}", *common],
+                env={**token, **HOLD_ON_WORKERS},
+                stdout=open(logs / f"{host.name}.log", "w"),
+                stderr=subprocess.STDOUT,
+            )
         wait_for(lambda: len(c.ids()) == 3, 180, what="h2 and h3 to join")
         yield c
 
@@ -104,7 +124,17 @@ def space(cluster: Cluster, name: str, trials: int, epochs: int, params: dict = 
 
 
 def test_results_on_the_shared_folder_trials_run_over_the_hosts(cluster):
-    args = ["sweep", "--space", space(cluster, "shared", 3, 1), "--data", "/tmp/data", "--results", f"{netns.SHARED}/results", "--address", ADDRESS]
+    args = [
+        "sweep",
+        "--space",
+        space(cluster, "shared", 3, 1),
+        "--data",
+        "/tmp/data",
+        "--results",
+        f"{netns.SHARED}/results",
+        "--address",
+        ADDRESS,
+    ]
     rc, _, err = finish(cluster.driver(args), 600)
     assert rc == 0, err[-3000:]
     trials, _ = assert_consistent(cluster.root / "nfs" / "results" / "shared", 3)
@@ -115,7 +145,17 @@ def test_results_on_the_shared_folder_trials_run_over_the_hosts(cluster):
 def test_a_uri_as_results_works_with_every_hosts_tmp_private(cluster):
     """A file:// URI on the shared folder as --results: the driver's working copy is in h1's own /tmp (its cache),
     the results and Ray's checkpoints go by URI."""
-    args = ["sweep", "--space", space(cluster, "uri", 3, 1), "--data", "/tmp/data", "--results", f"file://{netns.SHARED}/uri", "--address", ADDRESS]
+    args = [
+        "sweep",
+        "--space",
+        space(cluster, "uri", 3, 1),
+        "--data",
+        "/tmp/data",
+        "--results",
+        f"file://{netns.SHARED}/uri",
+        "--address",
+        ADDRESS,
+    ]
     rc, _, err = finish(cluster.driver(args), 600)
     assert rc == 0, err[-3000:]
     trials, _ = assert_consistent(cluster.root / "nfs" / "uri" / "uri", 3)
@@ -125,11 +165,23 @@ def test_a_uri_as_results_works_with_every_hosts_tmp_private(cluster):
 
 def test_a_file_uri_on_a_folder_the_other_hosts_cannot_see_is_refused_before_decoding(cluster):
     """file:///tmp/private-uri is each host's own /tmp: Ray would refuse the trials on h2 and h3 as they start."""
-    args = ["sweep", "--space", space(cluster, "private-uri", 2, 1), "--data", "/tmp/data", "--results", "file:///tmp/private-uri", "--address", ADDRESS]
+    args = [
+        "sweep",
+        "--space",
+        space(cluster, "private-uri", 2, 1),
+        "--data",
+        "/tmp/data",
+        "--results",
+        "file:///tmp/private-uri",
+        "--address",
+        ADDRESS,
+    ]
     rc, _, err = finish(cluster.driver(args, env={"ASL_TUNE_CACHE": "/tmp/cache-private-uri"}), 300)
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1, err[-3000:]
-    assert lines[0].startswith("asl-tune: error: --results or --storage: file:///tmp/private-uri is not visible from 2 of the cluster's 3 nodes: "), lines
+    assert lines[0].startswith(
+        "asl-tune: error: --results or --storage: file:///tmp/private-uri is not visible from 2 of the cluster's 3 nodes: "
+    ), lines
     assert "h2 (198.18.0.2)" in lines[0] and "h3 (198.18.0.3)" in lines[0]
     assert not (cluster.hosts[0].tmp / "private-uri" / "private-uri").exists()
     assert not list((cluster.hosts[0].tmp / "cache-private-uri").rglob("images.npy"))  # nothing decoded
@@ -152,7 +204,17 @@ def test_a_results_folder_the_other_hosts_cannot_see_is_refused_before_decoding(
 
 def test_a_driver_without_the_token_is_refused_in_one_line_before_decoding(cluster):
     h1 = cluster.hosts[0].tmp
-    args = ["sweep", "--space", space(cluster, "untokened", 2, 1), "--data", "/tmp/data", "--results", f"{netns.SHARED}/results", "--address", ADDRESS]
+    args = [
+        "sweep",
+        "--space",
+        space(cluster, "untokened", 2, 1),
+        "--data",
+        "/tmp/data",
+        "--results",
+        f"{netns.SHARED}/results",
+        "--address",
+        ADDRESS,
+    ]
     started = time.monotonic()
     rc, out, err = finish(cluster.driver(args, token=False, env={"ASL_TUNE_CACHE": "/tmp/cache-untokened"}), 300)
     elapsed = time.monotonic() - started
@@ -173,17 +235,35 @@ def test_a_host_killed_and_a_host_cut_off_mid_trial_move_their_trials_to_the_hea
     trained again from the start."""
     folder = cluster.root / "nfs" / "results" / "lost"
     ids = cluster.ids()
-    args = ["sweep", "--space", space(cluster, "lost", 3, 4, LOST_PARAMS), "--data", "/tmp/data", "--results", f"{netns.SHARED}/results", "--address", ADDRESS]
+    args = [
+        "sweep",
+        "--space",
+        space(cluster, "lost", 3, 4, LOST_PARAMS),
+        "--data",
+        "/tmp/data",
+        "--results",
+        f"{netns.SHARED}/results",
+        "--address",
+        ADDRESS,
+    ]
     driver = cluster.driver(args)
     try:
+
         def past_first_epoch(host: str) -> set[str]:
             trials, epochs = read(folder, "trials"), read(folder, "epochs")
             if "node_id" not in trials or epochs.empty:
                 return set()
             here = set(trials.loc[trials["node_id"] == ids[host], "trial_id"])
-            return set(epochs.loc[epochs["trial_id"].isin(here) & (epochs["epoch"] >= 1), "trial_id"]) - set(trials.loc[trials["status"] != "running", "trial_id"])
+            return set(epochs.loc[epochs["trial_id"].isin(here) & (epochs["epoch"] >= 1), "trial_id"]) - set(
+                trials.loc[trials["status"] != "running", "trial_id"]
+            )
 
-        wait_for(lambda: running(driver) and past_first_epoch("h2") and past_first_epoch("h3"), 600, None, "a trial past its first epoch on h2 and on h3")
+        wait_for(
+            lambda: running(driver) and past_first_epoch("h2") and past_first_epoch("h3"),
+            600,
+            None,
+            "a trial past its first epoch on h2 and on h3",
+        )
         moved = past_first_epoch("h2") | past_first_epoch("h3")
         before = read(folder, "epochs").set_index(["trial_id", "epoch"])["seconds"]
         cluster.hosts[2].kill()

@@ -30,7 +30,16 @@ def imports(tree: ast.AST, top_level_only: bool) -> list[str]:
 
 def test_the_layout_shows_the_stages():
     assert sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__")) == sorted(CORE)
-    assert {p.stem for p in (PACKAGE / "sweep").glob("*.py")} >= {"space", "request", "run", "trainable", "recorder", "cluster", "study", "mirror"}
+    assert {p.stem for p in (PACKAGE / "sweep").glob("*.py")} >= {
+        "space",
+        "request",
+        "run",
+        "trainable",
+        "recorder",
+        "cluster",
+        "study",
+        "mirror",
+    }
     assert {p.stem for p in (PACKAGE / "analysis").glob("*.py")} >= {"compute", "figures", "report"}
 
 
@@ -67,7 +76,7 @@ def wing_imports(wing: str) -> dict[str, set[str]]:
     for name in sorted(names):
         reached = imports(ast.parse((PACKAGE / wing / f"{name}.py").read_text()), top_level_only=False)
         prefix = f"asl_tune.{wing}."
-        graph[name] = {m[len(prefix):].split(".")[0] for m in reached if m.startswith(prefix)} & names - {name}
+        graph[name] = {m[len(prefix) :].split(".")[0] for m in reached if m.startswith(prefix)} & names - {name}
     return graph
 
 
@@ -77,7 +86,7 @@ def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(node: str, path: list[str]) -> list[str] | None:
         if node in path:
-            return path[path.index(node):] + [node]
+            return path[path.index(node) :] + [node]
         if node in done:
             return None
         for after in sorted(graph[node]):

@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from sweeps import write_space
 
 from asl_tune.errors import AslTuneError
 from asl_tune.results import ResultsStore, read_trials, trial_row, write_atomic
@@ -20,7 +21,6 @@ from asl_tune.sweep.recorder import ParquetRecorder
 from asl_tune.sweep.request import place
 from asl_tune.sweep.space import load_space
 from asl_tune.sweep.study import flush_study, study_storage
-from sweeps import write_space
 
 
 def files_in(folder: Path) -> dict[str, bytes]:
@@ -72,7 +72,9 @@ def test_a_uri_is_copied_up_as_files_change_and_down_whole(tmp_path, monkeypatch
     moved.pull()
     assert files_in(moved.path) == files_in(remote)
     assert moved.described == f"{uri}/s (working copy {moved.path})"
-    assert moved.results_lines()[-1] == f"(working copy: {moved.path})" and f"asl-tune analyze s --results {uri}" in moved.results_lines()[0]
+    assert (
+        moved.results_lines()[-1] == f"(working copy: {moved.path})" and f"asl-tune analyze s --results {uri}" in moved.results_lines()[0]
+    )
     assert moved.ray_storage == uri
 
 
@@ -107,7 +109,9 @@ def test_the_study_and_the_recorder_find_this_machines_working_copy_when_unpickl
     sweep.path.mkdir(parents=True)
     storage = study_storage(sweep)
     optuna.create_study(study_name="s", storage=storage)
-    recorder = ParquetRecorder(sweep, load_space(write_space(tmp_path / "s.yaml", 1, params={"lr": {"type": "float", "low": 0.01, "high": 0.1}})), 1)
+    recorder = ParquetRecorder(
+        sweep, load_space(write_space(tmp_path / "s.yaml", 1, params={"lr": {"type": "float", "low": 0.01, "high": 0.1}})), 1
+    )
     saved = pickle.dumps((storage, recorder))
 
     monkeypatch.setenv("ASL_TUNE_CACHE", str(tmp_path / "cache-b"))
@@ -133,7 +137,9 @@ def test_a_flush_copies_up_only_the_parts_it_wrote_and_removes_a_dropped_trials(
     uri = (tmp_path / "bucket").as_uri()
     remote = tmp_path / "bucket" / "s"
     remote.mkdir(parents=True)
-    write_atomic(pd.DataFrame([trial_row("old", "completed", {"lr": 0.1}, {"val_accuracy": 0.9})]), remote / "trials.parquet")  # before parts
+    write_atomic(
+        pd.DataFrame([trial_row("old", "completed", {"lr": 0.1}, {"val_accuracy": 0.9})]), remote / "trials.parquet"
+    )  # before parts
     monkeypatch.setenv("ASL_TUNE_CACHE", str(tmp_path / "cache-a"))
     sweep = place(uri, "s")
     sweep.pull()
@@ -141,7 +147,12 @@ def test_a_flush_copies_up_only_the_parts_it_wrote_and_removes_a_dropped_trials(
     for tid in ("a", "b"):
         store.put_trial(trial_row(tid, "running", {"lr": 0.1}, {}))
     sweep.sync(changed=store.flush())
-    assert sorted(p.name for p in (remote / "trials.parquet").iterdir()) == ["schema.parquet", "trial-a.parquet", "trial-b.parquet", "trial-old.parquet"]
+    assert sorted(p.name for p in (remote / "trials.parquet").iterdir()) == [
+        "schema.parquet",
+        "trial-a.parquet",
+        "trial-b.parquet",
+        "trial-old.parquet",
+    ]
     store.drop_trial("a")
     changed = store.flush()
     assert changed == ["trials.parquet/trial-a.parquet"]

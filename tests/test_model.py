@@ -1,9 +1,8 @@
 import pytest
 import torch
-
-from asl_tune.errors import AslTuneError
 from torch.utils.flop_counter import FlopCounterMode
 
+from asl_tune.errors import AslTuneError
 from asl_tune.model import DexNet, count_parameters, feature_side, flops_per_image
 
 

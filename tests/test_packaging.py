@@ -91,7 +91,9 @@ def test_an_installed_copy_resolves_and_loads_the_default_space(installed, tmp_p
         }))
         """
     )
-    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=_outside_env(target), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=_outside_env(target), capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     inside = target.resolve()
@@ -109,14 +111,26 @@ def test_an_installed_asl_tune_sweep_finds_its_default_space(installed, tmp_path
     _, target = installed
     not_a_folder = tmp_path / "results-file"
     not_a_folder.write_text("")
-    done = subprocess.run([sys.executable, "-m", "asl_tune", "sweep", "--results", str(not_a_folder)], cwd=tmp_path,
-                          env=_outside_env(target), capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [sys.executable, "-m", "asl_tune", "sweep", "--results", str(not_a_folder)],
+        cwd=tmp_path,
+        env=_outside_env(target),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
     assert "--space" not in done.stderr and "search space" not in done.stderr, done.stderr
     assert "--results" in done.stderr, done.stderr
     assert list(tmp_path.iterdir()) == [not_a_folder], "a refused sweep created files"
 
-    missing = subprocess.run([sys.executable, "-m", "asl_tune", "sweep", "--space", "no-such-space", "--results", str(not_a_folder)], cwd=tmp_path,
-                             env=_outside_env(target), capture_output=True, text=True, timeout=180)
+    missing = subprocess.run(
+        [sys.executable, "-m", "asl_tune", "sweep", "--space", "no-such-space", "--results", str(not_a_folder)],
+        cwd=tmp_path,
+        env=_outside_env(target),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert missing.returncode == 2
     assert "known: cpu-quick, default, seed-iterations" in missing.stderr, missing.stderr

@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from asl_tune.synth import render_dataset
 from conftest import make_dataset
 from sweeps import RAY_TABLES, run_cli, write_space
+
+from asl_tune.synth import render_dataset
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
@@ -24,20 +25,34 @@ def data(tmp_path_factory) -> Path:
 
 
 def tiny(path: Path, trials: int, epochs: int = 1, early_stopping: bool | dict = False) -> Path:
-    return write_space(path, trials, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": epochs}, early_stopping=early_stopping)
+    return write_space(
+        path,
+        trials,
+        params={"head_width": {"type": "categorical", "choices": [16, 32]}},
+        fixed={"epochs": epochs},
+        early_stopping=early_stopping,
+    )
 
 
 @pytest.mark.slow
 def test_a_piped_sweep_prints_its_events_and_status_in_plain_lines_and_verbose_brings_back_rays_tables(tmp_path, data):
-    space = tiny(tmp_path / "piped.yaml", 2, epochs=2, early_stopping={"reduction_factor": 2, "grace_epochs": 1})  # ASHA: a rung after epoch 1
+    space = tiny(
+        tmp_path / "piped.yaml", 2, epochs=2, early_stopping={"reduction_factor": 2, "grace_epochs": 1}
+    )  # ASHA: a rung after epoch 1
     results = ["--results", str(tmp_path / "results")]
     out = run_cli(["sweep", "--space", str(space), "--data", str(data), *results], tmp_path, 300)
     assert "\r" not in out and not [t for t in RAY_TABLES if t in out], out
     started = re.findall(r"^trial (\w+) started \(head \d+", out, re.M)
-    ended = dict((tid, (k, how)) for k, tid, how in re.findall(r"^\[(\d)/2\] trial (\w+) (completed|stopped early): val_accuracy", out, re.M))
+    ended = dict(
+        (tid, (k, how)) for k, tid, how in re.findall(r"^\[(\d)/2\] trial (\w+) (completed|stopped early): val_accuracy", out, re.M)
+    )
     assert len(started) == 2 and sorted(ended) == sorted(started) and sorted(k for k, _ in ended.values()) == ["1", "2"], out
     # Each trial's rung decision, once: the first to reach the rung goes on; the other is judged against it.
-    rungs = re.findall(r"^trial (\w+) at rung 1 \(1 epoch of images\): val_accuracy [\d.]+, (the first to reach it|cutoff [\d.]+ over 1 trial): (continues|stopped)$", out, re.M)
+    rungs = re.findall(
+        r"^trial (\w+) at rung 1 \(1 epoch of images\): val_accuracy [\d.]+, (the first to reach it|cutoff [\d.]+ over 1 trial): (continues|stopped)$",
+        out,
+        re.M,
+    )
     assert sorted(tid for tid, _, _ in rungs) == sorted(started) and sorted(judged[:3] for _, judged, _ in rungs) == ["cut", "the"], out
     assert all((decision == "stopped") == (ended[tid][1] == "stopped early") for tid, _, decision in rungs), out
     # TensorBoard and MLflow are off unless asked for: no event files, no tracker in the sweep's record.
@@ -54,7 +69,18 @@ def test_a_piped_sweep_prints_its_events_and_status_in_plain_lines_and_verbose_b
 @pytest.mark.slow
 def test_on_a_terminal_the_status_line_is_rewritten_in_place(tmp_path, data):
     space = tiny(tmp_path / "tty.yaml", 1)
-    command = [sys.executable, "-m", "asl_tune", "sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results")]
+    command = [
+        sys.executable,
+        "-m",
+        "asl_tune",
+        "sweep",
+        "--space",
+        str(space),
+        "--data",
+        str(data),
+        "--results",
+        str(tmp_path / "results"),
+    ]
     master, slave = pty.openpty()
     proc = subprocess.Popen(command, cwd=tmp_path, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from sweeps import write_space
 
 import asl_tune.results as results
 import asl_tune.sweep.recorder as recorder_module
 from asl_tune.results import read_epochs, read_trials
 from asl_tune.sweep.recorder import ParquetRecorder
 from asl_tune.sweep.space import load_space
-from sweeps import write_space
 
 
 class FakeTrial:
@@ -23,7 +23,12 @@ class FakeTrial:
 
 
 def report(epoch: int) -> dict:
-    return {"val_accuracy": 0.1 * epoch, "images_seen": 10 * epoch, "epochs_completed": epoch, "epoch_row": {"epoch": epoch, "val_accuracy": 0.1 * epoch, "images_seen": 10 * epoch}}
+    return {
+        "val_accuracy": 0.1 * epoch,
+        "images_seen": 10 * epoch,
+        "epochs_completed": epoch,
+        "epoch_row": {"epoch": epoch, "val_accuracy": 0.1 * epoch, "images_seen": 10 * epoch},
+    }
 
 
 @pytest.fixture
@@ -53,7 +58,12 @@ def test_results_are_written_once_per_trial_per_flush_and_all_of_them_when_tune_
             recorder.on_trial_result(0, [], trial, report(epoch))
     assert parts_written == []  # 2 starts and 4 results: nothing written yet, one write per table and trial to come
     assert recorder.get_state() is None  # what Tune calls as it saves its experiment state, before a resume can see it
-    assert sorted(parts_written) == ["epochs.parquet/trial-a.parquet", "epochs.parquet/trial-b.parquet", "trials.parquet/trial-a.parquet", "trials.parquet/trial-b.parquet"]
+    assert sorted(parts_written) == [
+        "epochs.parquet/trial-a.parquet",
+        "epochs.parquet/trial-b.parquet",
+        "trials.parquet/trial-a.parquet",
+        "trials.parquet/trial-b.parquet",
+    ]
     assert len(read_epochs(recorder.folder)) == 4 and set(read_trials(recorder.folder)["status"]) == {"running"}
     recorder.get_state()
     assert len(parts_written) == 4  # nothing new: nothing rewritten

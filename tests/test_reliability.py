@@ -18,12 +18,25 @@ import optuna
 import pandas as pd
 import pytest
 import ray
-
-from asl_tune.sweep import cluster
-from asl_tune.results import ResultsStore, read_epochs, read_trials, trial_row
-from asl_tune.sweep.trainable import FAULT_ENV, WORK_PREFIX
 from conftest import make_dataset
-from sweeps import RAY_TABLES, assert_consistent, cli, kill_group, load_study, read, run_cli, run_to_end, study_states, wait_for, wait_for_saved_state, write_space
+from sweeps import (
+    RAY_TABLES,
+    assert_consistent,
+    cli,
+    kill_group,
+    load_study,
+    read,
+    run_cli,
+    run_to_end,
+    study_states,
+    wait_for,
+    wait_for_saved_state,
+    write_space,
+)
+
+from asl_tune.results import ResultsStore, read_epochs, read_trials, trial_row
+from asl_tune.sweep import cluster
+from asl_tune.sweep.trainable import FAULT_ENV, WORK_PREFIX
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -49,12 +62,22 @@ def trial_workers(session: int) -> list[int]:
 
 
 def test_a_killed_trial_worker_is_retried_from_its_checkpoint(tmp_path, data):
-    space = write_space(tmp_path / "workers.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 5}, early_stopping=False)
+    space = write_space(
+        tmp_path / "workers.yaml",
+        2,
+        params={"head_width": {"type": "categorical", "choices": [16, 32]}},
+        fixed={"epochs": 5},
+        early_stopping=False,
+    )
     folder = tmp_path / "results" / "workers"
     scratch = tmp_path / "tmp"  # the workers' temp folder, where each trial keeps its scratch checkpoints
     scratch.mkdir()
     env = {"TMPDIR": str(scratch), "RAY_TMPDIR": tempfile.gettempdir()}  # Ray's sockets stay at their short usual path
-    with cli(["sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results"), "--max-concurrent", "1"], cwd=tmp_path, env=env) as driver:
+    with cli(
+        ["sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results"), "--max-concurrent", "1"],
+        cwd=tmp_path,
+        env=env,
+    ) as driver:
         wait_for(lambda: (read(folder, "epochs")["epoch"] >= 2).any(), 240, driver, "a trial's second epoch")
         assert list(scratch.glob(f"{WORK_PREFIX}*")), "no trial scratch folder where the test looks"
         victims = trial_workers(driver.pid)
@@ -83,7 +106,16 @@ def test_chaos_three_driver_kills_then_resume(tmp_path, data):
     after the sweep finished but before the driver exited (the next `resume` says there is nothing to resume
     and succeeds), or never, the driver having exited first. Whichever came, the sweep ends with its 3 trials."""
     rng = random.Random(20261125)
-    space = write_space(tmp_path / "chaos.yaml", 3, params={"head_width": {"type": "categorical", "choices": [16, 24, 32]}, "lr": {"type": "float", "low": 0.005, "high": 0.05, "log": True}}, fixed={"epochs": 3}, early_stopping=False)
+    space = write_space(
+        tmp_path / "chaos.yaml",
+        3,
+        params={
+            "head_width": {"type": "categorical", "choices": [16, 24, 32]},
+            "lr": {"type": "float", "low": 0.005, "high": 0.05, "log": True},
+        },
+        fixed={"epochs": 3},
+        early_stopping=False,
+    )
     results = ["--results", str(tmp_path / "results")]
     folder = tmp_path / "results" / "chaos"
     command = ["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "2", *results]
@@ -123,7 +155,13 @@ def test_resume_reconciles_a_study_ahead_of_tunes_saved_state_and_a_trial_tune_f
     (FAULT_ENV hold@2) until the kill. Left to chance, a fast machine finished it before the kill, and the second,
     last trial ran then: Tune's saved state held every trial, so a trial "started after Tune's last save" could not
     be (no driver makes one then), and the orphan the test made was left waiting in the study, never asked for."""
-    space = write_space(tmp_path / "window.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 4}, early_stopping=False)
+    space = write_space(
+        tmp_path / "window.yaml",
+        2,
+        params={"head_width": {"type": "categorical", "choices": [16, 32]}},
+        fixed={"epochs": 4},
+        early_stopping=False,
+    )
     results = ["--results", str(tmp_path / "results")]
     folder = tmp_path / "results" / "window"
     command = ["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "1", *results]
@@ -155,13 +193,21 @@ def test_resume_reconciles_a_study_ahead_of_tunes_saved_state_and_a_trial_tune_f
 
 
 def test_a_second_driver_on_a_running_sweep_is_refused(tmp_path, data):
-    space = write_space(tmp_path / "busy.yaml", 1, params={"head_width": {"type": "categorical", "choices": [16]}}, fixed={"epochs": 3}, early_stopping=False)
+    space = write_space(
+        tmp_path / "busy.yaml",
+        1,
+        params={"head_width": {"type": "categorical", "choices": [16]}},
+        fixed={"epochs": 3},
+        early_stopping=False,
+    )
     results = ["--results", str(tmp_path / "results")]
     folder = tmp_path / "results" / "busy"
     with cli(["sweep", "--space", str(space), "--data", str(data), *results], cwd=tmp_path) as driver:
         wait_for(lambda: (folder / "sweep.json").exists(), 120, driver, "the sweep to start")
         for args in (["resume", "busy"], ["sweep", "--name", "busy", "--extend", "--num-samples", "1"], ["sweep", "--space", str(space)]):
-            proc = subprocess.run([sys.executable, "-m", "asl_tune", *args, *results], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+            proc = subprocess.run(
+                [sys.executable, "-m", "asl_tune", *args, *results], capture_output=True, text=True, cwd=tmp_path, timeout=120
+            )
             assert proc.returncode == 2, proc.stderr
             assert ("being run by another asl-tune process" in proc.stderr) or ("already exists" in proc.stderr), proc.stderr
         run_to_end(driver, 300)
@@ -170,7 +216,13 @@ def test_a_second_driver_on_a_running_sweep_is_refused(tmp_path, data):
 
 def test_two_sweeps_started_under_one_name_at_once_one_runs_and_the_other_touches_nothing(tmp_path, data):
     """The loser of the lock used to delete the folder, the winner's lock file with it, while the winner started Ray."""
-    space = write_space(tmp_path / "race.yaml", 1, params={"head_width": {"type": "categorical", "choices": [16]}}, fixed={"epochs": 1}, early_stopping=False)
+    space = write_space(
+        tmp_path / "race.yaml",
+        1,
+        params={"head_width": {"type": "categorical", "choices": [16]}},
+        fixed={"epochs": 1},
+        early_stopping=False,
+    )
     command = ["sweep", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "results")]
     with cli(command, cwd=tmp_path) as first, cli(command, cwd=tmp_path) as second:
         outs = [p.communicate(timeout=300)[0] for p in (first, second)]
@@ -184,14 +236,20 @@ def test_two_sweeps_started_under_one_name_at_once_one_runs_and_the_other_touche
 
 
 def test_readers_see_whole_files_while_a_writer_rewrites_them(tmp_path):
-    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         from asl_tune.results import ResultsStore, trial_row
         store = ResultsStore({str(tmp_path)!r})
         for i in range(300):
             store.put_trial(trial_row(f"t{{i:04d}}", "completed", {{"lr": 0.01}}, {{"val_accuracy": 0.5}}))
             store.put_epoch(f"t{{i:04d}}", {{"epoch": 1, "val_accuracy": 0.5, "images_seen": 10}})
             store.flush()
-    """)])
+    """),
+        ]
+    )
     counts, writing = [], True
     while writing or len(counts) < 5:
         writing = writer.poll() is None  # before the read: the last read starts after the last write
@@ -248,13 +306,42 @@ def test_a_local_ray_listens_on_loopback_without_a_dashboard_and_starts_its_work
 def test_same_seed_gives_the_same_configurations_and_metrics(tmp_path, data):
     """The README's promise in its scope: one machine, one software stack (both sweeps run here, one after the other).
     Across machines the metrics may differ (torch's CPU kernels round by processor and thread count); no test claims they do not."""
-    space = write_space(tmp_path / "again.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 24, 32]}, "lr": {"type": "float", "low": 0.005, "high": 0.05, "log": True}}, fixed={"epochs": 1}, early_stopping=False)
+    space = write_space(
+        tmp_path / "again.yaml",
+        2,
+        params={
+            "head_width": {"type": "categorical", "choices": [16, 24, 32]},
+            "lr": {"type": "float", "low": 0.005, "high": 0.05, "log": True},
+        },
+        fixed={"epochs": 1},
+        early_stopping=False,
+    )
     runs = []
     for name in ("first", "second"):
-        run_cli(["sweep", "--space", str(space), "--name", name, "--data", str(data), "--results", str(tmp_path), "--max-concurrent", "1", "--seed", "7"], tmp_path, 300)
+        run_cli(
+            [
+                "sweep",
+                "--space",
+                str(space),
+                "--name",
+                name,
+                "--data",
+                str(data),
+                "--results",
+                str(tmp_path),
+                "--max-concurrent",
+                "1",
+                "--seed",
+                "7",
+            ],
+            tmp_path,
+            300,
+        )
         params = [(t.number, k, v) for t in load_study(tmp_path / name).trials for k, v in sorted(t.params.items())]
         trials = read_trials(tmp_path / name)
-        metrics = trials.sort_values(["params_head_width", "params_lr"])[["params_head_width", "params_lr", "val_accuracy", "test_accuracy"]].reset_index(drop=True)
+        metrics = trials.sort_values(["params_head_width", "params_lr"])[
+            ["params_head_width", "params_lr", "val_accuracy", "test_accuracy"]
+        ].reset_index(drop=True)
         runs.append((params, metrics))
     assert runs[0][0] == runs[1][0] and len(runs[0][0]) == 4  # 2 trials x 2 searched settings, in the same order
     pd.testing.assert_frame_equal(runs[0][1], runs[1][1])
@@ -267,10 +354,19 @@ GRACE_S = 20  # README: a sweep stops within this long of SIGTERM or Ctrl-C
 def test_sigterm_and_ctrl_c_stop_a_sweep_that_then_resumes_with_nothing_lost_or_run_twice(tmp_path, data):
     """Preemption as Slurm, Kubernetes and spot instances do it (SIGTERM, SIGKILL after a grace period), then Ctrl-C:
     each time the driver exits within the grace period, status 128 + the signal, naming the exact resume command."""
-    space = write_space(tmp_path / "preempt.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 3}, early_stopping=False)
+    space = write_space(
+        tmp_path / "preempt.yaml",
+        2,
+        params={"head_width": {"type": "categorical", "choices": [16, 32]}},
+        fixed={"epochs": 3},
+        early_stopping=False,
+    )
     results = ["--results", str(tmp_path / "results")]
     folder = tmp_path / "results" / "preempt"
-    for signum, command in ((signal.SIGTERM, ["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "1"]), (signal.SIGINT, ["resume", "preempt"])):
+    for signum, command in (
+        (signal.SIGTERM, ["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "1"]),
+        (signal.SIGINT, ["resume", "preempt"]),
+    ):
         rows = len(read(folder, "epochs"))
         with cli([*command, *results], cwd=tmp_path) as driver:
             wait_for(lambda: len(read(folder, "epochs")) > rows, 240, driver, "a new epoch")

@@ -7,7 +7,15 @@ import pytest
 from asl_tune import results
 from asl_tune.errors import AslTuneError
 from asl_tune.results import (
-    RESULT_FILES, ResultsStore, compact, read_confusion, read_epochs, read_per_class, read_trials, trial_row, write_atomic,
+    RESULT_FILES,
+    ResultsStore,
+    compact,
+    read_confusion,
+    read_epochs,
+    read_per_class,
+    read_trials,
+    trial_row,
+    write_atomic,
 )
 
 
@@ -110,17 +118,24 @@ def test_what_the_store_holds_does_not_grow_with_ended_trials_and_their_rows_com
     again.drop_trial("t003")
     again.put_epoch("live", {"epoch": 2, "val_accuracy": 0.6})
     again.flush()
-    assert "t003" not in set(read_trials(tmp_path)["trial_id"]) | set(read_epochs(tmp_path)["trial_id"]) | set(read_confusion(tmp_path)["trial_id"])
+    assert "t003" not in set(read_trials(tmp_path)["trial_id"]) | set(read_epochs(tmp_path)["trial_id"]) | set(
+        read_confusion(tmp_path)["trial_id"]
+    )
     assert not list(tmp_path.glob("*/trial-t003.parquet"))
     assert list(read_epochs(tmp_path).query("trial_id == 'live'")["epoch"]) == [1, 2]
-    assert len(pd.read_parquet(tmp_path / "per_class.parquet")) == 49 * 2 and pd.read_parquet(tmp_path / "confusion.parquet")["trial_id"].nunique() == 49
+    assert (
+        len(pd.read_parquet(tmp_path / "per_class.parquet")) == 49 * 2
+        and pd.read_parquet(tmp_path / "confusion.parquet")["trial_id"].nunique() == 49
+    )
 
 
 def test_pandas_reads_a_table_folder_in_one_call_with_every_column(tmp_path):
     store = ResultsStore(tmp_path)
     store.put_trial(trial_row("a", "completed", {"lr": 0.1}, {"val_accuracy": 1, "images_seen": 5}))  # an int where later rows hold floats
     store.flush()
-    store.put_trial({**trial_row("b", "errored", {"lr": 0.2}, {"val_accuracy": 0.5, "pair_U_as_R": 0.25}), "error": "boom"})  # columns "a" lacks
+    store.put_trial(
+        {**trial_row("b", "errored", {"lr": 0.2}, {"val_accuracy": 0.5, "pair_U_as_R": 0.25}), "error": "boom"}
+    )  # columns "a" lacks
     store.flush()
     one_call = pd.read_parquet(tmp_path / "trials.parquet")
     assert list(one_call["trial_id"]) == ["a", "b"]
@@ -145,8 +160,18 @@ def test_a_sweep_in_the_old_one_file_layout_is_read_and_moved_to_parts_by_its_ne
 
 # Compaction (results.compact): the ended trials' parts become one sealed part per table, swapped in at once.
 
-READERS = {"trials.parquet": read_trials, "epochs.parquet": read_epochs, "confusion.parquet": read_confusion, "per_class.parquet": read_per_class}
-KEYS = {"trials.parquet": ["trial_id"], "epochs.parquet": ["trial_id", "epoch"], "confusion.parquet": ["trial_id", "true_label", "pred_label"], "per_class.parquet": ["trial_id", "class_name"]}
+READERS = {
+    "trials.parquet": read_trials,
+    "epochs.parquet": read_epochs,
+    "confusion.parquet": read_confusion,
+    "per_class.parquet": read_per_class,
+}
+KEYS = {
+    "trials.parquet": ["trial_id"],
+    "epochs.parquet": ["trial_id", "epoch"],
+    "confusion.parquet": ["trial_id", "true_label", "pred_label"],
+    "per_class.parquet": ["trial_id", "class_name"],
+}
 
 
 def _a_sweep(folder) -> None:
@@ -182,9 +207,16 @@ def test_compaction_keeps_every_row_once_and_seals_only_trials_that_ended_for_go
     before = _tables(tmp_path)
     assert len(before["epochs.parquet"]) == 10 * 3 + 2 and len(before["confusion.parquet"]) == 10 * 3
     changed = compact(tmp_path)
-    assert sorted(p.name for p in (tmp_path / "trials.parquet").iterdir()) == ["schema.parquet", "sealed-000001.parquet", "trial-t010.parquet", "trial-t011.parquet"]
+    assert sorted(p.name for p in (tmp_path / "trials.parquet").iterdir()) == [
+        "schema.parquet",
+        "sealed-000001.parquet",
+        "trial-t010.parquet",
+        "trial-t011.parquet",
+    ]
     assert sorted(p.name for p in (tmp_path / "confusion.parquet").iterdir()) == ["schema.parquet", "sealed-000001.parquet"]
-    assert changed[0] == "trials.parquet/sealed-000001.parquet" and "trials.parquet/trial-t000.parquet" in changed  # new first, then removed
+    assert (
+        changed[0] == "trials.parquet/sealed-000001.parquet" and "trials.parquet/trial-t000.parquet" in changed
+    )  # new first, then removed
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the old folders are gone
     _assert_same(_tables(tmp_path), before)
     assert compact(tmp_path) == []  # nothing more to seal: nothing rewritten
@@ -256,5 +288,10 @@ def test_a_sealed_trial_that_reports_again_or_is_dropped_leaves_its_sealed_part(
     store.put_trial(trial_row("t004", "completed", {"lr": 0.01}, {"val_accuracy": 0.8}))
     store.flush()
     compact(tmp_path)  # sealed again, with its new epoch
-    assert sorted(p.name for p in (tmp_path / "epochs.parquet").iterdir()) == ["schema.parquet", "sealed-000003.parquet", "trial-t010.parquet", "trial-t011.parquet"]
+    assert sorted(p.name for p in (tmp_path / "epochs.parquet").iterdir()) == [
+        "schema.parquet",
+        "sealed-000003.parquet",
+        "trial-t010.parquet",
+        "trial-t011.parquet",
+    ]
     pd.testing.assert_frame_equal(read_epochs(tmp_path), epochs, check_dtype=False)

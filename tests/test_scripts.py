@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from sweeps import write_space
 
 from asl_tune import data, synth
-from sweeps import write_space
 
 CLASSES = ["A", "B", "C", "V"]
 PER_CLASS = 17  # 68 training images: two decode tasks of data.DECODE_CHUNK, so the decode runs in workers
@@ -39,8 +39,13 @@ def program(out: Path) -> str:
 def run_python(args: list[str], cwd: Path, stdin: str | None = None, timeout: float = CHILD_TIMEOUT_S) -> tuple[str, str]:
     """`python ARGS` to its end in its own process group; a child still running at the timeout fails the test, its group killed."""
     proc = subprocess.Popen(
-        [sys.executable, *args], cwd=cwd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [sys.executable, *args],
+        cwd=cwd,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         out, err = proc.communicate(stdin, timeout=timeout)
@@ -90,12 +95,20 @@ def test_a_render_and_a_decode_end_in_process_with_the_pixels_of_one_process(tmp
 
 @pytest.mark.slow
 def test_a_sweep_ends_from_a_script_without_a_guard(tmp_path):
-    space = write_space(tmp_path / "tiny.yaml", 1, params={"head_width": {"type": "categorical", "choices": [16, 24]}},
-                        fixed={"epochs": 1}, early_stopping=False)
-    (tmp_path / "noguard.py").write_text(program(tmp_path / "synth") + f"""
+    space = write_space(
+        tmp_path / "tiny.yaml",
+        1,
+        params={"head_width": {"type": "categorical", "choices": [16, 24]}},
+        fixed={"epochs": 1},
+        early_stopping=False,
+    )
+    (tmp_path / "noguard.py").write_text(
+        program(tmp_path / "synth")
+        + f"""
 import asl_tune
 run = asl_tune.sweep(space={str(space)!r}, data=folder, results={str(tmp_path / "results")!r}, name="script")
 print(list(asl_tune.load(run.name, results=run.results).trials["status"]))
-""")
+"""
+    )
     out, _ = run_python(["noguard.py"], tmp_path, timeout=300)
     assert out.splitlines()[-1] == "['completed']"

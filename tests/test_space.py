@@ -23,7 +23,7 @@ def test_every_shipped_space_loads_and_builds_configs(path):
     assert space.params and space.num_samples >= len(space.points)
     dists = {k: p.to_optuna() for k, p in space.params.items()}
     for name, dist in dists.items():  # both ends of every range make a valid trial
-        for value in ([dist.low, dist.high] if hasattr(dist, "low") else list(dist.choices)):
+        for value in [dist.low, dist.high] if hasattr(dist, "low") else list(dist.choices):
             assert getattr(space.config({name: value}), name) == value
 
 
@@ -61,10 +61,19 @@ REFUSALS = [
     (_param(type="gaussian"), r"params.lr.type: unknown type .*got 'gaussian'"),
     (_param(low=0.5, high=0.01), r"params.lr: `low <= high` must hold, but got \(low=0.5, high=0.01\)"),
     (_param(low=0.0, log=True), r"params.lr: `low > 0` must hold for `log=True`, but got \(low=0.0, high=0.1\)"),
-    (_with(params={"head_width": {"type": "categorical", "choices": []}}), r"params.head_width.choices: must be a non-empty list, got \[\]"),
-    (_with(params={"data_fraction": {"type": "float", "low": 0.5, "high": 1.5}}), r"params.data_fraction.high: must be in \(0, 1\], got 1.5"),
+    (
+        _with(params={"head_width": {"type": "categorical", "choices": []}}),
+        r"params.head_width.choices: must be a non-empty list, got \[\]",
+    ),
+    (
+        _with(params={"data_fraction": {"type": "float", "low": 0.5, "high": 1.5}}),
+        r"params.data_fraction.high: must be in \(0, 1\], got 1.5",
+    ),
     (_with(params={"epochs": {"type": "int", "low": 0, "high": 3}}), r"params.epochs.low: must be >= 1, got 0"),
-    (_with(params={"head_width": {"type": "categorical", "choices": [1, 64]}}), r"params.head_width.choices: every choice must be >= 2, got 1"),
+    (
+        _with(params={"head_width": {"type": "categorical", "choices": [1, 64]}}),
+        r"params.head_width.choices: every choice must be >= 2, got 1",
+    ),
     (_with(fixed={"data_fraction": 0}), r"fixed.data_fraction: must be in \(0, 1\], got 0"),
     (_with(metric="accuracy"), r"metric: unknown metric .*got 'accuracy'"),
     (_with(mode="maximise"), r"mode: must be max or min, got 'maximise'"),
@@ -83,7 +92,9 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("content, message", REFUSALS, ids=[m.split(":")[0 if not m.startswith("s.yaml") else 1].strip()[:40] for _, m in REFUSALS])
+@pytest.mark.parametrize(
+    "content, message", REFUSALS, ids=[m.split(":")[0 if not m.startswith("s.yaml") else 1].strip()[:40] for _, m in REFUSALS]
+)
 def test_bad_space_refused_naming_file_key_rule_and_value(tmp_path, content, message):
     with pytest.raises(AslTuneError, match=message) as info:
         load_space(_write(tmp_path, content))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from conftest import make_dataset
+from sweeps import write_space
 
 from asl_tune.analysis.compute import load_sweep, pareto_front
 from asl_tune.analysis.speed import DURING_TRAINING, SPEED_FILE, UNDER_LOAD, architectures, speed_on, use_speed
@@ -14,8 +16,6 @@ from asl_tune.cli import main
 from asl_tune.errors import AslTuneError
 from asl_tune.model import DexNet, flops_per_image
 from asl_tune.sweep import cluster
-from conftest import make_dataset
-from sweeps import write_space
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,9 +28,12 @@ def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("speed")
     data = make_dataset(root / "data", per_class=12, size=32)
     space = write_space(
-        root / "tiny.yaml", 3,
+        root / "tiny.yaml",
+        3,
         params={"head_width": {"type": "categorical", "choices": [16, 32]}},
-        fixed={"epochs": 1}, early_stopping=False, points=[{"head_width": 16}, {"head_width": 32}, {"head_width": 16}],
+        fixed={"epochs": 1},
+        early_stopping=False,
+        points=[{"head_width": 16}, {"head_width": 32}, {"head_width": 16}],
         objectives=[{"metric": m, "mode": mode} for m, mode in COSTS],
     )
     with cluster.ray_session(num_cpus=2):
@@ -69,11 +72,16 @@ def test_trials_of_one_architecture_get_one_speed_figure_and_keep_their_own_unde
     assert (per_width == 1).all().all() and len(per_width) == 2
     assert list(alone[UNDER_LOAD + "infer_img_per_s"]) == list(sweep.trials["infer_img_per_s"])
     kept = use_speed(sweep, speed_on(DURING_TRAINING))
-    assert list(kept.trials["infer_img_per_s"]) == list(sweep.trials["infer_img_per_s"]) and "during training, under load" in kept.speed_note
+    assert (
+        list(kept.trials["infer_img_per_s"]) == list(sweep.trials["infer_img_per_s"]) and "during training, under load" in kept.speed_note
+    )
 
 
 def test_speed_during_training_is_still_there_when_asked_for(results):
-    assert main(["analyze", "tiny", "--results", str(results), "--speed-on", "training", "--objectives", "val_accuracy:max,n_parameters:min"]) == 0
+    assert (
+        main(["analyze", "tiny", "--results", str(results), "--speed-on", "training", "--objectives", "val_accuracy:max,n_parameters:min"])
+        == 0
+    )
     md = (results / "tiny" / "report" / "report.md").read_text()
     assert "measured during training, under load: each trial timed itself once" in md and "measured alone" not in md
 
@@ -84,7 +92,11 @@ def test_speed_during_training_is_still_there_when_asked_for(results):
         (["--speed-on", "gpu"], "--speed-on: must be cpu, cuda or training, got 'gpu'"),
         (["--threads", "0"], "--threads: must be >= 1, got 0"),
         (["--speed-on", "training", "--threads", "2"], "--threads: applies to --speed-on cpu or cuda only"),
-        pytest.param(["--speed-on", "cuda"], "--speed-on: cuda needs a GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+        pytest.param(
+            ["--speed-on", "cuda"],
+            "--speed-on: cuda needs a GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
     ],
 )
 def test_bad_speed_options_are_refused_in_one_line(tmp_path, capsys, args, message):
@@ -94,7 +106,9 @@ def test_bad_speed_options_are_refused_in_one_line(tmp_path, capsys, args, messa
 
 
 def test_a_trial_without_its_architecture_is_named():
-    trials = pd.DataFrame({"trial_id": ["a"], "status": ["completed"], "params_head_width": [16], "params_image_size": [32], "n_parameters": [None]})
+    trials = pd.DataFrame(
+        {"trial_id": ["a"], "status": ["completed"], "params_head_width": [16], "params_image_size": [32], "n_parameters": [None]}
+    )
     with pytest.raises(AslTuneError, match="--speed-on: trial a does not record its architecture"):
         architectures(trials)
     trials["n_parameters"] = sum(p.numel() for p in DexNet(16, 32, 7).parameters())

@@ -40,7 +40,14 @@ def folder(request, tmp_path):
 
 
 def searcher(folder) -> StudySearch:
-    return StudySearch(space=SPACE, metric="val_accuracy", mode="max", sampler=optuna.samplers.RandomSampler(seed=0), study_name="s", storage=study_storage(folder))
+    return StudySearch(
+        space=SPACE,
+        metric="val_accuracy",
+        mode="max",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        study_name="s",
+        storage=study_storage(folder),
+    )
 
 
 def restored(folder, saved) -> StudySearch:
@@ -63,7 +70,9 @@ def external(folder) -> optuna.Study:
     """The study as another process opens it from the file: Optuna's own storage classes (optuna-dashboard's)."""
     if study_file(folder) == "study.db":
         return optuna.load_study(study_name="s", storage=sqlite_url(folder / "study.db"))
-    return optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / "study.log"))))
+    return optuna.load_study(
+        study_name="s", storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / "study.log")))
+    )
 
 
 def study_trials(folder, search: StudySearch | None = None) -> list[optuna.trial.FrozenTrial]:

@@ -14,17 +14,17 @@ import pandas as pd
 import pytest
 import ray
 import torch
+from conftest import make_dataset
 from PIL import Image
 from ray.cluster_utils import Cluster
+from sweeps import assert_consistent, cli, kill_group, read, run_cli, study_states, wait_for, wait_for_saved_state, write_space
 
 from asl_tune.cli import main
 from asl_tune.data import load_dataset, make_splits
 from asl_tune.sweep.request import SweepRequest
 from asl_tune.sweep.run import run_sweep
-from asl_tune.train import device_name, load_trained, pick_device
 from asl_tune.sweep.trainable import FAULT_ENV
-from conftest import make_dataset
-from sweeps import assert_consistent, cli, kill_group, read, run_cli, study_states, wait_for, wait_for_saved_state, write_space
+from asl_tune.train import device_name, load_trained, pick_device
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -40,9 +40,14 @@ def faulty_sweep(tmp_path_factory, data):
     """One sweep with a healthy, a diverging and a crashing trial (fixed points), then extended by one trial."""
     work = tmp_path_factory.mktemp("sweep")
     space = write_space(
-        work / "faults.yaml", 3,
-        params={"lr": {"type": "float", "low": 0.001, "high": 1000.0, "log": True}, "head_width": {"type": "categorical", "choices": [16, 24, 32]}},
-        fixed={"epochs": 2}, early_stopping=False,
+        work / "faults.yaml",
+        3,
+        params={
+            "lr": {"type": "float", "low": 0.001, "high": 1000.0, "log": True},
+            "head_width": {"type": "categorical", "choices": [16, 24, 32]},
+        },
+        fixed={"epochs": 2},
+        early_stopping=False,
         points=[{"lr": 0.02, "head_width": 32}, {"lr": 1000.0, "head_width": 32}, {"lr": 0.02, "head_width": 24}],
     )
     mp = pytest.MonkeyPatch()
@@ -56,11 +61,17 @@ def faulty_sweep(tmp_path_factory, data):
     out = err.getvalue()
     assert rc == 3, out[-3000:]
     errored = read(folder, "trials").query("params_head_width == 24").trial_id.iloc[0]
-    assert out.strip().splitlines()[-1].startswith(f"asl-tune: error: sweep 'faults' ended with 1 of 3 trials errored: {errored} (RuntimeError: fault drill"), out[-2000:]
+    assert (
+        out.strip()
+        .splitlines()[-1]
+        .startswith(f"asl-tune: error: sweep 'faults' ended with 1 of 3 trials errored: {errored} (RuntimeError: fault drill")
+    ), out[-2000:]
     assert f"log: {folder}/logs/{errored}.log)" in out.strip().splitlines()[-1]
     assert f"trial {errored} continues from its last checkpoint" in out and "no checkpoint yet" not in out
     before = {name: read(folder, name) for name in ("trials", "epochs", "confusion")}
-    rc_extend = main(["sweep", "--name", "faults", "--extend", "--num-samples", "1", "--data", str(data), "--results", str(work / "results")])
+    rc_extend = main(
+        ["sweep", "--name", "faults", "--extend", "--num-samples", "1", "--data", str(data), "--results", str(work / "results")]
+    )
     return folder, before, rc_extend
 
 
@@ -73,7 +84,9 @@ def test_sweep_records_completed_diverged_and_errored_trials_and_goes_on(faulty_
     errored = trials[trials.params_head_width == 24].iloc[0]
     assert healthy.status == "completed" and 0 <= healthy.test_accuracy <= 1 and healthy.epochs_completed == 2
     assert diverging.status == "diverged"
-    assert errored.status == "errored" and errored.error.startswith("RuntimeError: fault drill") and errored.error.endswith("after epoch 2")  # the last try's
+    assert (
+        errored.status == "errored" and errored.error.startswith("RuntimeError: fault drill") and errored.error.endswith("after epoch 2")
+    )  # the last try's
     # Its full log: settings, the traceback, and the trial's own output (the trainer's log lines), named in its row.
     assert errored.log == f"logs/{errored.trial_id}.log"
     log = (folder / errored.log).read_text()
@@ -85,7 +98,9 @@ def test_sweep_records_completed_diverged_and_errored_trials_and_goes_on(faulty_
     for col in ("pair_U_as_R", "pair_R_as_U", "pair_K_as_V", "pair_V_as_K"):
         assert col not in trials.columns or trials[col].isna().all()  # the tiny data has no U, R, K or V
     # Every setting is recorded, searched or fixed.
-    assert {"params_lr", "params_head_width", "params_epochs", "params_image_size", "params_momentum", "params_split"} <= set(trials.columns)
+    assert {"params_lr", "params_head_width", "params_epochs", "params_image_size", "params_momentum", "params_split"} <= set(
+        trials.columns
+    )
     assert (trials["params_epochs"] == 2).all() and (trials["params_image_size"] == 32).all()
     epochs = before["epochs"]
     assert list(epochs[epochs.trial_id == healthy.trial_id]["epoch"]) == [1, 2]
@@ -138,7 +153,13 @@ def test_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path, data):
     cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     try:
         ray.init(address=cluster.address)
-        space = write_space(tmp_path / "two.yaml", 4, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 2}, early_stopping=False)
+        space = write_space(
+            tmp_path / "two.yaml",
+            4,
+            params={"head_width": {"type": "categorical", "choices": [16, 32]}},
+            fixed={"epochs": 2},
+            early_stopping=False,
+        )
         folder = run_sweep(SweepRequest(space_path=space, data=data, results=tmp_path / "results", address=cluster.address))
     finally:
         ray.shutdown()
@@ -149,7 +170,13 @@ def test_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path, data):
 
 def test_resume_after_sigkill_of_the_driver_continues_interrupted_trials(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=100, size=32)  # about a second per epoch
-    space = write_space(tmp_path / "killed.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 6}, early_stopping=False)
+    space = write_space(
+        tmp_path / "killed.yaml",
+        2,
+        params={"head_width": {"type": "categorical", "choices": [16, 32]}},
+        fixed={"epochs": 6},
+        early_stopping=False,
+    )
     args = ["--results", str(tmp_path / "results")]
     folder = tmp_path / "results" / "killed"
     with cli(["sweep", "--space", str(space), "--data", str(data), "--max-concurrent", "1", *args], cwd=tmp_path) as driver:
@@ -216,7 +243,10 @@ def test_analyze_renders_every_plot_from_a_real_sweep(faulty_sweep, capsys):
     assert "pareto.png" in text and "learning_curves.png" in text
     trials = read(folder, "trials")
     best = trials.set_index("trial_id").loc[re.search(r"## Best trial: (\w+)", text).group(1)]
-    assert f"- weights: `{Path(best.checkpoint).relative_to(folder.parent).as_posix()}`, relative to the results folder" in text and f"best trial's weights: {best.checkpoint}" in out
+    assert (
+        f"- weights: `{Path(best.checkpoint).relative_to(folder.parent).as_posix()}`, relative to the results folder" in text
+        and f"best trial's weights: {best.checkpoint}" in out
+    )
     front = pd.read_parquet(report / "pareto_front.parquet")
     assert set(front["trial_id"]) <= set(trials.loc[trials.status.isin(["completed", "stopped_early"]), "trial_id"]) and len(front) >= 1
 
@@ -229,7 +259,13 @@ def uri_sweep(tmp_path_factory, data):
     """A 2-trial sweep with --results file://.../bucket and its working copy in cache-a, then extended by
     one trial from an empty cache folder (cache-b), as a second driver machine would."""
     work = tmp_path_factory.mktemp("uri")
-    space = write_space(work / "remote.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 1}, early_stopping=False)
+    space = write_space(
+        work / "remote.yaml",
+        2,
+        params={"head_width": {"type": "categorical", "choices": [16, 32]}},
+        fixed={"epochs": 1},
+        early_stopping=False,
+    )
     uri = (work / "bucket").as_uri()
     mp = pytest.MonkeyPatch()
     try:
@@ -287,10 +323,20 @@ def test_analyze_reads_results_at_a_uri(uri_sweep, capsys):
 
 
 def test_resume_on_another_machine_pulls_an_interrupted_sweep_from_the_uri(tmp_path, data, capsys):
-    space = write_space(tmp_path / "moved.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 3}, early_stopping=False)
+    space = write_space(
+        tmp_path / "moved.yaml",
+        2,
+        params={"head_width": {"type": "categorical", "choices": [16, 32]}},
+        fixed={"epochs": 3},
+        early_stopping=False,
+    )
     uri = (tmp_path / "bucket").as_uri()
     remote = tmp_path / "bucket" / "moved"
-    with cli(["sweep", "--space", str(space), "--data", str(data), "--results", uri, "--max-concurrent", "1"], cwd=tmp_path, env={"ASL_TUNE_CACHE": str(tmp_path / "cache-a")}) as driver:
+    with cli(
+        ["sweep", "--space", str(space), "--data", str(data), "--results", uri, "--max-concurrent", "1"],
+        cwd=tmp_path,
+        env={"ASL_TUNE_CACHE": str(tmp_path / "cache-a")},
+    ) as driver:
         # The first epoch at the URI: the mirror copies results up while the sweep runs.
         wait_for(lambda: len(read(remote, "epochs")) >= 1, 240, driver, "the first epoch at the URI")
         wait_for_saved_state(remote / "run-1", time.time(), proc=driver)  # Tune's state there, from after that epoch
@@ -332,7 +378,28 @@ def test_train_img_per_s_means_the_same_in_a_sweep_and_in_train_out(faulty_sweep
     assert healthy.epochs_completed == 2
     _assert_train_img_per_s_means_one_thing(healthy, epochs[epochs.trial_id == healthy.trial_id])
     out = tmp_path / "one"
-    assert main(["train", "--data", str(data), "--image-size", "32", "--head-width", "32", "--batch-size", "16", "--epochs", "2", "--threads", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--image-size",
+                "32",
+                "--head-width",
+                "32",
+                "--batch-size",
+                "16",
+                "--epochs",
+                "2",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     one = pd.read_parquet(out / "trials.parquet").iloc[0]
     _assert_train_img_per_s_means_one_thing(one, pd.read_parquet(out / "epochs.parquet"))
 
@@ -349,12 +416,16 @@ def _process_settings() -> dict:
 
     import optuna
 
+    from asl_tune.sweep.cluster import JOIN_ENV, LOCAL_ENV, SAVE_PERIOD_KEY
     from asl_tune.sweep.run import EXPERIMENT_ANALYSIS_LOGGER
 
-    from asl_tune.sweep.cluster import JOIN_ENV, LOCAL_ENV, SAVE_PERIOD_KEY
-
     # Ours, and every variable that was there before; Ray may add its own (see cluster.scoped_environment).
-    return {"environ": {k: os.environ.get(k) for k in [*LOCAL_ENV, *JOIN_ENV, SAVE_PERIOD_KEY, *_ENVIRON_BEFORE]}, "optuna": optuna.logging.get_verbosity(), "logger": logging.getLogger(EXPERIMENT_ANALYSIS_LOGGER).level, "filters": list(warnings.filters)}
+    return {
+        "environ": {k: os.environ.get(k) for k in [*LOCAL_ENV, *JOIN_ENV, SAVE_PERIOD_KEY, *_ENVIRON_BEFORE]},
+        "optuna": optuna.logging.get_verbosity(),
+        "logger": logging.getLogger(EXPERIMENT_ANALYSIS_LOGGER).level,
+        "filters": list(warnings.filters),
+    }
 
 
 _ENVIRON_BEFORE = dict(__import__("os").environ)  # as this module found it
@@ -378,7 +449,13 @@ def test_a_sweep_leaves_the_process_settings_as_it_found_them_whether_it_finishe
     logger.setLevel(logging.INFO)
     try:
         before = _process_settings()
-        space = write_space(tmp_path / "scoped.yaml", 1, params={"head_width": {"type": "categorical", "choices": [16]}}, fixed={"epochs": 1}, early_stopping=False)
+        space = write_space(
+            tmp_path / "scoped.yaml",
+            1,
+            params={"head_width": {"type": "categorical", "choices": [16]}},
+            fixed={"epochs": 1},
+            early_stopping=False,
+        )
         folder = run_sweep(SweepRequest(space_path=space, data=data, results=tmp_path / "results"))
         assert set(read(folder, "trials")["status"]) == {"completed"}
         assert _process_settings() == before

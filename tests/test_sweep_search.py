@@ -16,15 +16,15 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
+from conftest import class_image, make_dataset
+from sweeps import assert_consistent, load_study, read, write_space
 
-from asl_tune.sweep import cluster
 from asl_tune.cli import main
 from asl_tune.data import load_dataset, make_splits
+from asl_tune.sweep import cluster
 from asl_tune.sweep.space import load_space, resolve
 from asl_tune.sweep.study import TRIAL_ID_ATTR
 from asl_tune.train import load_trained
-from conftest import class_image, make_dataset
-from sweeps import assert_consistent, load_study, read, write_space
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -56,7 +56,8 @@ def n_train(data: Path, split: str = "blocked", split_seed: int = 0) -> int:
 
 def test_asha_stops_a_trial_that_cannot_learn_at_its_first_rung_of_images_seen(tmp_path, data):
     space = write_space(
-        tmp_path / "asha.yaml", 2,
+        tmp_path / "asha.yaml",
+        2,
         params={"lr": {"type": "float", "low": 1e-6, "high": 0.1, "log": True}},
         fixed={"epochs": 3, "head_width": 32, "dropout": 0.0},
         early_stopping={"reduction_factor": 2, "grace_epochs": 1},
@@ -81,9 +82,11 @@ def multi(tmp_path_factory, data) -> Path:
     """A finished sweep with two objectives, extended by one trial: 3 trials in one study."""
     work = tmp_path_factory.mktemp("multi")
     space = write_space(
-        work / "multi.yaml", 2,
+        work / "multi.yaml",
+        2,
         params={"head_width": {"type": "categorical", "choices": [16, 32]}},
-        fixed={"epochs": 1}, early_stopping=False,
+        fixed={"epochs": 1},
+        early_stopping=False,
         objectives=[{"metric": "val_accuracy", "mode": "max"}, {"metric": "n_parameters", "mode": "min"}],
     )
     folder = sweep(space, data, work / "results")
@@ -113,8 +116,13 @@ def test_optuna_dashboard_opens_the_sweeps_study_with_its_trials_and_values(mult
     if not dashboard.exists():
         pytest.skip("optuna-dashboard is not installed (it is in the test extra)")
     port = free_port()
-    server = subprocess.Popen([str(dashboard), str(multi / "study.log"), "--host", "127.0.0.1", "--port", str(port), "--quiet"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    server = subprocess.Popen(
+        [str(dashboard), str(multi / "study.log"), "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         summaries = api_get(port, "/api/studies", server)["study_summaries"]
         assert [(s["study_name"], s["directions"]) for s in summaries] == [("multi", ["maximize", "minimize"])]
@@ -153,9 +161,11 @@ def api_get(port: int, path: str, server: subprocess.Popen, timeout: float = 60)
 
 def test_the_sweeps_seed_reaches_every_trial_and_fixes_one_split_for_all(tmp_path, data):
     space = write_space(
-        tmp_path / "seeded.yaml", 2,
+        tmp_path / "seeded.yaml",
+        2,
         params={"head_width": {"type": "categorical", "choices": [16, 32]}},
-        fixed={"epochs": 1, "split": "random"}, early_stopping=False,
+        fixed={"epochs": 1, "split": "random"},
+        early_stopping=False,
         points=[{"head_width": 32}, {"head_width": 32}],  # the same settings twice
     )
     runs = {}
@@ -176,7 +186,9 @@ def test_a_space_that_sets_seed_keeps_it_and_the_split_stays_the_sweeps(tmp_path
     seeded = space.seeded(3)
     assert seeded.fixed["split_seed"] == 3 and "seed" not in seeded.fixed
     assert seeded.config({"seed": 6}).seed == 6 and seeded.config({"seed": 6}).split_seed == 3
-    fixed = load_space(write_space(tmp_path / "fixed.yaml", 2, params={"lr": {"type": "float", "low": 0.01, "high": 0.1}}, fixed={"seed": 5}))
+    fixed = load_space(
+        write_space(tmp_path / "fixed.yaml", 2, params={"lr": {"type": "float", "low": 0.01, "high": 0.1}}, fixed={"seed": 5})
+    )
     assert fixed.seeded(3).config({"lr": 0.05}).seed == 5 and fixed.seeded(3).config({"lr": 0.05}).split_seed == 3
 
 
@@ -196,8 +208,14 @@ def twins(tmp_path_factory):
 
 
 def test_recorded_pair_rates_are_the_trials_confusion_counts_over_each_class_support(tmp_path, twins):
-    space = write_space(tmp_path / "pairs.yaml", 1, params={"lr": {"type": "float", "low": 0.005, "high": 0.05}},
-                        fixed={"epochs": 3, "head_width": 32, "dropout": 0.0}, early_stopping=False, points=[{"lr": 0.01}])
+    space = write_space(
+        tmp_path / "pairs.yaml",
+        1,
+        params={"lr": {"type": "float", "low": 0.005, "high": 0.05}},
+        fixed={"epochs": 3, "head_width": 32, "dropout": 0.0},
+        early_stopping=False,
+        points=[{"lr": 0.01}],
+    )
     folder = sweep(space, twins, tmp_path / "results")
     (row,) = read(folder, "trials").to_dict("records")
     confusion = read(folder, "confusion")
@@ -206,7 +224,7 @@ def test_recorded_pair_rates_are_the_trials_confusion_counts_over_each_class_sup
     recorded = {c: v for c, v in row.items() if c.startswith("pair_") and pd.notna(v)}
     assert {"pair_U_as_R", "pair_R_as_U"} <= set(recorded)
     for column, rate in recorded.items():
-        true, pred = column[len("pair_"):].split("_as_")
+        true, pred = column[len("pair_") :].split("_as_")
         assert rate == pytest.approx(counts.get(pred, {}).get(true, 0) / support[true]), column
     # U and R look the same: each of their test frames is predicted alike, so what one gains the other loses.
     assert recorded["pair_U_as_R"] + recorded["pair_R_as_U"] > 0
@@ -239,7 +257,11 @@ def test_every_shipped_space_runs_end_to_end_at_tiny_settings(tmp_path, data, na
     shipped = resolve(name)
     space = tiny(shipped, tmp_path)
     loaded, original = load_space(space), load_space(shipped)
-    assert (loaded.objectives, loaded.early_stopping, set(loaded.params)) == (original.objectives, original.early_stopping, set(original.params))
+    assert (loaded.objectives, loaded.early_stopping, set(loaded.params)) == (
+        original.objectives,
+        original.early_stopping,
+        set(original.params),
+    )
     folder = sweep(space, data, tmp_path / "results")
     trials, _ = assert_consistent(folder, loaded.num_samples)
     assert trials["status"].isin(["completed", "stopped_early"]).all(), trials[["trial_id", "status", "error"]]

@@ -53,8 +53,7 @@ def test_same_seed_gives_identical_files_whatever_the_worker_count(small_dataset
 
 
 def test_a_class_subset_renders_only_those_classes_and_the_same_pixels(small_dataset, tmp_path):
-    subset = synth.render_dataset(tmp_path / "sub", per_class=PER_CLASS, seed=0, image_px=PX, progress=False,
-                                  classes=["V", "del", "A"])
+    subset = synth.render_dataset(tmp_path / "sub", per_class=PER_CLASS, seed=0, image_px=PX, progress=False, classes=["V", "del", "A"])
     train = subset / "asl_alphabet_train" / "asl_alphabet_train"
     assert sorted(p.name for p in train.iterdir()) == ["A", "V", "del"]
     test = subset / "asl_alphabet_test" / "asl_alphabet_test"
@@ -92,11 +91,14 @@ def test_nothing_has_no_hand_and_letters_do():
         assert 0.08 < share < 0.6, (c, share)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"per_class": 0}, "--per-class: must be >= 1, got 0"),
-    ({"image_px": 16}, "--image-px: must be >= 32, got 16"),
-    ({"seed": -1}, "--seed: must be >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"per_class": 0}, "--per-class: must be >= 1, got 0"),
+        ({"image_px": 16}, "--image-px: must be >= 32, got 16"),
+        ({"seed": -1}, "--seed: must be >= 0, got -1"),
+    ],
+)
 def test_bad_arguments_are_refused_before_any_work(tmp_path, kwargs, message):
     with pytest.raises(AslTuneError, match=message):
         synth.render_dataset(tmp_path / "out", progress=False, **kwargs)

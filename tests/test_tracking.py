@@ -9,9 +9,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from sweeps import read, run_cli, write_space
 
 from asl_tune.sweep.tracking import FINAL, SWEEP_TAG, TENSORBOARD_DIR, TRIAL_ID_TAG, MlflowTrials
-from sweeps import read, run_cli, write_space
 
 mlflow = pytest.importorskip("mlflow", reason="MLflow is not installed: pip install 'asl-tune[mlflow]' (the test extra has it)")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -41,10 +41,30 @@ def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
 
 def test_a_sweep_logs_each_trial_to_tensorboard_and_mlflow(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for the sweep and for this test's own reads
-    space = write_space(tmp_path / "tracked.yaml", 2, params={"head_width": {"type": "categorical", "choices": [16, 32]}}, fixed={"epochs": 2}, early_stopping=False)
+    space = write_space(
+        tmp_path / "tracked.yaml",
+        2,
+        params={"head_width": {"type": "categorical", "choices": [16, 32]}},
+        fixed={"epochs": 2},
+        early_stopping=False,
+    )
     uri = (tmp_path / "mlruns").as_uri()
-    run_cli(["sweep", "--space", str(space), "--data", str(tiny_dataset), "--results", str(tmp_path / "results"), "--tensorboard", "--mlflow", uri],
-            tmp_path, 400)
+    run_cli(
+        [
+            "sweep",
+            "--space",
+            str(space),
+            "--data",
+            str(tiny_dataset),
+            "--results",
+            str(tmp_path / "results"),
+            "--tensorboard",
+            "--mlflow",
+            uri,
+        ],
+        tmp_path,
+        400,
+    )
     folder = tmp_path / "results" / "tracked"
     trials, epochs = read(folder, "trials"), read(folder, "epochs")
     assert len(trials) == 2 and set(trials["status"]) == {"completed"}
@@ -85,7 +105,14 @@ def test_a_restored_mlflow_callback_logs_a_resumed_trial_to_the_run_it_had(tmp_p
     first.on_trial_result(0, [], trial, {"epoch_row": {"epoch": 1, "val_accuracy": 0.25}})
     restored = pickle.loads(pickle.dumps(first))
     restored.on_trial_start(0, [], trial)
-    last = {"val_accuracy": 0.5, "epochs_completed": 2, "status": "completed", "test_accuracy": 0.375, "training_iteration": 2, "epoch_row": {"epoch": 2, "val_accuracy": 0.5}}
+    last = {
+        "val_accuracy": 0.5,
+        "epochs_completed": 2,
+        "status": "completed",
+        "test_accuracy": 0.375,
+        "training_iteration": 2,
+        "epoch_row": {"epoch": 2, "val_accuracy": 0.5},
+    }
     restored.on_trial_result(0, [], trial, last)
     DropRecordedParts(space).on_trial_result(0, [], trial, last)  # what Tune keeps as the trial's last result: no test_accuracy
     trial.last_result = last
@@ -96,14 +123,24 @@ def test_a_restored_mlflow_callback_logs_a_resumed_trial_to_the_run_it_had(tmp_p
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "val_accuracy")} == {1: 0.25, 2: 0.5}
     # The final figures are the last result's as the tracker saw it, not what Tune kept of it.
-    assert runs[0].data.metrics == {"val_accuracy": 0.5, FINAL + "val_accuracy": 0.5, FINAL + "epochs_completed": 2.0, FINAL + "test_accuracy": 0.375}
+    assert runs[0].data.metrics == {
+        "val_accuracy": 0.5,
+        FINAL + "val_accuracy": 0.5,
+        FINAL + "epochs_completed": 2.0,
+        FINAL + "test_accuracy": 0.375,
+    }
 
 
 def test_an_mlflow_uri_that_cannot_be_used_is_refused_in_one_line_before_anything_is_made(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     uri = (tmp_path / "mlruns").as_uri()  # MLflow 3 refuses a file store unless MLFLOW_ALLOW_FILE_STORE is set
-    done = subprocess.run([sys.executable, "-m", "asl_tune", "sweep", "--results", str(tmp_path / "results"), "--mlflow", uri],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "asl_tune", "sweep", "--results", str(tmp_path / "results"), "--mlflow", uri],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"asl-tune: error: --mlflow: cannot log to the MLflow tracking URI {uri!r}: "), lines

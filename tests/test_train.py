@@ -77,7 +77,9 @@ def test_an_epoch_row_holds_that_epochs_figures_and_the_trial_metrics_its_averag
 def test_the_checkpoint_a_report_carries_resumes_the_trial(dataset, tmp_path):
     """A sweep saves the state each report hands over (into a fresh folder per report) and resumes from it."""
     config = TrialConfig(epochs=2, **FAST)
-    full = train_trial(config, dataset, report=lambda m, state: save_checkpoint(tmp_path / f"epoch{m[EPOCH_ROW]['epoch']}", state), threads=1)
+    full = train_trial(
+        config, dataset, report=lambda m, state: save_checkpoint(tmp_path / f"epoch{m[EPOCH_ROW]['epoch']}", state), threads=1
+    )
     assert sorted(p.parent.name for p in tmp_path.rglob("*.pt")) == ["epoch1", "epoch2"]  # no checkpoint_dir: the trainer wrote none itself
     resumed = train_trial(config, dataset, resume=load_checkpoint(tmp_path / "epoch1"), threads=1)
     assert [r["epoch"] for r in resumed.epochs] == [1, 2]
@@ -116,7 +118,14 @@ def test_interrupted_trial_continues_identically_from_its_checkpoint(dataset, tm
         train_trial(config, dataset, checkpoint_dir=tmp_path / "cut", report=die_after_first, threads=1)
     assert load_checkpoint(tmp_path / "cut")["epoch"] == 0
     resumed_epochs = []
-    resumed = train_trial(config, dataset, checkpoint_dir=tmp_path / "cut", resume=load_checkpoint(tmp_path / "cut"), report=lambda m, c: resumed_epochs.append(m[EPOCH_ROW]["epoch"]), threads=1)
+    resumed = train_trial(
+        config,
+        dataset,
+        checkpoint_dir=tmp_path / "cut",
+        resume=load_checkpoint(tmp_path / "cut"),
+        report=lambda m, c: resumed_epochs.append(m[EPOCH_ROW]["epoch"]),
+        threads=1,
+    )
     assert resumed_epochs == [2, 3]  # continued, not restarted
     assert [r["epoch"] for r in resumed.epochs] == [1, 2, 3]
     for a, b in zip(full.epochs, resumed.epochs):
@@ -135,9 +144,13 @@ def test_a_corrupt_checkpoint_is_logged_and_the_trial_starts_over(dataset, tmp_p
     assert f"checkpoint {tmp_path / CHECKPOINT} is unreadable" in caplog.text  # detected and logged
     assert "starts over" in caplog.text
     epochs = []
-    again = train_trial(config, dataset, resume=load_checkpoint(tmp_path), report=lambda m, c: epochs.append(m[EPOCH_ROW]["epoch"]), threads=1)
+    again = train_trial(
+        config, dataset, resume=load_checkpoint(tmp_path), report=lambda m, c: epochs.append(m[EPOCH_ROW]["epoch"]), threads=1
+    )
     assert epochs == [1, 2]  # from the first epoch
-    assert [r["train_loss"] for r in again.epochs] == pytest.approx([r["train_loss"] for r in first.epochs], rel=1e-6)  # the same trial, run again
+    assert [r["train_loss"] for r in again.epochs] == pytest.approx(
+        [r["train_loss"] for r in first.epochs], rel=1e-6
+    )  # the same trial, run again
     assert not list(tmp_path.glob("*.prev.pt"))  # no fallback file is kept: Ray restores only the newest checkpoint
 
 
@@ -156,7 +169,14 @@ def test_trial_restored_from_its_final_checkpoint_reports_final_metrics_again(da
     first = train_trial(config, dataset, checkpoint_dir=tmp_path, threads=1)
     again = []
     again_checkpoints = []
-    second = train_trial(config, dataset, checkpoint_dir=tmp_path, resume=load_checkpoint(tmp_path), report=lambda m, c: (again.append(m), again_checkpoints.append(c)), threads=1)
+    second = train_trial(
+        config,
+        dataset,
+        checkpoint_dir=tmp_path,
+        resume=load_checkpoint(tmp_path),
+        report=lambda m, c: (again.append(m), again_checkpoints.append(c)),
+        threads=1,
+    )
     assert [m[EPOCH_ROW]["epoch"] for m in again] == [2] and "confusion" in again[0]
     assert again_checkpoints == [None]  # nothing new to keep: the checkpoint restored from is the final one
     assert second.final["test_accuracy"] == first.final["test_accuracy"]
@@ -340,7 +360,9 @@ def test_restore_puts_the_gpu_random_state_back_and_tolerates_checkpoints_withou
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_resumed_gpu_trial_with_dropout_repeats_the_uninterrupted_one(dataset, tmp_path):
     config = TrialConfig(epochs=2, dropout=0.5, **FAST)  # dropout draws from the GPU's generator
-    full = train_trial(config, dataset, report=lambda m, state: save_checkpoint(tmp_path / f"epoch{m[EPOCH_ROW]['epoch']}", state), threads=1)
+    full = train_trial(
+        config, dataset, report=lambda m, state: save_checkpoint(tmp_path / f"epoch{m[EPOCH_ROW]['epoch']}", state), threads=1
+    )
     torch.cuda.manual_seed_all(12345)  # the resumed run must not depend on where the GPU's generator happens to be
     resumed = train_trial(config, dataset, resume=load_checkpoint(tmp_path / "epoch1"), threads=1)
     assert resumed.epochs[1]["train_loss"] == pytest.approx(full.epochs[1]["train_loss"], rel=1e-3)

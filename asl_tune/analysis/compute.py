@@ -39,8 +39,6 @@ import pandas as pd
 
 from asl_tune.alphabet import ASL_CLASSES, WATCH_PAIRS
 from asl_tune.errors import AslTuneError
-from asl_tune.sweep.integrity import check_for_analysis
-from asl_tune.sweep.mirror import sweep_folder
 from asl_tune.results import (
     FINISHED,
     METRICS,
@@ -53,6 +51,8 @@ from asl_tune.results import (
     read_epochs,
     read_trials,
 )
+from asl_tune.sweep.integrity import check_for_analysis
+from asl_tune.sweep.mirror import sweep_folder
 
 Objectives = Sequence[tuple[str, str]]  # (metric, "max" | "min") pairs, in priority order
 
@@ -151,7 +151,11 @@ def pareto_front(trials: pd.DataFrame, objectives: Objectives) -> pd.DataFrame:
         return frame.iloc[0:0]
     candidates = finished(frame).dropna(subset=[m for m, _ in objectives])
     mask = _non_dominated(_losses(candidates, objectives))
-    return candidates[mask].sort_values([m for m, _ in objectives], ascending=[mode == "min" for _, mode in objectives], kind="stable").reset_index(drop=True)
+    return (
+        candidates[mask]
+        .sort_values([m for m, _ in objectives], ascending=[mode == "min" for _, mode in objectives], kind="stable")
+        .reset_index(drop=True)
+    )
 
 
 def reference_point(trials: pd.DataFrame, objectives: Objectives) -> list[float]:
@@ -319,7 +323,9 @@ def param_importance(trials: pd.DataFrame, objective: tuple[str, str]) -> pd.Dat
         optuna.logging.set_verbosity(verbosity)
     total = sum(scores.values())
     rows = [(k, v / total if total > 0 else 0.0) for k, v in scores.items()]
-    return pd.DataFrame(rows, columns=["param", "importance"]).sort_values("importance", ascending=False, kind="stable").reset_index(drop=True)
+    return (
+        pd.DataFrame(rows, columns=["param", "importance"]).sort_values("importance", ascending=False, kind="stable").reset_index(drop=True)
+    )
 
 
 def _param_value(value, distribution):
@@ -369,7 +375,9 @@ def pair_rates(confusion: pd.DataFrame, pairs: Sequence[tuple[str, str]] = ()) -
     for j, (t, p) in enumerate(wanted):
         pair_of_cell[code[t] * k + code[p]] = j
     j = pair_of_cell[true * k + pred]
-    hits = np.bincount(row[j >= 0] * len(wanted) + j[j >= 0], weights=n[j >= 0], minlength=len(ids) * len(wanted)).reshape(len(ids), len(wanted))
+    hits = np.bincount(row[j >= 0] * len(wanted) + j[j >= 0], weights=n[j >= 0], minlength=len(ids) * len(wanted)).reshape(
+        len(ids), len(wanted)
+    )
     totals = support[:, [code[t] for t, _ in wanted]].reshape(len(ids), len(wanted))
     with np.errstate(invalid="ignore", divide="ignore"):
         rates = np.where(totals > 0, hits / totals, np.nan)

@@ -50,7 +50,15 @@ def _label(row: pd.Series) -> str:
     return " ".join(parts) or str(row["trial_id"])
 
 
-def plot_pareto(ax, trials: pd.DataFrame, front: pd.DataFrame, objectives: Objectives, label: str | None = None, color: str = "C0", speed_label: str = "") -> None:
+def plot_pareto(
+    ax,
+    trials: pd.DataFrame,
+    front: pd.DataFrame,
+    objectives: Objectives,
+    label: str | None = None,
+    color: str = "C0",
+    speed_label: str = "",
+) -> None:
     """Every trial faded, the front highlighted and labelled; x is the second objective (the trial's index with one).
 
     speed_label (Sweep.speed_label) goes under an axis that is a speed figure: where it was measured.
@@ -74,7 +82,9 @@ def plot_pareto(ax, trials: pd.DataFrame, front: pd.DataFrame, objectives: Objec
         ax.scatter(fx, fy, color=color, s=60, edgecolor="black", zorder=3, label=f"{prefix}Pareto front ({len(front)})")
         if x_metric and len(objectives) == 2:
             order = np.argsort(fx.to_numpy(), kind="stable")
-            ax.step(fx.to_numpy()[order], fy.to_numpy()[order], where="pre" if objectives[1][1] == "max" else "post", color=color, alpha=0.8)
+            ax.step(
+                fx.to_numpy()[order], fy.to_numpy()[order], where="pre" if objectives[1][1] == "max" else "post", color=color, alpha=0.8
+            )
         for (_, row), x, y in zip(front.iterrows(), fx, fy):
             ax.annotate(_label(row), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
     ax.set_xlabel(_axis_label(x_metric, objectives[1][1], speed_label) if x_metric else "trial")
@@ -114,14 +124,23 @@ def plot_learning_curves(ax, trials: pd.DataFrame, epochs: pd.DataFrame) -> None
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     x_metric = "images_seen" if frame["images_seen"].notna().any() else "epoch"
     ids = sorted(frame["trial_id"].unique(), key=str)
-    by_trial = dict(tuple(frame.sort_values("epoch", kind="stable").groupby("trial_id", sort=False)))  # one pass: a filter per trial was O(trials x rows)
+    by_trial = dict(
+        tuple(frame.sort_values("epoch", kind="stable").groupby("trial_id", sort=False))
+    )  # one pass: a filter per trial was O(trials x rows)
     curves, ends = [], []
     for i, trial_id in enumerate(ids):
         rows = by_trial[trial_id]
         stopped = status.get(trial_id) == "stopped_early"
         color = f"C{i % 10}"
         if len(ids) <= LINES_ONE_BY_ONE:
-            ax.plot(rows[x_metric], rows["val_accuracy"], linestyle="--" if stopped else "-", marker=".", color=color, label=str(trial_id) if len(ids) <= 12 else None)
+            ax.plot(
+                rows[x_metric],
+                rows["val_accuracy"],
+                linestyle="--" if stopped else "-",
+                marker=".",
+                color=color,
+                label=str(trial_id) if len(ids) <= 12 else None,
+            )
         else:
             curves.append((np.column_stack([rows[x_metric], rows["val_accuracy"]]), "--" if stopped else "-", color))
         if stopped and rows["val_accuracy"].notna().any():
@@ -130,10 +149,21 @@ def plot_learning_curves(ax, trials: pd.DataFrame, epochs: pd.DataFrame) -> None
     if curves:  # thousands of trials: one collection of lines, drawn in one go (an Axes line each took minutes to save)
         from matplotlib.collections import LineCollection
 
-        ax.add_collection(LineCollection([c for c, _, _ in curves], colors=[k for _, _, k in curves], linestyles=[s for _, s, _ in curves], linewidths=0.5))
+        ax.add_collection(
+            LineCollection(
+                [c for c, _, _ in curves], colors=[k for _, _, k in curves], linestyles=[s for _, s, _ in curves], linewidths=0.5
+            )
+        )
         ax.autoscale_view()
     if ends:
-        ax.scatter([x for x, _, _ in ends], [y for _, y, _ in ends], marker="x", s=100 if len(ids) <= LINES_ONE_BY_ONE else 10, c=[k for _, _, k in ends], zorder=3)
+        ax.scatter(
+            [x for x, _, _ in ends],
+            [y for _, y, _ in ends],
+            marker="x",
+            s=100 if len(ids) <= LINES_ONE_BY_ONE else 10,
+            c=[k for _, _, k in ends],
+            zorder=3,
+        )
     ax.plot([], [], "k--x", label="stopped early")
     ax.set_xlabel(x_metric.replace("_", " "))
     ax.set_ylabel("val_accuracy")
@@ -165,7 +195,11 @@ def plot_confusion(ax, confusion: pd.DataFrame, classes: Sequence[str]) -> None:
 
 def plot_pairs(ax, rates: pd.DataFrame, columns: Sequence[str]) -> None:
     """The given pair columns of `rates` (one row per trial, as `finished_pair_rates` gives) across the trials, in id order; watch-list pairs solid."""
-    frame = rates.dropna(subset=list(columns), how="all").sort_values("trial_id", key=lambda ids: ids.astype(str), kind="stable") if columns else rates.iloc[0:0]
+    frame = (
+        rates.dropna(subset=list(columns), how="all").sort_values("trial_id", key=lambda ids: ids.astype(str), kind="stable")
+        if columns
+        else rates.iloc[0:0]
+    )
     if frame.empty:
         ax.text(0.5, 0.5, "no confusion-pair rates recorded", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
@@ -214,7 +248,15 @@ def _classes(confusion: pd.DataFrame) -> list[str]:
     return [c for c in ASL_CLASSES if c in labels] + sorted(labels - set(ASL_CLASSES))
 
 
-def sweep_figures(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, confusion_id: str | None, pair_rates: pd.DataFrame, pair_columns: list[str], importances: dict) -> dict:
+def sweep_figures(
+    sweep: Sweep,
+    objectives: Objectives,
+    front: pd.DataFrame,
+    confusion_id: str | None,
+    pair_rates: pd.DataFrame,
+    pair_columns: list[str],
+    importances: dict,
+) -> dict:
     """One sweep's report plots as matplotlib Figures keyed by SWEEP_FIGURES' stems: drawn, never shown or saved."""
     trials = sweep.trials
     figures = {}

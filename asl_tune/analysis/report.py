@@ -50,8 +50,8 @@ from asl_tune.analysis.compute import (
 from asl_tune.analysis.figures import LABEL_PARAMS, comparison_figure, format_value, sweep_figures
 from asl_tune.analysis.speed import UNDER_LOAD, SpeedOn, use_speed
 from asl_tune.errors import AslTuneError
-from asl_tune.sweep.mirror import is_uri
 from asl_tune.results import FRAME_BUDGET_MS, PARAM_PREFIX, write_atomic
+from asl_tune.sweep.mirror import is_uri
 
 REPORT_DIR = "report"
 FRONT_FILE = "pareto_front.parquet"
@@ -141,12 +141,25 @@ def write_sweep_report(sweep: Sweep, objectives: Objectives, reference: Sequence
     tables = [table.assign(objective=objective[0]) for objective, table in importances.items() if not table.empty]
     importance_frame = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["param", "importance", "objective"])
     write_atomic(importance_frame[["objective", "param", "importance"]], out / IMPORTANCE_FILE)
-    text = _sweep_markdown(sweep, objectives, front, volume, reference, ranked, top, confusion_id, importances, _pairs_note(pairs, pair_table))
+    text = _sweep_markdown(
+        sweep, objectives, front, volume, reference, ranked, top, confusion_id, importances, _pairs_note(pairs, pair_table)
+    )
     (out / "report.md").write_text(text)
     return SweepReport(sweep, front, volume, reference, ranked.head(top), out / "report.md", figures)
 
 
-def _sweep_markdown(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, volume: float, reference: list[float], ranked: pd.DataFrame, top: int, confusion_id: str | None, importances: dict, pairs_note: str) -> str:
+def _sweep_markdown(
+    sweep: Sweep,
+    objectives: Objectives,
+    front: pd.DataFrame,
+    volume: float,
+    reference: list[float],
+    ranked: pd.DataFrame,
+    top: int,
+    confusion_id: str | None,
+    importances: dict,
+    pairs_note: str,
+) -> str:
     """report.md of one sweep: every table, the figures linked relatively, the best trial in full."""
     trials = sweep.trials
     counts = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in trials["status"].value_counts().items())
@@ -154,7 +167,13 @@ def _sweep_markdown(sweep: Sweep, objectives: Objectives, front: pd.DataFrame, v
     accurate = most_accurate(trials, objectives)
     ref_text = ", ".join(f"{m} = {format_value(r)}" for (m, _), r in zip(objectives, reference))
     under_load = [UNDER_LOAD + m for m, _ in objectives if UNDER_LOAD + m in front.columns]  # beside figures measured alone
-    front_columns = ["trial_id", "status", *[m for m, _ in objectives], *under_load, *[PARAM_PREFIX + p for p in LABEL_PARAMS if PARAM_PREFIX + p in front.columns]]
+    front_columns = [
+        "trial_id",
+        "status",
+        *[m for m, _ in objectives],
+        *under_load,
+        *[PARAM_PREFIX + p for p in LABEL_PARAMS if PARAM_PREFIX + p in front.columns],
+    ]
     lines = [
         f"# Sweep report: {sweep.name}",
         "",
@@ -213,7 +232,8 @@ def _best_trial_lines(best: pd.Series, sweep: Sweep) -> list[str]:
         "",
         f"- status: {best['status']}",
         f"- val accuracy: {format_value(best['val_accuracy'])}, test accuracy: {format_value(best['test_accuracy'])}",
-        "- external accuracy: " + (format_value(best["external_accuracy"]) if pd.notna(best["external_accuracy"]) else "no external set attached"),
+        "- external accuracy: "
+        + (format_value(best["external_accuracy"]) if pd.notna(best["external_accuracy"]) else "no external set attached"),
         f"- keeps up with 30 fps video at batch 1 ({sweep.speed_label}): {_thirty_fps(best)}",
         f"- inference ({sweep.speed_label}): {format_value(best['infer_img_per_s'])} img/s at batch 64{_under_load(best)}",
         f"- size: {format_value(best['n_parameters'])} parameters, {format_value(best.get('flops_per_image'))} FLOPs per image (forward); trained {format_value(best['train_seconds'])} s on {format_value(best.get('device'))}",
@@ -267,11 +287,19 @@ def _weights(location: str, sweep: Sweep) -> str:
 def _pairs_note(pairs: PairRates, table: pd.DataFrame) -> str:
     """The confusion-pair table and where its rates come from."""
     if table.empty:
-        return "No finished trial confused one class with another on its test split." if pairs.from_counts else "No confusion-pair rates were recorded."
+        return (
+            "No finished trial confused one class with another on its test split."
+            if pairs.from_counts
+            else "No confusion-pair rates were recorded."
+        )
     n = len(pairs.rates)
     if pairs.from_counts:
         left = pairs.left_out
-        skipped = f" {left} finished trial{' has' if left == 1 else 's have'} no test counts (stopped before the test evaluation) and {'is' if left == 1 else 'are'} left out." if left else ""
+        skipped = (
+            f" {left} finished trial{' has' if left == 1 else 's have'} no test counts (stopped before the test evaluation) and {'is' if left == 1 else 'are'} left out."
+            if left
+            else ""
+        )
         note = (
             "Rates from each trial's full test confusion matrix (`confusion.parquet`: true X predicted as Y, over X's test images), "
             f"over the {n} finished trial{'' if n == 1 else 's'} that have one: the seed's watch list, then the sweep's most confused other pairs by mean rate.{skipped}"
@@ -296,11 +324,23 @@ def write_comparison_report(reports: list[SweepReport], objectives: Objectives, 
     rows = []
     for r in reports:
         accurate = most_accurate(r.sweep.trials, objectives)
-        rows.append((r.sweep.name, len(r.sweep.trials), len(finished(r.sweep.trials)), len(r.front), r.hypervolume, r.top.iloc[0]["trial_id"], accurate["trial_id"] if accurate is not None else None))
+        rows.append(
+            (
+                r.sweep.name,
+                len(r.sweep.trials),
+                len(finished(r.sweep.trials)),
+                len(r.front),
+                r.hypervolume,
+                r.top.iloc[0]["trial_id"],
+                accurate["trial_id"] if accurate is not None else None,
+            )
+        )
     table = pd.DataFrame(rows, columns=["sweep", "trials", "finished", "on front", "hypervolume", "best trial", "most accurate"])
     combined = pd.concat([r.top.assign(sweep=r.sweep.name) for r in reports], ignore_index=True)
     metrics = [m for m, _ in objectives]
-    combined = combined.sort_values(metrics, ascending=[mode == "min" for _, mode in objectives], na_position="last", kind="stable").head(top)
+    combined = combined.sort_values(metrics, ascending=[mode == "min" for _, mode in objectives], na_position="last", kind="stable").head(
+        top
+    )
     combined = combined[["sweep", *[c for c in combined.columns if c != "sweep"]]]
     links = [f"- [{r.sweep.name}]({Path('..', '..', r.sweep.name, REPORT_DIR, 'report.md').as_posix()})" for r in reports]
     ref_text = ", ".join(f"{m} = {format_value(v)}" for (m, _), v in zip(objectives, reports[0].reference))
@@ -341,7 +381,9 @@ def terminal_summary(reports: list[SweepReport], objectives: Objectives, shown: 
     for r in reports:
         trials = r.sweep.trials
         accurate = most_accurate(trials, objectives)
-        lines.append(f"{r.sweep.name}: {len(trials)} trials, {len(finished(trials))} finished; objectives {describe_objectives(objectives)}")
+        lines.append(
+            f"{r.sweep.name}: {len(trials)} trials, {len(finished(trials))} finished; objectives {describe_objectives(objectives)}"
+        )
         for _, row in r.top.head(shown).iterrows():
             values = "  ".join(f"{m} {format_value(row[m])}" for m, _ in objectives)
             lines.append(f"  {row['trial_id']}  {values}" + ("  [front]" if row["on_front"] else ""))

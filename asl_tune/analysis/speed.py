@@ -61,7 +61,9 @@ def speed_on(device: str, threads: int | None = None, timed: Timed = Timed()) ->
         raise AslTuneError(f"--threads: must be >= 1, got {threads}")
     if device == DURING_TRAINING:
         if threads is not None:
-            raise AslTuneError(f"--threads: applies to --speed-on cpu or cuda only, got --threads {threads} with --speed-on {DURING_TRAINING}")
+            raise AslTuneError(
+                f"--threads: applies to --speed-on cpu or cuda only, got --threads {threads} with --speed-on {DURING_TRAINING}"
+            )
         return None
     if device == "cuda":
         import torch
@@ -168,9 +170,23 @@ def speed_table(sweep: Sweep, on: SpeedOn) -> pd.DataFrame:
     for arch in wanted.to_dict("records"):
         key = {**arch, **setting}
         if _rows(cache, key).empty:
-            log.info("measuring DexNet head %d, %d px, %d classes alone on %s, threads %d", arch["head_width"], arch["image_size"], arch["num_classes"], setting["device_name"], setting["threads"])
+            log.info(
+                "measuring DexNet head %d, %d px, %d classes alone on %s, threads %d",
+                arch["head_width"],
+                arch["image_size"],
+                arch["num_classes"],
+                setting["device_name"],
+                setting["threads"],
+            )
             figures = measure_alone(arch["head_width"], arch["image_size"], arch["num_classes"], on)
-            row = {**key, **figures, **dataclasses.asdict(on.timed), "hostname": platform.node(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg_1min": _load()}
+            row = {
+                **key,
+                **figures,
+                **dataclasses.asdict(on.timed),
+                "hostname": platform.node(),
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "load_avg_1min": _load(),
+            }
             cache = pd.DataFrame([row]) if cache.empty else pd.concat([cache, pd.DataFrame([row])], ignore_index=True)
             write_atomic(cache, path)  # after each one: an interrupted analyze keeps what it measured
     return pd.concat([_rows(cache, {**arch, **setting}) for arch in wanted.to_dict("records")], ignore_index=True)

@@ -24,4 +24,6 @@ class _CallableWing(types.ModuleType):
         return sweep(*args, **kwargs)
 
 
-sys.modules[__name__].__class__ = _CallableWing  # the documented way to give a module behaviour (Python's "Customizing module attribute access")
+sys.modules[
+    __name__
+].__class__ = _CallableWing  # the documented way to give a module behaviour (Python's "Customizing module attribute access")

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0  # how long --address may stay silent before we give up
 DEFAULT_RAY_PORT = 6379
 # HTTP/2's client connection preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0).
-HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000" "04" "00" "00000000")
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
 
 # Settings Ray reads from the environment of the process that starts it.
 LOCAL_ENV = {
@@ -120,11 +120,21 @@ def check_authenticated(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> N
         return
     host, port = parse_address(address)
     try:
-        probe = subprocess.run([sys.executable, "-c", AUTH_PROBE, f"{host}:{port}"], env={**JOIN_ENV, **os.environ}, capture_output=True, text=True, timeout=timeout_s)
+        probe = subprocess.run(
+            [sys.executable, "-c", AUTH_PROBE, f"{host}:{port}"],
+            env={**JOIN_ENV, **os.environ},
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
     except subprocess.TimeoutExpired:
         return
     if probe.stdout.strip() == "unauthenticated":
-        sent = "the token this driver sent is not the cluster's" if os.environ.get("RAY_AUTH_MODE") == "token" else "this driver sent none (RAY_AUTH_MODE is not 'token' here)"
+        sent = (
+            "the token this driver sent is not the cluster's"
+            if os.environ.get("RAY_AUTH_MODE") == "token"
+            else "this driver sent none (RAY_AUTH_MODE is not 'token' here)"
+        )
         raise AslTuneError(f"--address: the Ray cluster at {address} requires its authentication token and {sent}; {AUTH_HINT}")
 
 
@@ -145,7 +155,7 @@ def check_storage_visible(address: str | None, folder: Path, storage: str | None
     """
     if address is None or (storage and not storage.startswith("file://")):
         return
-    where = Path(storage[len("file://"):]) if storage else Path(folder)
+    where = Path(storage[len("file://") :]) if storage else Path(folder)
     shown, option = (storage, "--results or --storage") if storage else (str(Path(folder).parent), "--results")
     existing = next((p for p in [where, *where.parents] if p.is_dir()), None)
     if existing is None:
@@ -191,7 +201,9 @@ def nodes_seeing(folder: Path, timeout_s: float = 120.0) -> dict[_Node, bool]:
     try:
         nodes = [_Node(n) for n in ray.nodes() if n["Alive"]]
         look = ray.remote(num_cpus=0, max_retries=0)(sees)
-        asked = {look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker)): n for n in nodes}
+        asked = {
+            look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker)): n for n in nodes
+        }
         answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
         seen = {}
         for ref, node in asked.items():
@@ -226,7 +238,9 @@ def scoped_environment(defaults: dict[str, str]) -> Iterator[None]:
 
 
 @contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = False, ship_code: bool = True) -> Iterator[None]:
+def ray_session(
+    address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = False, ship_code: bool = True
+) -> Iterator[None]:
     """Ray, started or joined for the duration of the block; reuses an instance already running in this process.
 
     Joining a cluster, this asl_tune package goes to its workers (ship_code: Ray's runtime_env py_modules), so

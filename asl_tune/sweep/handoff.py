@@ -72,8 +72,17 @@ def nodes(local: bool) -> list[Node]:
         if n["NodeID"] not in seen:
             continue
         r = n.get("Resources", {})
-        out.append(Node(n["NodeID"], n.get("NodeManagerAddress", "?"), float(r.get("CPU", 0)), float(r.get("GPU", 0)),
-                        float(r.get("memory", 0)) + float(r.get("object_store_memory", 0)), float(r.get("object_store_memory", 0)), seen[n["NodeID"]]))
+        out.append(
+            Node(
+                n["NodeID"],
+                n.get("NodeManagerAddress", "?"),
+                float(r.get("CPU", 0)),
+                float(r.get("GPU", 0)),
+                float(r.get("memory", 0)) + float(r.get("object_store_memory", 0)),
+                float(r.get("object_store_memory", 0)),
+                seen[n["NodeID"]],
+            )
+        )
     return out
 
 
@@ -93,8 +102,16 @@ class Plan:
             print(line, file=sys.stderr)
 
 
-def plan(data: Path, external: Path | None, sizes: list[int], cluster_nodes: list[Node], cpus_per_trial: float, gpus_per_trial: float,
-         max_concurrent: int | None, num_samples: int) -> Plan:
+def plan(
+    data: Path,
+    external: Path | None,
+    sizes: list[int],
+    cluster_nodes: list[Node],
+    cpus_per_trial: float,
+    gpus_per_trial: float,
+    max_concurrent: int | None,
+    num_samples: int,
+) -> Plan:
     """The memory plan, before anything is decoded; refuses (AslTuneError, one line) a sweep that cannot fit, with the ways out."""
     n = count_images(data)
     n_ext = _count_external(external) if external else 0
@@ -114,17 +131,23 @@ def plan(data: Path, external: Path | None, sizes: list[int], cluster_nodes: lis
         held = total if not node.has_cache else 0  # the object store's copy counts against memory; page cache does not need to stay
         need = k * need_trial + held
         if not node.has_cache and node.object_store_bytes < total:
-            problems.append(f"node {node.address} has no cache file and its object store holds {size_text(node.object_store_bytes)}, "
-                            f"less than the {size_text(total)} of data; start its Ray with a larger --object-store-memory, give it the cache folder, "
-                            f"or use a smaller image size")
+            problems.append(
+                f"node {node.address} has no cache file and its object store holds {size_text(node.object_store_bytes)}, "
+                f"less than the {size_text(total)} of data; start its Ray with a larger --object-store-memory, give it the cache folder, "
+                f"or use a smaller image size"
+            )
         elif need > HEADROOM * node.memory_bytes:
-            problems.append(f"node {node.address} would run {k} trials at once, about {size_text(need_trial)} each"
-                            + (f" beside {size_text(held)} of data in its object store" if held else "")
-                            + f": {size_text(need)} of its {size_text(node.memory_bytes)}; run fewer at once (--max-concurrent {max(1, int((HEADROOM * node.memory_bytes - held) // need_trial))}),"
-                            f" more CPUs per trial (--cpus-per-trial), a smaller image size, or give it more memory")
+            problems.append(
+                f"node {node.address} would run {k} trials at once, about {size_text(need_trial)} each"
+                + (f" beside {size_text(held)} of data in its object store" if held else "")
+                + f": {size_text(need)} of its {size_text(node.memory_bytes)}; run fewer at once (--max-concurrent {max(1, int((HEADROOM * node.memory_bytes - held) // need_trial))}),"
+                f" more CPUs per trial (--cpus-per-trial), a smaller image size, or give it more memory"
+            )
         if node.has_cache and need + total > node.memory_bytes:
-            lines.append(f"memory plan: the data ({size_text(total)}) and {k} trials do not fit in the memory of node {node.address} "
-                         f"({size_text(node.memory_bytes)}) together: its trials will read the cache file from disk as they go, more slowly")
+            lines.append(
+                f"memory plan: the data ({size_text(total)}) and {k} trials do not fit in the memory of node {node.address} "
+                f"({size_text(node.memory_bytes)}) together: its trials will read the cache file from disk as they go, more slowly"
+            )
     if problems:
         raise AslTuneError(f"memory plan: {'; '.join(problems)}")
     sizes_text = ", ".join(f"{size_text(b)} at {s} px" for s, b in per_size.items())
@@ -136,8 +159,10 @@ def plan(data: Path, external: Path | None, sizes: list[int], cluster_nodes: lis
     if shipped:
         how.append(f"one object-store copy on each of {shipped} node{'s' if shipped > 1 else ''} without the cache")
     runs = sum(at_once.values())
-    lines.append(f"memory plan: {n + n_ext:,} images, {sizes_text}, {' and '.join(how) or 'memory-mapped from the cache'}, shared by every trial on a node; "
-                 f"{runs} trial{'s' if runs != 1 else ''} at once, about {size_text(need_trial)} each: fits")
+    lines.append(
+        f"memory plan: {n + n_ext:,} images, {sizes_text}, {' and '.join(how) or 'memory-mapped from the cache'}, shared by every trial on a node; "
+        f"{runs} trial{'s' if runs != 1 else ''} at once, about {size_text(need_trial)} each: fits"
+    )
     return Plan(total, per_size, at_once, need_trial / 1e6, lines)
 
 
@@ -163,8 +188,10 @@ def _check_disk(total: int, per_size: dict[int, int]) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if total > free:
-        raise AslTuneError(f"memory plan: the decoded data needs {size_text(total)} in the cache folder {root}, which has {size_text(free)} free; "
-                           "set ASL_TUNE_CACHE to a larger disk, or use a smaller image size")
+        raise AslTuneError(
+            f"memory plan: the decoded data needs {size_text(total)} in the cache folder {root}, which has {size_text(free)} free; "
+            "set ASL_TUNE_CACHE to a larger disk, or use a smaller image size"
+        )
 
 
 # ---------------------------------------------------------------- the hand-off

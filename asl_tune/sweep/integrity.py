@@ -19,9 +19,9 @@ from contextlib import closing
 from pathlib import Path
 
 from asl_tune.errors import AslTuneError
+from asl_tune.results import RESULT_FILES, read_table, read_trials
 from asl_tune.sweep.request import LEGACY_STUDY_FILE, RAY_DIR, SPACE_FILE, SWEEP_FILE, SweepState, study_file
 from asl_tune.sweep.space import load_space
-from asl_tune.results import RESULT_FILES, read_table, read_trials
 
 BACKUP = "put it back from a backup or a copy of the sweep"
 CONTINUED = ("running", "errored")  # the trials a resume continues from their last checkpoint
@@ -94,7 +94,9 @@ def check_for_resume(folder: Path, shown: str, run_dir: str | None, earlier_tria
     check_tables(folder, shown)
     trials = read_trials(folder)
     if run_dir is not None and not (folder / run_dir).exists() and len(trials) > earlier_trials:
-        raise AslTuneError(f"{shown}/{run_dir}: missing, and trials.parquet has trials of that run: Tune's saved state is gone; {BACKUP}; nothing was changed")
+        raise AslTuneError(
+            f"{shown}/{run_dir}: missing, and trials.parquet has trials of that run: Tune's saved state is gone; {BACKUP}; nothing was changed"
+        )
     missing = missing_checkpoints(folder, trials)
     for tid, (status, checkpoint) in missing.items():
         if status in CONTINUED:

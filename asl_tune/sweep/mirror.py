@@ -82,7 +82,9 @@ def open_uri(uri: str, option: str = "--results"):
     try:
         return pyarrow.fs.FileSystem.from_uri(uri)
     except (pyarrow.ArrowException, ValueError, OSError) as e:
-        raise AslTuneError(f"{option}: must be a folder or a URI pyarrow's filesystems open (s3://bucket/path, gs://bucket/path, file:///path), got {uri} ({_why(e)})") from None
+        raise AslTuneError(
+            f"{option}: must be a folder or a URI pyarrow's filesystems open (s3://bucket/path, gs://bucket/path, file:///path), got {uri} ({_why(e)})"
+        ) from None
 
 
 def staging_root(uri: str) -> Path:
@@ -162,7 +164,9 @@ class SweepFolder:
 
     def results_lines(self) -> list[str]:
         """What a finished run prints about where its results are and what to run next."""
-        return [f"results: {self.location}/trials.parquet, epochs.parquet, confusion.parquet; next: asl-tune analyze {self.name}{self.results_flag}"]
+        return [
+            f"results: {self.location}/trials.parquet, epochs.parquet, confusion.parquet; next: asl-tune analyze {self.name}{self.results_flag}"
+        ]
 
     def writable_places(self) -> list[tuple[Path, str]]:
         """The folders a sweep will write, each with how to refuse it when it cannot be written."""
@@ -288,7 +292,11 @@ class MirroredSweepFolder(SweepFolder):
         if self.fs.get_file_info(at).type != pyarrow.fs.FileType.Directory:
             return None
         infos = self.fs.get_file_info(pyarrow.fs.FileSelector(at))
-        return sorted(posixpath.basename(i.path) for i in infos if i.type == pyarrow.fs.FileType.File and not posixpath.basename(i.path).startswith("."))
+        return sorted(
+            posixpath.basename(i.path)
+            for i in infos
+            if i.type == pyarrow.fs.FileType.File and not posixpath.basename(i.path).startswith(".")
+        )
 
     def fetch(self, names, dest: Path) -> list[str]:
         """Copy those of the named files (a folder: every file in it) that exist at the URI into dest, each whole (temporary file, rename); return them."""
@@ -348,7 +356,9 @@ class MirroredSweepFolder(SweepFolder):
                 self._push(path, listed=True)
         except (OSError, ValueError, sqlite3.Error) as e:
             if final:
-                raise AslTuneError(f"--results: cannot copy the results to {self.location} ({_why(e)}); they are complete in {self.path}") from None
+                raise AslTuneError(
+                    f"--results: cannot copy the results to {self.location} ({_why(e)}); they are complete in {self.path}"
+                ) from None
             if not self._warned:
                 log.warning("results: cannot copy to %s now (%s); will retry", self.location, _why(e))
                 self._warned = True

@@ -102,7 +102,9 @@ class SweepProgress:
         running = sum(1 for t in trials if t.status == "RUNNING")
         pending = max(self.total - len(done) - running, 0)
         text = f"sweep: {len(done)}/{self.total} done, {running} running, {pending} pending"
-        scored = [(t.last_result.get(self.metric), t.trial_id) for t in done if isinstance((t.last_result or {}).get(self.metric), (int, float))]
+        scored = [
+            (t.last_result.get(self.metric), t.trial_id) for t in done if isinstance((t.last_result or {}).get(self.metric), (int, float))
+        ]
         scored = [(v, tid) for v, tid in scored if math.isfinite(v)]
         if scored:
             value, tid = (max if self.mode == "max" else min)(scored, key=lambda s: s[0])  # the first of equals, as the summary
@@ -138,6 +140,7 @@ def errored_message(name: str, total: int, errored: list[dict], folder) -> str:
     """One line for errors.TrialsErrored: how many of the run's trials errored, and each one's error and log file.
 
     errored: the errored trials' rows (trial_id, and error and log where recorded; log is relative to folder)."""
+
     def one(row: dict) -> str:
         error, log = row.get("error"), row.get("log")
         error = error if isinstance(error, str) else "no error recorded"

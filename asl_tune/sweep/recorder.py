@@ -24,10 +24,10 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from asl_tune.sweep.mirror import SweepFolder, as_sweep_folder
-from asl_tune.sweep.progress import SweepProgress, restart_line
 from asl_tune.files import write_atomically
 from asl_tune.results import ResultsStore, trial_row
+from asl_tune.sweep.mirror import SweepFolder, as_sweep_folder
+from asl_tune.sweep.progress import SweepProgress, restart_line
 from asl_tune.sweep.request import LOGS_DIR
 from asl_tune.sweep.space import SearchSpace
 from asl_tune.sweep.trainable import EPOCH_ROW, NOT_TRIAL_COLUMNS, TRIAL_OUTPUT, TUNE_KEYS
@@ -123,7 +123,9 @@ class ParquetRecorder(Callback):
         forgotten = [tid for tid, row in self.store.trials.items() if row["status"] == "running" and tid not in known]
         for tid in forgotten:
             self.store.drop_trial(tid)
-            self.progress.event(f"trial {tid} started after Tune last saved its state and was not restored; its rows are removed and its settings run again")
+            self.progress.event(
+                f"trial {tid} started after Tune last saved its state and was not restored; its rows are removed and its settings run again"
+            )
         if forgotten:
             self._flush()
 
@@ -190,7 +192,12 @@ class ParquetRecorder(Callback):
         relative = f"{LOGS_DIR}/{trial.trial_id}.log"
         try:
             (self.sweep.path / LOGS_DIR).mkdir(parents=True, exist_ok=True)
-            write_atomically(self.sweep.path / relative, lambda tmp: Path(tmp).write_text("\n".join(header) + (text or "Ray kept no traceback (the worker may have been killed).\n")))
+            write_atomically(
+                self.sweep.path / relative,
+                lambda tmp: Path(tmp).write_text(
+                    "\n".join(header) + (text or "Ray kept no traceback (the worker may have been killed).\n")
+                ),
+            )
         except OSError:
             return None  # the row and the driver's line still carry the error itself
         return relative
@@ -263,7 +270,7 @@ def _error_message(text: str) -> str:
     """
     lines, in_output = [], False
     if (oom := _OOM_KILL.search(text)) is not None:  # Ray's memory monitor: its message runs to 60 lines of statistics
-        last = text[oom.start():]
+        last = text[oom.start() :]
         used = _OOM_USED.search(last)
         return f"killed by Ray's memory monitor: its node ran low on memory ({used.group(1) if used else 'see its log'})"
     for line in text.splitlines():

@@ -31,12 +31,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from asl_tune.sweep import cluster
 from asl_tune.errors import AslTuneError
 from asl_tune.files import write_atomically
+from asl_tune.results import RESULT_FILES, is_plain_name
+from asl_tune.sweep import cluster
 from asl_tune.sweep.mirror import SweepFolder, is_uri, open_uri, sweep_folder
 from asl_tune.sweep.mirror import join as join_uri
-from asl_tune.results import RESULT_FILES, is_plain_name
 from asl_tune.sweep.space import SearchSpace, load_space
 
 SWEEP_FILE = "sweep.json"
@@ -47,6 +47,7 @@ RAY_DIR = "ray"
 LOCK_FILE = ".lock"
 LOGS_DIR = "logs"
 MIRRORED = (SWEEP_FILE, SPACE_FILE, STUDY_FILE, LEGACY_STUDY_FILE, *RESULT_FILES)  # what a sweep at a URI copies there (not .lock)
+
 
 def study_file(folder: Path) -> str:
     """The file that holds a sweep folder's study: study.db in a sweep made before study.log, else study.log."""
@@ -159,9 +160,13 @@ def check_request(req: SweepRequest) -> Checked:
     if req.address:
         cluster.check_reachable(req.address)  # before any decoding: a dead address fails in seconds
     if not req.ship_code and not req.address:
-        raise AslTuneError("--no-ship-code: applies with --address only (a local Ray runs this machine's asl_tune), got it without --address")
+        raise AslTuneError(
+            "--no-ship-code: applies with --address only (a local Ray runs this machine's asl_tune), got it without --address"
+        )
     if req.storage is not None and "://" not in req.storage:
-        raise AslTuneError(f"--storage: must be a URI Ray's storage supports, such as s3://bucket/path or gs://bucket/path, got {req.storage!r}")
+        raise AslTuneError(
+            f"--storage: must be a URI Ray's storage supports, such as s3://bucket/path or gs://bucket/path, got {req.storage!r}"
+        )
     if is_uri(req.results):
         open_uri(str(req.results))  # refuses a scheme pyarrow cannot open
     space = None if req.extend and req.name else load_space(req.space_path)  # extending keeps the sweep's own space
@@ -210,7 +215,9 @@ def image_sizes(space: SearchSpace) -> list[int]:
     if "image_size" in space.params:
         p = space.params["image_size"]
         if p.type != "categorical":
-            raise AslTuneError(f"{space.source}: params.image_size: must be categorical (each size is decoded once for the whole sweep), got type {p.type}")
+            raise AslTuneError(
+                f"{space.source}: params.image_size: must be categorical (each size is decoded once for the whole sweep), got type {p.type}"
+            )
         return sorted(set(p.choices))
     return [int(space.fixed.get("image_size", 200))]
 
@@ -226,7 +233,9 @@ def exclusive(folder: Path, name: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise AslTuneError(f"--name: sweep {name!r} in {folder} is being run by another asl-tune process right now; wait for it, or stop it first") from None
+            raise AslTuneError(
+                f"--name: sweep {name!r} in {folder} is being run by another asl-tune process right now; wait for it, or stop it first"
+            ) from None
         yield
     finally:
         os.close(fd)

@@ -23,12 +23,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from asl_tune.sweep import cluster, integrity, progress
 from asl_tune.data import load_dataset, load_external, make_splits
 from asl_tune.errors import AslTuneError, RayFailed, Stopped, TrialsErrored
-from asl_tune.sweep.mirror import SweepFolder, is_uri
-from asl_tune.sweep.request import LOGS_DIR, RAY_DIR, SPACE_FILE, SWEEP_FILE, NothingToResume, SweepRequest, SweepState, check_request, check_resume, exclusive, image_sizes
 from asl_tune.results import FINISHED, compact, read_trials
+from asl_tune.sweep import cluster, integrity, progress
+from asl_tune.sweep.mirror import SweepFolder, is_uri
+from asl_tune.sweep.request import (
+    LOGS_DIR,
+    RAY_DIR,
+    SPACE_FILE,
+    SWEEP_FILE,
+    NothingToResume,
+    SweepRequest,
+    SweepState,
+    check_request,
+    check_resume,
+    exclusive,
+    image_sizes,
+)
 from asl_tune.sweep.space import SearchSpace
 
 MAX_FAILURES = 2  # an errored trial is retried from its last checkpoint this many times
@@ -110,25 +122,47 @@ def run_sweep(req: SweepRequest) -> Path:
                 integrity.check_for_extend(folder, sweep.location)
             with _quiet(req.verbose), cluster.ray_session(req.address, dashboard=req.dashboard, ship_code=req.ship_code):
                 # cluster checks before decoding (issue 26): ray_session found the cluster and was let in; can every node see the folder?
-                cluster.check_storage_visible(req.address, folder, SweepState.read(folder).storage if req.extend else req.storage or sweep.ray_storage)
+                cluster.check_storage_visible(
+                    req.address, folder, SweepState.read(folder).storage if req.extend else req.storage or sweep.ray_storage
+                )
                 if req.extend:
                     state = SweepState.read(folder)  # as it stands now that we hold the lock
-                    state.tensorboard, state.mlflow = state.tensorboard or req.tensorboard, req.mlflow or state.mlflow  # --extend may add a tracker
+                    state.tensorboard, state.mlflow = (
+                        state.tensorboard or req.tensorboard,
+                        req.mlflow or state.mlflow,
+                    )  # --extend may add a tracker
                 else:
                     storage = req.storage or sweep.ray_storage  # results at a URI: Ray's runs go there too
-                    state = SweepState(name, str(data_dir), str(Path(req.external).resolve()) if req.external else None, req.cpus_per_trial, req.gpus_per_trial, req.max_concurrent, req.seed, req.address,
-                                       storage=storage, tensorboard=req.tensorboard, mlflow=req.mlflow)
+                    state = SweepState(
+                        name,
+                        str(data_dir),
+                        str(Path(req.external).resolve()) if req.external else None,
+                        req.cpus_per_trial,
+                        req.gpus_per_trial,
+                        req.max_concurrent,
+                        req.seed,
+                        req.address,
+                        storage=storage,
+                        tensorboard=req.tensorboard,
+                        mlflow=req.mlflow,
+                    )
                 gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
                 datasets, externals = _load_data(space, state, gpus, num_samples, local=req.address is None)
                 if not req.extend:
                     shutil.copyfile(req.space_path, folder / SPACE_FILE)
                     sweep.sync(final=True)  # refused here, before the sweep exists, when a URI cannot be written
                 run_dir = f"{RAY_DIR}/run-{len(state.runs) + 1}"
-                state.runs.append({"dir": run_dir, "num_samples": num_samples, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished": False})
+                state.runs.append(
+                    {"dir": run_dir, "num_samples": num_samples, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished": False}
+                )
                 state.write(folder)
                 sweep.sync(final=True)
-                print(f"sweep {name!r}: {num_samples} trials of {space.source} on {state.data}; results in {sweep.described}", file=sys.stderr)
-                tuner = _new_tuner(space.seeded(state.seed), sweep, run_dir, num_samples, datasets, externals, state, gpus, first_run=len(state.runs) == 1)
+                print(
+                    f"sweep {name!r}: {num_samples} trials of {space.source} on {state.data}; results in {sweep.described}", file=sys.stderr
+                )
+                tuner = _new_tuner(
+                    space.seeded(state.seed), sweep, run_dir, num_samples, datasets, externals, state, gpus, first_run=len(state.runs) == 1
+                )
                 return _fit(tuner, sweep, state)
         except BaseException:
             if created and not (folder / SWEEP_FILE).exists():  # ours, and refused before it began: leave nothing behind
@@ -136,7 +170,9 @@ def run_sweep(req: SweepRequest) -> Path:
             raise
 
 
-def resume_sweep(name: str, results: Path | str = Path("results"), address: str | None = None, verbose: bool = False, ship_code: bool = True) -> Path:
+def resume_sweep(
+    name: str, results: Path | str = Path("results"), address: str | None = None, verbose: bool = False, ship_code: bool = True
+) -> Path:
     """`asl-tune resume`: finish a sweep whose driver died; finished trials are kept, interrupted ones continue."""
     space, sweep, state, address = check_resume(name, results, address)
     folder = sweep.path
@@ -163,7 +199,9 @@ def resume_sweep(name: str, results: Path | str = Path("results"), address: str 
                 # The driver died before Tune saved any state: nothing ran, so start this run afresh.
                 if not state.storage:
                     shutil.rmtree(run_path, ignore_errors=True)
-                tuner = _new_tuner(space, sweep, run["dir"], run["num_samples"], datasets, externals, state, gpus, first_run=len(state.runs) == 1)
+                tuner = _new_tuner(
+                    space, sweep, run["dir"], run["num_samples"], datasets, externals, state, gpus, first_run=len(state.runs) == 1
+                )
             else:
                 # Tune restores our recorder and searcher as pickled; each finds this machine's copy of the sweep
                 # folder itself (mirror.MirroredSweepFolder works out its working copy where it is unpickled).
@@ -220,7 +258,9 @@ def _searcher(space: SearchSpace, sweep: SweepFolder, name: str, seed: int, max_
     metrics = [m for m, _ in space.objectives]
     modes = [m for _, m in space.objectives]
     multi = len(metrics) > 1
-    sampler = optuna.samplers.RandomSampler(seed=seed) if space.sampler == "random" else optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    sampler = (
+        optuna.samplers.RandomSampler(seed=seed) if space.sampler == "random" else optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    )
     searcher = StudySearch(
         space={k: p.to_optuna() for k, p in space.params.items()},
         metric=metrics if multi else metrics[0],
@@ -238,15 +278,19 @@ def _ray_verbosity() -> int:
     return 0 if progress.shows_status() else 1
 
 
-def _new_tuner(space, sweep: SweepFolder, run_dir: str, num_samples: int, datasets, externals, state: SweepState, gpus: float, first_run: bool):
+def _new_tuner(
+    space, sweep: SweepFolder, run_dir: str, num_samples: int, datasets, externals, state: SweepState, gpus: float, first_run: bool
+):
     from ray import tune
 
     from asl_tune.sweep import tracking
-    from asl_tune.sweep.schedule import scheduler
     from asl_tune.sweep.recorder import DropRecordedParts, ParquetRecorder
+    from asl_tune.sweep.schedule import scheduler
 
     any_ds = next(iter(datasets.values())).meta
-    n_train = len(make_splits(any_ds.labels, any_ds.frames, space.fixed.get("split", "blocked"), space.fixed.get("split_seed", state.seed)).train)
+    n_train = len(
+        make_splits(any_ds.labels, any_ds.frames, space.fixed.get("split", "blocked"), space.fixed.get("split_seed", state.seed)).train
+    )
     return tune.Tuner(
         _trainable(space, datasets, externals, state.cpus_per_trial, gpus),
         tune_config=tune.TuneConfig(
@@ -258,7 +302,11 @@ def _new_tuner(space, sweep: SweepFolder, run_dir: str, num_samples: int, datase
         run_config=tune.RunConfig(
             name=Path(run_dir).name,
             storage_path=state.ray_root(sweep.path),
-            callbacks=[ParquetRecorder(sweep, space, num_samples), *tracking.callbacks(sweep.path, space, state.name, state.tensorboard, state.mlflow), DropRecordedParts(space)],
+            callbacks=[
+                ParquetRecorder(sweep, space, num_samples),
+                *tracking.callbacks(sweep.path, space, state.name, state.tensorboard, state.mlflow),
+                DropRecordedParts(space),
+            ],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=_ray_verbosity(),
@@ -321,8 +369,10 @@ def _fit(tuner, sweep: SweepFolder, state: SweepState) -> Path:
             raise
         except Exception as e:  # Ray failed under the sweep (a process killed for memory, a lost head): one line, the traceback in a file
             log = _log_driver_failure(folder, e)
-            raise RayFailed(f"sweep {name!r} failed under Ray Tune ({_first_line(e)}); the results so far are written and the traceback is in "
-                            f"{log.relative_to(folder.parent)}; run `{resume}` to go on") from None
+            raise RayFailed(
+                f"sweep {name!r} failed under Ray Tune ({_first_line(e)}); the results so far are written and the traceback is in "
+                f"{log.relative_to(folder.parent)}; run `{resume}` to go on"
+            ) from None
         finally:
             sweep.sync()  # whatever the run left, a URI gets it
     if local:
@@ -331,7 +381,10 @@ def _fit(tuner, sweep: SweepFolder, state: SweepState) -> Path:
     trials = read_trials(folder)
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
     if received and (ended < wanted or counts.get("running", 0)):  # a signal that came as the last trial ended stops nothing
-        raise Stopped(f"sweep {name!r} stopped by {signal.Signals(received[0]).name}; Tune saved its state and the results are written; continue with `{resume}`", received[0])
+        raise Stopped(
+            f"sweep {name!r} stopped by {signal.Signals(received[0]).name}; Tune saved its state and the results are written; continue with `{resume}`",
+            received[0],
+        )
     if ended < wanted or counts.get("running", 0):
         raise RayFailed(f"sweep {name!r} was interrupted ({ended} of {wanted} trials ended); run `{resume}` to finish it")
     errored = trials[trials["trial_id"].isin(progress.errored_ids(grid))] if len(trials) else trials
@@ -348,9 +401,14 @@ def _fit(tuner, sweep: SweepFolder, state: SweepState) -> Path:
     if len(best):
         print(f"best val_accuracy {best['val_accuracy'].iloc[0]:.4f} (trial {best['trial_id'].iloc[0]})", file=sys.stderr)
         if "checkpoint" in best.columns and best["checkpoint"].notna().iloc[0]:
-            print(f"its weights: {best['checkpoint'].iloc[0]} (asl-tune evaluate WEIGHTS --data DIR scores them on other images)", file=sys.stderr)
+            print(
+                f"its weights: {best['checkpoint'].iloc[0]} (asl-tune evaluate WEIGHTS --data DIR scores them on other images)",
+                file=sys.stderr,
+            )
     for line in sweep.results_lines():
         print(line, file=sys.stderr)
     if len(errored):  # exit status 0 only when no trial of this run errored (errors.TrialsErrored: 3)
-        raise TrialsErrored(f"{progress.errored_message(name, ended, errored.to_dict('records'), sweep.path)}; `{resume}` runs them again from their last checkpoints")
+        raise TrialsErrored(
+            f"{progress.errored_message(name, ended, errored.to_dict('records'), sweep.path)}; `{resume}` runs them again from their last checkpoints"
+        )
     return folder

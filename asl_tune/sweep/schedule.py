@@ -53,13 +53,17 @@ class AnnouncedASHA(ASHAScheduler):
         if bracket is None:
             return super().on_trial_result(tune_controller, trial, result)
         # The rungs this trial has not reached yet, with the cutoff it will be judged against at each, before ASHA records it.
-        ahead = {milestone: (bracket.cutoff(recorded), len(recorded)) for milestone, recorded in bracket._rungs if trial.trial_id not in recorded}
+        ahead = {
+            milestone: (bracket.cutoff(recorded), len(recorded)) for milestone, recorded in bracket._rungs if trial.trial_id not in recorded
+        }
         action = super().on_trial_result(tune_controller, trial, result)
         if FINAL_KEY in result:  # the trial's last report (its test evaluation): it ends now whatever ASHA says
             return action
         rungs = [milestone for milestone, _ in reversed(bracket._rungs)]  # ASHA keeps them highest first
         for milestone, recorded in bracket._rungs:
-            if milestone in ahead and trial.trial_id in recorded and milestone < self._max_t:  # at max_t the trial is done: nothing to decide
+            if (
+                milestone in ahead and trial.trial_id in recorded and milestone < self._max_t
+            ):  # at max_t the trial is done: nothing to decide
                 self._announce(trial.trial_id, rungs.index(milestone) + 1, milestone, result, *ahead[milestone], action)
         return action
 
@@ -70,4 +74,6 @@ class AnnouncedASHA(ASHAScheduler):
         else:  # ASHA compares metric_op * value, so a "min" metric's cutoff is negated back for the line
             judged = f"cutoff {self._metric_op * float(cutoff):.4f} over {others} trial{'' if others == 1 else 's'}"
         decision = "stopped" if action == TrialScheduler.STOP else "continues"
-        progress.announce(f"trial {trial_id} at rung {rung} ({_epochs(milestone, self.n_train)}): {self._metric} {value:.4f}, {judged}: {decision}")
+        progress.announce(
+            f"trial {trial_id} at rung {rung} ({_epochs(milestone, self.n_train)}): {self._metric} {value:.4f}, {judged}: {decision}"
+        )

@@ -38,7 +38,11 @@ SEARCH_METRICS = (
     "flops_per_image",
 )
 TOP_KEYS = ("name", "description", "metric", "mode", "objectives", "num_samples", "fixed", "params", "points", "sampler", "early_stopping")
-PARAM_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"}, "categorical": {"type", "choices"}}
+PARAM_KEYS = {
+    "float": {"type", "low", "high", "log", "step"},
+    "int": {"type", "low", "high", "log", "step"},
+    "categorical": {"type", "choices"},
+}
 SAMPLERS = ("tpe", "random")
 EARLY_STOPPING_KEYS = ("reduction_factor", "grace_epochs")
 SPACES_PACKAGE = "asl_tune.search_spaces"  # the top-level search_spaces/ folder, shipped as package data (pyproject.toml)
@@ -371,7 +375,11 @@ def _parse_points(bad: _Problems, raw: Any, params: dict[str, Param], num_sample
         if len(bad.items) == n:
             points.append({k: coerce(k, v) for k, v in point.items()})
     if isinstance(num_samples, int) and len(points) > num_samples:
-        bad.add("points", f"lists {len(points)} points but num_samples is {num_samples}; it must be at least the number of points", show_value=False)
+        bad.add(
+            "points",
+            f"lists {len(points)} points but num_samples is {num_samples}; it must be at least the number of points",
+            show_value=False,
+        )
     return points
 
 

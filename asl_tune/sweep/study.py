@@ -373,7 +373,11 @@ class StudySearch(OptunaSearch):
         for trial_id, ot_trial in list(self._ot_trials.items()):
             if ot_trial._trial_id not in in_study and trial_id not in self._completed_trials:
                 # The study was copied before it recorded this trial: record it again, with the settings Tune runs.
-                template = create_trial(state=TrialState.RUNNING, params=ot_trial._cached_frozen_trial.params, distributions=ot_trial._cached_frozen_trial.distributions)
+                template = create_trial(
+                    state=TrialState.RUNNING,
+                    params=ot_trial._cached_frozen_trial.params,
+                    distributions=ot_trial._cached_frozen_trial.distributions,
+                )
                 self._ot_trials[trial_id] = Trial(self._ot_study, storage.create_new_trial(study_id, template_trial=template))
                 done["recreated"] += 1
         known = {self._study_trial_id(tid) for tid in (*self._ot_trials, *self._told_trials())}
@@ -390,7 +394,10 @@ class StudySearch(OptunaSearch):
         finished = {tid for tid, t in self._ot_trials.items() if t._trial_id in in_study and in_study[t._trial_id].state.is_finished()}
         self.__dict__["_finished"] = finished | {tid for tid in self._told_trials() if self._study_trial_id(tid) is not None}
         if any(done.values()):
-            log.warning("study.db was out of step with Tune's saved state: %(recreated)d trial(s) recorded again, %(requeued)d put back in the queue, %(retold)d completion(s) told again", done)
+            log.warning(
+                "study.db was out of step with Tune's saved state: %(recreated)d trial(s) recorded again, %(requeued)d put back in the queue, %(retold)d completion(s) told again",
+                done,
+            )
         return done
 
 

@@ -148,7 +148,9 @@ def _mlflow():
     try:
         from mlflow.tracking import MlflowClient
     except ImportError:
-        raise AslTuneError("--mlflow: MLflow is not installed; pip install 'asl-tune[mlflow]' (or the full `mlflow` package for sqlite:/// stores)") from None
+        raise AslTuneError(
+            "--mlflow: MLflow is not installed; pip install 'asl-tune[mlflow]' (or the full `mlflow` package for sqlite:/// stores)"
+        ) from None
     return MlflowClient
 
 
@@ -241,7 +243,9 @@ class MlflowTrials(Callback):
             if trial.trial_id not in self._failed:
                 self._failed.add(trial.trial_id)
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                progress.announce(f"--mlflow: trial {trial.trial_id} is not fully logged to {self.uri} ({first}); the Parquet files have it all, and the sweep goes on")
+                progress.announce(
+                    f"--mlflow: trial {trial.trial_id} is not fully logged to {self.uri} ({first}); the Parquet files have it all, and the sweep goes on"
+                )
 
     def _start(self, trial) -> None:
         from mlflow.entities import Param

@@ -40,11 +40,29 @@ OUTPUT_KEPT = 200_000  # characters of it
 EPOCH_ROW = "epoch_row"
 NOT_TRIAL_COLUMNS = (EPOCH_ROW, "confusion", "per_class")  # nested parts of a report, stored in files of their own
 # What Tune itself puts in a result (ray.tune.result.AUTO_RESULT_KEYS and its bookkeeping), apart from the trial's metrics.
-TUNE_KEYS = frozenset({
-    "training_iteration", "time_total_s", "episodes_total", "timesteps_total", "node_ip", "hostname", "pid", "time_this_iter_s",
-    "timestamp", "date", "time_since_restore", "timesteps_since_restore", "iterations_since_restore", "config", "checkpoint_dir_name",
-    "done", "trial_id", "experiment_tag", "should_checkpoint",
-})
+TUNE_KEYS = frozenset(
+    {
+        "training_iteration",
+        "time_total_s",
+        "episodes_total",
+        "timesteps_total",
+        "node_ip",
+        "hostname",
+        "pid",
+        "time_this_iter_s",
+        "timestamp",
+        "date",
+        "time_since_restore",
+        "timesteps_since_restore",
+        "iterations_since_restore",
+        "config",
+        "checkpoint_dir_name",
+        "done",
+        "trial_id",
+        "experiment_tag",
+        "should_checkpoint",
+    }
+)
 
 # Fault drills (tests, chaos runs): "raise@<epoch>" makes every trial raise once it has reported that epoch;
 # "raise@<epoch>:<setting>=<value>" only the trials with that setting, e.g. "raise@1:head_width=16". "hold@<epoch>"
@@ -73,12 +91,13 @@ def searcher_value(value, mode: str) -> float:
     return -math.inf if mode == "max" else math.inf
 
 
-def run_trial(config: dict, space: SearchSpace, datasets: dict[int, SharedDataset], externals: dict[int, SharedDataset] | None = None) -> None:
+def run_trial(
+    config: dict, space: SearchSpace, datasets: dict[int, SharedDataset], externals: dict[int, SharedDataset] | None = None
+) -> None:
     """Ray Tune's function trainable: train space.config(config) on the shared decoded arrays."""
     import ray
-    from ray import tune
-
     import torch
+    from ray import tune
 
     from asl_tune.train import load_checkpoint, pick_device, save_checkpoint, train_trial
 
@@ -101,7 +120,6 @@ def run_trial(config: dict, space: SearchSpace, datasets: dict[int, SharedDatase
     # SIGKILLed worker leaves mid-report (tens of MB) is found and removed by the next trial on this host.
     work = Path(tempfile.mkdtemp(prefix=_work_prefix(os.getpid())))
     try:
-
         private_mb: list[float] = []  # sampled at each report: after an epoch's validation, and after the test split
 
         def report(metrics: dict, state: dict | None) -> None:
@@ -124,7 +142,16 @@ def run_trial(config: dict, space: SearchSpace, datasets: dict[int, SharedDatase
 
         with _output_kept() as output:
             try:
-                train_trial(trial_config, dataset, external, report=report, resume=restored, threads=max(1, int(cpus)), device=device, gpu_share=min(gpus, 1.0) or 1.0)
+                train_trial(
+                    trial_config,
+                    dataset,
+                    external,
+                    report=report,
+                    resume=restored,
+                    threads=max(1, int(cpus)),
+                    device=device,
+                    gpu_share=min(gpus, 1.0) or 1.0,
+                )
             except Exception as e:
                 # The traceback reaches the driver (Ray's error file); the output only does when it travels with it.
                 e.add_note(f"{TRIAL_OUTPUT}\n{output.getvalue()[-OUTPUT_KEPT:]}")
@@ -183,7 +210,7 @@ def _reap_work_folders() -> None:
     """
     host = _host_prefix()
     for folder in Path(tempfile.gettempdir()).glob(glob.escape(host) + "*"):
-        pid = folder.name[len(host):].partition(".")[0]
+        pid = folder.name[len(host) :].partition(".")[0]
         if not pid.isdigit():
             continue
         try:
