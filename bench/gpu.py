@@ -37,6 +37,7 @@ from pathlib import Path
 from harness import emit, machine, say, synthetic_dataset
 
 FULLSIZE_SECTION = "fullsize_sweep"
+SECTIONS = (FULLSIZE_SECTION, "trainer", "compute", "profile", "packing", "seed")  # the default order: what the GPU session needs most first
 
 MODES = ("fp32", "bf16", "bf16_channels_last", "bf16_channels_last_compile")
 SEED_GPU_TRAIN_IMG_PER_S = (200, 340)  # the seed: 10 epochs of 60,900 images in 30-50 minutes on a Kaggle GPU
@@ -80,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device there is; CUDA-only sections report themselves skipped")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last stdout line")
     p.add_argument("--out", type=Path, help="also write the JSON object to this file")
-    p.add_argument("--sections", default=f"{FULLSIZE_SECTION},trainer,compute,profile,packing,seed", help="comma-separated sections to run, in this order (default all)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated sections to run, in this order (default {','.join(SECTIONS)})")
     p.add_argument("--fullsize-trials", type=int, help=f"trials of the full-size sweep (default {REAL.fullsize_trials}; smoke {SMOKE.fullsize_trials})")
     p.add_argument("--fullsize-epochs", type=int, help=f"epochs of each full-size trial (default {REAL.fullsize_epochs})")
     p.add_argument("--fullsize-per-class", type=int, help=f"names per class of the full-size stand-in (default {REAL.fullsize_per_class}: 87,000 images)")
@@ -90,7 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=10.0, help=argparse.SUPPRESS)
     p.add_argument("--image-size", type=int, default=REAL.image_size, help=argparse.SUPPRESS)
     p.add_argument("--head-width", type=int, default=REAL.head_width, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if unknown := [name for name in args.sections.split(",") if name not in SECTIONS]:
+        p.error(f"--sections: must be among {', '.join(SECTIONS)}, got {', '.join(unknown)}")
+    return args
 
 
 def _device():
@@ -363,7 +367,7 @@ class BusySampler:
             self.how = "torch.cuda.utilization"
             self._thread = threading.Thread(target=self._poll_nvml, args=(device,), daemon=True)
 
-    def __enter__(self) -> "BusySampler":
+    def __enter__(self) -> BusySampler:
         if self._thread is not None:
             self._thread.start()
         return self
@@ -470,25 +474,38 @@ def _new_last_batch(config, ds):
 
 def fullsize_sweep_section(sizes: Sizes, device, work: Path) -> dict:
     """The 87,000-image shape: stand-in, decode, one trainer alone, then a packed `asl-tune sweep` measured from outside."""
-    import contextlib
-    import math
-    import signal
-    import statistics
-
-    import yaml
-
-    from asl_tune.data import load_dataset
-    from asl_tune.results import read_epochs, read_trials
-    from fullsize import Sampler, build_standin, distinct_files
+    import tempfile
 
     on_gpu = device.type == "cuda"
     cpus = max(1, min(3, (os.cpu_count() or 1) // 4)) if on_gpu else 1  # 4 trials x 3 threads on 16 cores: 4 left for the driver, Ray and this
     # --max-concurrent wraps the searcher in a ConcurrencyLimiter, and Tune then keeps that many trials pending (one without)
     share, at_once = (0.25, 4) if on_gpu else (1.0, 2)
     out: dict = {"n_trials": sizes.fullsize_trials, "epochs": sizes.fullsize_epochs, "image_size": sizes.image_size, "head_width": sizes.head_width,
-                 "gpus_per_trial": share if on_gpu else 0, "cpus_per_trial": cpus}
+                 "gpus_per_trial": share if on_gpu else 0, "cpus_per_trial": cpus, "max_concurrent": at_once}
     t0 = time.perf_counter()
-    data, n = build_standin(work / "fullsize-data", sizes.fullsize_per_class, sizes.per_class)  # the other sections' rendered frames, hard-linked
+    # Beside the other sections' rendered frames, which it hard-links: a link cannot cross file systems (the cache's and /tmp's may differ).
+    links = Path(tempfile.mkdtemp(prefix="fullsize-standin-", dir=synthetic_dataset(sizes.per_class).parent))
+    try:
+        return _fullsize_sweep(links, sizes, device, work, out, t0)
+    finally:
+        shutil.rmtree(links, ignore_errors=True)
+
+
+def _fullsize_sweep(links: Path, sizes: Sizes, device, work: Path, out: dict, t0: float) -> dict:
+    """fullsize_sweep_section's body: the stand-in in links, the decode, the trainers alone, the sweep; figures into out."""
+    import contextlib
+    import math
+    import signal
+    import statistics
+
+    import yaml
+    from fullsize import Sampler, build_standin, distinct_files
+
+    from asl_tune.data import load_dataset
+    from asl_tune.results import read_epochs, read_trials
+
+    cpus, share, at_once = out["cpus_per_trial"], out["gpus_per_trial"] or 1.0, out["max_concurrent"]
+    data, n = build_standin(links, sizes.fullsize_per_class, sizes.per_class)  # the other sections' rendered frames, hard-linked
     out.update(n_images=n, distinct_jpegs=distinct_files(data), standin_s=time.perf_counter() - t0)
     say(f"{FULLSIZE_SECTION}: {n:,} names ({out['distinct_jpegs']} frames) in {out['standin_s']:.1f} s; decoding at {sizes.image_size} px")
     t0 = time.perf_counter()
@@ -641,7 +658,7 @@ def measure(args: argparse.Namespace, out: Path | None = None) -> dict:
         "head_width": sizes.head_width,
         **machine(),
     }
-    sections = [name for name in args.sections.split(",") if name]
+    sections = args.sections.split(",")
     data = synthetic_dataset(sizes.per_class)
     ds = load_dataset(data, sizes.image_size, progress=False)
     with tempfile.TemporaryDirectory(prefix="asl-tune-gpu-bench-") as work:
@@ -653,9 +670,6 @@ def measure(args: argparse.Namespace, out: Path | None = None) -> dict:
             "packing": lambda: packing_section(sizes, device),
             FULLSIZE_SECTION: lambda: fullsize_sweep_section(sizes, device, Path(work)),
         }
-        unknown = [name for name in sections if name not in runs]
-        if unknown:
-            raise SystemExit(f"gpu.py: error: --sections: {', '.join(unknown)} is not a section (they are {', '.join(runs)})")
         for name in sections:
             figures[name] = _timed(name, runs[name])
             save({**figures, **_summary(figures, sizes)}, out)  # a run cut short still leaves every finished section's figures, and the headline keys

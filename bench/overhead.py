@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -97,8 +97,8 @@ def time_alone(space_path: Path, data: Path, runs: int, threads: int) -> tuple[l
 
 def time_sweep(space_path: Path, data: Path, results: Path, args: argparse.Namespace) -> dict:
     """Wall seconds of a whole sweep, Ray start included, and what its trials recorded."""
-    from asl_tune.sweep import cluster
     from asl_tune.results import read_epochs, read_trials
+    from asl_tune.sweep import cluster
     from asl_tune.sweep.request import SweepRequest
     from asl_tune.sweep.run import run_sweep
 
