@@ -37,7 +37,8 @@ from pathlib import Path
 from harness import emit, machine, say, synthetic_dataset
 
 FULLSIZE_SECTION = "fullsize_sweep"
-SECTIONS = (FULLSIZE_SECTION, "trainer", "compute", "profile", "packing", "seed")  # the default order: what the GPU session needs most first
+# The sections in their default order: what a GPU session needs most first.
+SECTIONS = (FULLSIZE_SECTION, "trainer", "compute", "profile", "packing", "seed")
 
 MODES = ("fp32", "bf16", "bf16_channels_last", "bf16_channels_last_compile")
 SEED_GPU_TRAIN_IMG_PER_S = (200, 340)  # the seed: 10 epochs of 60,900 images in 30-50 minutes on a Kaggle GPU
@@ -69,23 +70,74 @@ class Sizes:
     smoke: bool = False
 
 
-REAL = Sizes(image_size=200, head_width=512, per_class=100, batches=(64, 256), steps=120, warmup=5, seed_workers=(0, 8), pack_seconds=10.0, packs=(1, 4), trainer_epochs=5, matmul=8192,
-             compile_batches=(256,), fullsize_per_class=3000, fullsize_trials=16, fullsize_epochs=3, fullsize_alone_fraction=0.15, fullsize_alone_runs=3, fullsize_timeout_s=240)
+REAL = Sizes(
+    image_size=200,
+    head_width=512,
+    per_class=100,
+    batches=(64, 256),
+    steps=120,
+    warmup=5,
+    seed_workers=(0, 8),
+    pack_seconds=10.0,
+    packs=(1, 4),
+    trainer_epochs=5,
+    matmul=8192,
+    compile_batches=(256,),
+    fullsize_per_class=3000,
+    fullsize_trials=16,
+    fullsize_epochs=3,
+    fullsize_alone_fraction=0.15,
+    fullsize_alone_runs=3,
+    fullsize_timeout_s=240,
+)
 # The smoke run goes through every section's code on the CPU, packing and the sweep included (without GPUs).
-SMOKE = Sizes(image_size=32, head_width=16, per_class=6, batches=(8,), steps=2, warmup=1, seed_workers=(0,), pack_seconds=1.0, packs=(2,), trainer_epochs=1, matmul=256,
-              compile_batches=(8,), fullsize_per_class=12, fullsize_trials=2, fullsize_epochs=2, fullsize_alone_fraction=1.0, fullsize_alone_runs=1, fullsize_timeout_s=300, smoke=True)
+SMOKE = Sizes(
+    image_size=32,
+    head_width=16,
+    per_class=6,
+    batches=(8,),
+    steps=2,
+    warmup=1,
+    seed_workers=(0,),
+    pack_seconds=1.0,
+    packs=(2,),
+    trainer_epochs=1,
+    matmul=256,
+    compile_batches=(8,),
+    fullsize_per_class=12,
+    fullsize_trials=2,
+    fullsize_epochs=2,
+    fullsize_alone_fraction=1.0,
+    fullsize_alone_runs=1,
+    fullsize_timeout_s=300,
+    smoke=True,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gpu.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device there is; CUDA-only sections report themselves skipped")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny sizes on whatever device there is; CUDA-only sections report themselves skipped"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on the last stdout line")
     p.add_argument("--out", type=Path, help="also write the JSON object to this file")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated sections to run, in this order (default {','.join(SECTIONS)})")
-    p.add_argument("--fullsize-trials", type=int, help=f"trials of the full-size sweep (default {REAL.fullsize_trials}; smoke {SMOKE.fullsize_trials})")
+    p.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated sections to run, in this order (default {','.join(SECTIONS)})"
+    )
+    p.add_argument(
+        "--fullsize-trials", type=int, help=f"trials of the full-size sweep (default {REAL.fullsize_trials}; smoke {SMOKE.fullsize_trials})"
+    )
     p.add_argument("--fullsize-epochs", type=int, help=f"epochs of each full-size trial (default {REAL.fullsize_epochs})")
-    p.add_argument("--fullsize-per-class", type=int, help=f"names per class of the full-size stand-in (default {REAL.fullsize_per_class}: 87,000 images)")
-    p.add_argument("--fullsize-timeout", type=float, help=f"seconds after which the full-size sweep is stopped, its finished trials kept (default {REAL.fullsize_timeout_s:.0f})")
+    p.add_argument(
+        "--fullsize-per-class",
+        type=int,
+        help=f"names per class of the full-size stand-in (default {REAL.fullsize_per_class}: 87,000 images)",
+    )
+    p.add_argument(
+        "--fullsize-timeout",
+        type=float,
+        help=f"seconds after which the full-size sweep is stopped, its finished trials kept (default {REAL.fullsize_timeout_s:.0f})",
+    )
     p.add_argument("--pack-worker", action="store_true", help=argparse.SUPPRESS)  # one packed trainer (run by the packing section)
     p.add_argument("--share", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, default=10.0, help=argparse.SUPPRESS)
@@ -186,7 +238,13 @@ def _one_mode(mode: str, batch: int, ds, sizes: Sizes, device) -> dict:
         # A CPU without bf16 units runs autocast at a few img/s: the smoke run checks the steps, not these speeds.
         figures["infer_img_per_s"] = None
         return figures
-    figures.update({k: v for k, v in measure_speed(model, batcher, rows.numpy(), autocast=torch.bfloat16 if bf16 else None).items() if k != "keeps_up_30fps"})
+    figures.update(
+        {
+            k: v
+            for k, v in measure_speed(model, batcher, rows.numpy(), autocast=torch.bfloat16 if bf16 else None).items()
+            if k != "keeps_up_30fps"
+        }
+    )
     if mode.endswith("compile"):
         figures["compile_s"] = warm_s  # first steps, tracing and compiling included
     return figures
@@ -201,16 +259,22 @@ def trainer_section(ds, sizes: Sizes, device, smoke: bool) -> dict:
     for batch in sizes.batches:
         for mode in MODES:
             if mode.endswith("compile") and device.type != "cuda":
-                out["modes"][f"{mode}@{batch}"] = {"skipped": "torch.compile is measured on CUDA only (minutes of C++ compilation on a CPU)"}
+                out["modes"][f"{mode}@{batch}"] = {
+                    "skipped": "torch.compile is measured on CUDA only (minutes of C++ compilation on a CPU)"
+                }
                 continue
             if mode.endswith("compile") and batch not in sizes.compile_batches:
-                out["modes"][f"{mode}@{batch}"] = {"skipped": f"torch.compile is measured at batch {', '.join(map(str, sizes.compile_batches))} only (its compiling costs the GPU's minutes)"}
+                out["modes"][f"{mode}@{batch}"] = {
+                    "skipped": f"torch.compile is measured at batch {', '.join(map(str, sizes.compile_batches))} only (its compiling costs the GPU's minutes)"
+                }
                 continue
             say(f"trainer: {mode} at batch {batch}")
             out["modes"][f"{mode}@{batch}"] = _timed(f"{mode}@{batch}", lambda: _one_mode(mode, batch, ds, sizes, device))
     for batch in sizes.batches:
         say(f"trainer: asl_tune.train.train_trial at batch {batch}")
-        config = TrialConfig(head_width=sizes.head_width, image_size=sizes.image_size, epochs=sizes.trainer_epochs, batch_size=batch, dropout=0.5, lr=0.008)
+        config = TrialConfig(
+            head_width=sizes.head_width, image_size=sizes.image_size, epochs=sizes.trainer_epochs, batch_size=batch, dropout=0.5, lr=0.008
+        )
         result = train_trial(config, ds, device=device)
         suffix = "" if batch == sizes.batches[0] else f"_at_{batch}"
         # The trial's average includes its first epoch (cuDNN's kernel search); the last epoch is the steady state.
@@ -292,8 +356,12 @@ def profile_section(ds, sizes: Sizes, device) -> dict:
     events = [e for e in events if e[1] > 0]
     total = sum(t for _, t, _ in events) or 1
     top = sorted(events, key=lambda e: -e[1])[:12]
-    return {"batch": batch, "measure": attr, "total_ms": total / 1000,
-            "top": [{"name": k[:140], "ms": t / 1000, "share": t / total, "calls": c} for k, t, c in top]}
+    return {
+        "batch": batch,
+        "measure": attr,
+        "total_ms": total / 1000,
+        "top": [{"name": k[:140], "ms": t / 1000, "share": t / total, "calls": c} for k, t, c in top],
+    }
 
 
 # ------------------------------------------------------------------ packing trainers on one GPU
@@ -334,10 +402,31 @@ def packing_section(sizes: Sizes, device) -> dict:
     out = {}
     for k in sizes.packs:
         say(f"packing: {k} trainer(s) on one GPU")
-        command = [sys.executable, __file__, "--pack-worker", "--share", str(1 / k), "--seconds", str(sizes.pack_seconds), "--image-size", str(sizes.image_size), "--head-width", str(sizes.head_width)]
-        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // k))}) for _ in range(k)]
+        command = [
+            sys.executable,
+            __file__,
+            "--pack-worker",
+            "--share",
+            str(1 / k),
+            "--seconds",
+            str(sizes.pack_seconds),
+            "--image-size",
+            str(sizes.image_size),
+            "--head-width",
+            str(sizes.head_width),
+        ]
+        procs = [
+            subprocess.Popen(
+                command, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // k))}
+            )
+            for _ in range(k)
+        ]
         each = [json.loads(p.communicate(timeout=sizes.pack_seconds * 10 + 120)[0].strip().splitlines()[-1]) for p in procs]
-        out[str(k)] = {"aggregate_img_per_s": sum(e["img_per_s"] for e in each), "per_trial_img_per_s": [e["img_per_s"] for e in each], "peak_memory_mb": [e["peak_memory_mb"] for e in each]}
+        out[str(k)] = {
+            "aggregate_img_per_s": sum(e["img_per_s"] for e in each),
+            "per_trial_img_per_s": [e["img_per_s"] for e in each],
+            "peak_memory_mb": [e["peak_memory_mb"] for e in each],
+        }
     return out
 
 
@@ -360,8 +449,20 @@ class BusySampler:
             self.how = "nvidia-smi"
             index = str(torch_device_index(device))
             # Its own timestamp on each line: a pipe may hold lines back, so the time they are read is not the time they say.
-            self._proc = subprocess.Popen(["nvidia-smi", "-i", index, "--query-gpu=timestamp,utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", "1000"],
-                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self._proc = subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    "-i",
+                    index,
+                    "--query-gpu=timestamp,utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "1000",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             self._thread = threading.Thread(target=self._read_smi, daemon=True)
         else:
             self.how = "torch.cuda.utilization"
@@ -441,7 +542,16 @@ def _alone(ds, sizes: Sizes, device, cpus: int, share: float) -> dict:
 
     out: dict = {}
     threads = torch.get_num_threads()  # train_trial sets the trial's; the later sections run with this process's own
-    base = TrialConfig(head_width=sizes.head_width, image_size=ds.image_size, epochs=2, batch_size=64, dropout=0.0, momentum=0.9, lr=0.01, data_fraction=sizes.fullsize_alone_fraction)
+    base = TrialConfig(
+        head_width=sizes.head_width,
+        image_size=ds.image_size,
+        epochs=2,
+        batch_size=64,
+        dropout=0.0,
+        momentum=0.9,
+        lr=0.01,
+        data_fraction=sizes.fullsize_alone_fraction,
+    )
     runs = (("one", base), ("warm_same_shapes", base), ("warm_new_last_batch", _new_last_batch(base, ds)))
     for label, config in runs[: sizes.fullsize_alone_runs]:
         result = train_trial(config, ds, threads=cpus, device=device, gpu_share=share)
@@ -477,11 +587,19 @@ def fullsize_sweep_section(sizes: Sizes, device, work: Path) -> dict:
     import tempfile
 
     on_gpu = device.type == "cuda"
-    cpus = max(1, min(3, (os.cpu_count() or 1) // 4)) if on_gpu else 1  # 4 trials x 3 threads on 16 cores: 4 left for the driver, Ray and this
+    # 4 trials x 3 threads on 16 cores: 4 left for the driver, Ray and this process
+    cpus = max(1, min(3, (os.cpu_count() or 1) // 4)) if on_gpu else 1
     # --max-concurrent wraps the searcher in a ConcurrencyLimiter, and Tune then keeps that many trials pending (one without)
     share, at_once = (0.25, 4) if on_gpu else (1.0, 2)
-    out: dict = {"n_trials": sizes.fullsize_trials, "epochs": sizes.fullsize_epochs, "image_size": sizes.image_size, "head_width": sizes.head_width,
-                 "gpus_per_trial": share if on_gpu else 0, "cpus_per_trial": cpus, "max_concurrent": at_once}
+    out: dict = {
+        "n_trials": sizes.fullsize_trials,
+        "epochs": sizes.fullsize_epochs,
+        "image_size": sizes.image_size,
+        "head_width": sizes.head_width,
+        "gpus_per_trial": share if on_gpu else 0,
+        "cpus_per_trial": cpus,
+        "max_concurrent": at_once,
+    }
     t0 = time.perf_counter()
     # Beside the other sections' rendered frames, which it hard-links: a link cannot cross file systems (the cache's and /tmp's may differ).
     links = Path(tempfile.mkdtemp(prefix="fullsize-standin-", dir=synthetic_dataset(sizes.per_class).parent))
@@ -518,18 +636,58 @@ def _fullsize_sweep(links: Path, sizes: Sizes, device, work: Path, out: dict, t0
 
     name = "fullsize-sweep"
     space = work / f"{name}.yaml"
-    space.write_text(yaml.safe_dump({
-        "name": name, "metric": "val_accuracy", "mode": "max", "num_samples": sizes.fullsize_trials, "early_stopping": False, "sampler": "random",
-        "fixed": {"image_size": sizes.image_size, "batch_size": 64, "epochs": sizes.fullsize_epochs, "head_width": sizes.head_width, "momentum": 0.9, "dropout": 0.0},
-        "params": {"data_fraction": {"type": "float", "low": 0.2, "high": 1.0}, "lr": {"type": "float", "low": 0.003, "high": 0.03, "log": True}},
-    }, sort_keys=False))
-    cmd = [sys.executable, "-m", "asl_tune", "sweep", "--space", str(space), "--data", str(data), "--results", str(work / "results"), "--name", name,
-           "--gpus-per-trial", str(out["gpus_per_trial"]), "--cpus-per-trial", str(cpus), "--max-concurrent", str(at_once)]
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "name": name,
+                "metric": "val_accuracy",
+                "mode": "max",
+                "num_samples": sizes.fullsize_trials,
+                "early_stopping": False,
+                "sampler": "random",
+                "fixed": {
+                    "image_size": sizes.image_size,
+                    "batch_size": 64,
+                    "epochs": sizes.fullsize_epochs,
+                    "head_width": sizes.head_width,
+                    "momentum": 0.9,
+                    "dropout": 0.0,
+                },
+                "params": {
+                    "data_fraction": {"type": "float", "low": 0.2, "high": 1.0},
+                    "lr": {"type": "float", "low": 0.003, "high": 0.03, "log": True},
+                },
+            },
+            sort_keys=False,
+        )
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "asl_tune",
+        "sweep",
+        "--space",
+        str(space),
+        "--data",
+        str(data),
+        "--results",
+        str(work / "results"),
+        "--name",
+        name,
+        "--gpus-per-trial",
+        str(out["gpus_per_trial"]),
+        "--cpus-per-trial",
+        str(cpus),
+        "--max-concurrent",
+        str(at_once),
+    ]
     say(f"{FULLSIZE_SECTION}: {' '.join(cmd[2:])}")
     log = work / f"{name}.log"
     start, stopped = time.perf_counter(), False
     with open(log, "w") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+        proc = subprocess.Popen(
+            cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        )
         try:
             with Sampler(proc.pid) as memory, BusySampler(device) as busy:
                 try:
@@ -543,7 +701,13 @@ def _fullsize_sweep(links: Path, sizes: Sizes, device, work: Path, out: dict, t0
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    out.update(exit_status=proc.returncode, stopped_at_timeout=stopped, wall_s=time.perf_counter() - start, gpu_sampler=busy.how, log_tail=log.read_text()[-3000:])
+    out.update(
+        exit_status=proc.returncode,
+        stopped_at_timeout=stopped,
+        wall_s=time.perf_counter() - start,
+        gpu_sampler=busy.how,
+        log_tail=log.read_text()[-3000:],
+    )
     folder = work / "results" / name
     trials = read_trials(folder) if (folder / "trials.parquet").exists() else None
     if trials is None or not len(trials):
@@ -556,10 +720,20 @@ def _fullsize_sweep(links: Path, sizes: Sizes, device, work: Path, out: dict, t0
     for _, row in trials.iterrows():
         rates = list(epochs[epochs["trial_id"] == row["trial_id"]].sort_values("epoch")["train_img_per_s"])
         steady = statistics.median(rates[1:]) if len(rates) >= 2 else None  # the epochs after the first (CUDA start, cuDNN's search)
-        per_trial.append({"trial_id": row["trial_id"], "status": row["status"], "data_fraction": row.get("params_data_fraction"),
-                          "avg_img_per_s": row["train_img_per_s"], "epoch_img_per_s": rates, "steady_img_per_s": steady,
-                          "avg_vs_steady": row["train_img_per_s"] / steady if steady else None, "peak_private_mb": row.get("peak_private_mb"),
-                          "started_at": row["started_at"], "ended_at": row["ended_at"]})
+        per_trial.append(
+            {
+                "trial_id": row["trial_id"],
+                "status": row["status"],
+                "data_fraction": row.get("params_data_fraction"),
+                "avg_img_per_s": row["train_img_per_s"],
+                "epoch_img_per_s": rates,
+                "steady_img_per_s": steady,
+                "avg_vs_steady": row["train_img_per_s"] / steady if steady else None,
+                "peak_private_mb": row.get("peak_private_mb"),
+                "started_at": row["started_at"],
+                "ended_at": row["ended_at"],
+            }
+        )
     ratios = [r for t in per_trial if (r := t["avg_vs_steady"]) is not None and math.isfinite(r)]
     busy_share, busy_samples = busy.share(min(starts), max(ends)) if starts and ends else (None, 0)
     aggregate = images / span if span else None
@@ -643,7 +817,12 @@ def measure(args: argparse.Namespace, out: Path | None = None) -> dict:
     from asl_tune.data import load_dataset
 
     sizes = SMOKE if args.smoke else REAL
-    chosen = {"fullsize_trials": args.fullsize_trials, "fullsize_epochs": args.fullsize_epochs, "fullsize_per_class": args.fullsize_per_class, "fullsize_timeout_s": args.fullsize_timeout}
+    chosen = {
+        "fullsize_trials": args.fullsize_trials,
+        "fullsize_epochs": args.fullsize_epochs,
+        "fullsize_per_class": args.fullsize_per_class,
+        "fullsize_timeout_s": args.fullsize_timeout,
+    }
     sizes = dataclasses.replace(sizes, **{k: v for k, v in chosen.items() if v is not None})
     device = _device()
     if device.type == "cuda":
@@ -672,7 +851,8 @@ def measure(args: argparse.Namespace, out: Path | None = None) -> dict:
         }
         for name in sections:
             figures[name] = _timed(name, runs[name])
-            save({**figures, **_summary(figures, sizes)}, out)  # a run cut short still leaves every finished section's figures, and the headline keys
+            # A run cut short still leaves every finished section's figures, and the headline keys.
+            save({**figures, **_summary(figures, sizes)}, out)
     figures.update(_summary(figures, sizes))
     return figures
 

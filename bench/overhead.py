@@ -43,14 +43,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="a folder-per-class dataset (default: synthetic, --per-class frames per class)")
-    p.add_argument("--per-class", type=int, default=40, help="synthetic images per class when --data is not given (default 40: 812 training images)")
+    p.add_argument(
+        "--per-class", type=int, default=40, help="synthetic images per class when --data is not given (default 40: 812 training images)"
+    )
     p.add_argument("--image-size", type=int, default=64, help="input side, px (default 64)")
     p.add_argument("--head-width", type=int, default=128, help="DexNet head width (default 128)")
     p.add_argument("--epochs", type=int, default=2, help="epochs per trial (default 2: about 20-40 s a trial on 2 CPU cores)")
     p.add_argument("--trials", type=int, default=8, help="trials in the sweep (default 8; the target asks for 8 or more)")
     p.add_argument("--concurrency", type=int, default=2, help="trials at once in the sweep (default 2)")
     p.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (and torch threads) per trial, both ways (default 1)")
-    p.add_argument("--alone-runs", type=int, default=None, help="time only this many trials alone and scale to --trials (default: all; identical trials, so fewer is a shortcut)")
+    p.add_argument(
+        "--alone-runs",
+        type=int,
+        default=None,
+        help="time only this many trials alone and scale to --trials (default: all; identical trials, so fewer is a shortcut)",
+    )
     p.add_argument("--results", type=Path, default=None, help="keep the sweep folder here (default: a temporary folder, removed)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last stdout line")
     return p.parse_args(argv)
@@ -102,8 +109,16 @@ def time_sweep(space_path: Path, data: Path, results: Path, args: argparse.Names
     from asl_tune.sweep.request import SweepRequest
     from asl_tune.sweep.run import run_sweep
 
-    req = SweepRequest(space_path=space_path, data=data, results=results, name=f"{SPACE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}", num_samples=args.trials,
-                       max_concurrent=args.concurrency, cpus_per_trial=args.cpus_per_trial, seed=0)
+    req = SweepRequest(
+        space_path=space_path,
+        data=data,
+        results=results,
+        name=f"{SPACE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}",
+        num_samples=args.trials,
+        max_concurrent=args.concurrency,
+        cpus_per_trial=args.cpus_per_trial,
+        seed=0,
+    )
     t0 = time.perf_counter()
     # Start Ray here so its start-up is timed on its own too; run_sweep reuses the running instance.
     with cluster.ray_session():

@@ -168,7 +168,16 @@ def test_the_simulated_asha_decides_as_rays_own_bracket(rf, min_t, max_t):
 def test_gpu_script_smoke_runs_every_section_and_names_every_headline_key():
     """bench/gpu.py --smoke: every section at tiny sizes on the CPU (packing and the full-size sweep without GPU shares), none fails."""
     figures = run_script("gpu.py", "--smoke")
-    for key in ("device", "torch", "train_img_per_s", "seed_pipeline_img_per_s", "trainer_vs_seed", "mfu", "packed_aggregate_img_per_s", "sweep_trials_completed"):
+    for key in (
+        "device",
+        "torch",
+        "train_img_per_s",
+        "seed_pipeline_img_per_s",
+        "trainer_vs_seed",
+        "mfu",
+        "packed_aggregate_img_per_s",
+        "sweep_trials_completed",
+    ):
         assert key in figures, key
     assert figures["smoke"] is True and figures["torch"] == __import__("torch").__version__
     for section in ("fullsize_sweep", "trainer", "seed", "compute", "profile", "packing"):
@@ -179,7 +188,8 @@ def test_gpu_script_smoke_runs_every_section_and_names_every_headline_key():
         assert positive(figures["train_img_per_s"][mode]), mode
     assert positive(figures["seed_pipeline_img_per_s"]) and positive(figures["trainer"]["trainer_train_img_per_s"])
     assert figures["trainer_vs_seed"] == pytest.approx(figures["trainer"]["trainer_train_img_per_s"] / figures["seed_pipeline_img_per_s"])
-    assert figures["compute"]["flops_per_train_image"] > 2 * figures["compute"]["flops_per_infer_image"] > 0  # backward costs about twice forward
+    # Backward costs about twice forward.
+    assert figures["compute"]["flops_per_train_image"] > 2 * figures["compute"]["flops_per_infer_image"] > 0
     assert figures["profile"]["top"] and sum(k["share"] for k in figures["profile"]["top"]) <= 1.0 + 1e-9
     # Packing and the sweep run on the CPU too (no GPU share to split), so their code cannot rot between GPU sessions.
     assert set(figures["packed_aggregate_img_per_s"]) == {"2"} and all(positive(v) for v in figures["packed_aggregate_img_per_s"].values())
