@@ -44,45 +44,100 @@ def test_data_path_prints_the_three_throughputs(tiny_dataset):
     assert figures["trainer_vs_bare"] == pytest.approx(figures["trainer_img_per_s"] / figures["bare_img_per_s"])
 
 
-
 def test_inference_prints_throughput_and_latency(tiny_dataset):
-    figures = run_script("inference.py", "--data", str(tiny_dataset), "--image-size", "32", "--head-width", "32", "--device", "cpu",
-                         "--repeats", "2", "--budget-s", "0.2", timeout=300)
+    figures = run_script(
+        "inference.py",
+        "--data",
+        str(tiny_dataset),
+        "--image-size",
+        "32",
+        "--head-width",
+        "32",
+        "--device",
+        "cpu",
+        "--repeats",
+        "2",
+        "--budget-s",
+        "0.2",
+        timeout=300,
+    )
     for key in ("infer_img_per_s", "latency_ms_p50", "latency_ms_p95", "n_parameters", "wall_s"):
         assert positive(figures[key]), (key, figures[key])
     assert figures["latency_ms_p50"] <= figures["latency_ms_p95"]
     assert isinstance(figures["keeps_up_30fps"], bool)
     assert figures["keeps_up_30fps"] == (figures["latency_ms_p95"] <= 1000 / 30)
     assert len(figures["infer_img_per_s_rounds"]) == 2 and all(positive(v) for v in figures["infer_img_per_s_rounds"])
-    assert figures["infer_img_per_s"] == pytest.approx(sorted(figures["infer_img_per_s_rounds"])[0] / 2 + sorted(figures["infer_img_per_s_rounds"])[1] / 2)
+    assert figures["infer_img_per_s"] == pytest.approx(
+        sorted(figures["infer_img_per_s_rounds"])[0] / 2 + sorted(figures["infer_img_per_s_rounds"])[1] / 2
+    )
     assert (figures["image_size"], figures["head_width"], figures["batch_size"], figures["device"]) == (32, 32, 64, "cpu")
 
 
 def test_speed_alone_compares_analyzes_figure_with_the_inference_bench(tiny_dataset):
-    figures = run_script("speed_alone.py", "--data", str(tiny_dataset), "--image-size", "32", "--head-width", "16", "--threads", "1",
-                         "--repeats", "2", "--budget-s", "0.1", "--batches", "2", "--latencies", "10", timeout=300)
+    figures = run_script(
+        "speed_alone.py",
+        "--data",
+        str(tiny_dataset),
+        "--image-size",
+        "32",
+        "--head-width",
+        "16",
+        "--threads",
+        "1",
+        "--repeats",
+        "2",
+        "--budget-s",
+        "0.1",
+        "--batches",
+        "2",
+        "--latencies",
+        "10",
+        timeout=300,
+    )
     for key in ("infer_img_per_s", "latency_ms_p50", "latency_ms_p95"):
-        assert positive(figures[f"bench_{key}"]) and len(figures[f"analyze_{key}"]) == 2 and all(positive(v) for v in figures[f"analyze_{key}"])
+        assert (
+            positive(figures[f"bench_{key}"])
+            and len(figures[f"analyze_{key}"]) == 2
+            and all(positive(v) for v in figures[f"analyze_{key}"])
+        )
         analyze = statistics.median(figures[f"analyze_{key}"])
         assert figures[f"deviation_{key}"] == pytest.approx(abs(analyze / figures[f"bench_{key}"] - 1))
         worst = max(abs(v / figures[f"bench_{key}"] - 1) for v in figures[f"analyze_{key}"])
         assert figures[f"largest_deviation_{key}"] == pytest.approx(worst) and worst >= figures[f"deviation_{key}"]
-        assert figures[f"bench_spread_{key}"] == pytest.approx(max(abs(v / figures[f"bench_{key}"] - 1) for v in figures[f"bench_{key}_rounds"]))
+        assert figures[f"bench_spread_{key}"] == pytest.approx(
+            max(abs(v / figures[f"bench_{key}"] - 1) for v in figures[f"bench_{key}_rounds"])
+        )
     assert figures["within_10pct"] == (figures["deviation_infer_img_per_s"] <= 0.1 and figures["deviation_latency_ms_p50"] <= 0.1)
     assert (figures["classes"], figures["timed"]["batches"], figures["timed"]["latencies"]) == (5, 2, 10)
 
 
 def test_inference_refuses_bad_settings_in_one_line(tiny_dataset):
-    for args, message in ((["--repeats", "0"], "--repeats and --threads must be >= 1"),
-                          (["--image-size", "16"], "--image-size: must be >= 32"),
-                          (["--data", str(tiny_dataset / "none")], "--data: ")):
+    for args, message in (
+        (["--repeats", "0"], "--repeats and --threads must be >= 1"),
+        (["--image-size", "16"], "--image-size: must be >= 32"),
+        (["--data", str(tiny_dataset / "none")], "--data: "),
+    ):
         done = subprocess.run([sys.executable, str(BENCH / "inference.py"), *args, "--json"], capture_output=True, text=True, timeout=300)
         assert done.returncode == 2, done.stderr[-2000:]
         assert message in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
 
+
 def test_overhead_runs_a_real_sweep_and_the_same_trials_alone(tiny_dataset):
-    figures = run_script("overhead.py", "--data", str(tiny_dataset), "--image-size", "32", "--head-width", "32", "--epochs", "1",
-                         "--trials", "2", "--alone-runs", "1")
+    figures = run_script(
+        "overhead.py",
+        "--data",
+        str(tiny_dataset),
+        "--image-size",
+        "32",
+        "--head-width",
+        "32",
+        "--epochs",
+        "1",
+        "--trials",
+        "2",
+        "--alone-runs",
+        "1",
+    )
     assert figures["sweep_trials_completed"] == 2
     assert figures["concurrency"] == 2
     for key in ("sweep_wall_s", "trial_compute_s", "overhead_ratio", "ray_start_s"):
@@ -92,9 +147,19 @@ def test_overhead_runs_a_real_sweep_and_the_same_trials_alone(tiny_dataset):
 
 
 def test_scale_runs_asl_tunes_stack_and_bare_tune_and_the_recorder_microbench():
-    figures = run_script("scale.py", "--sizes", "6", "--epochs", "2", "--micro-trials", "10", "--micro-epochs", "2", "--micro-compare", timeout=300)
+    figures = run_script(
+        "scale.py", "--sizes", "6", "--epochs", "2", "--micro-trials", "10", "--micro-epochs", "2", "--micro-compare", timeout=300
+    )
     assert figures["n_trials"] == [6]
-    for key in ("asl_tune_wall_s", "bare_tune_wall_s", "ratio_vs_bare_tune", "driver_cpu_s_per_result", "mirror_wall_s", "tune_optuna_wall_s", "ratio_vs_tune_optuna"):
+    for key in (
+        "asl_tune_wall_s",
+        "bare_tune_wall_s",
+        "ratio_vs_bare_tune",
+        "driver_cpu_s_per_result",
+        "mirror_wall_s",
+        "tune_optuna_wall_s",
+        "ratio_vs_tune_optuna",
+    ):
         assert set(figures[key]) == {"6"} and positive(figures[key]["6"]), key  # per size: JSON names N as a string
     assert figures["ratio_vs_bare_tune"]["6"] == pytest.approx(figures["asl_tune_wall_s"]["6"] / figures["bare_tune_wall_s"]["6"])
     assert positive(figures["recorder_cost_growth"]) and positive(figures["driver_peak_rss_mb"])
@@ -110,7 +175,9 @@ def test_scale_runs_asl_tunes_stack_and_bare_tune_and_the_recorder_microbench():
     for setting in ("bare_tune", "tune_optuna", "asl_tune", "asl_tune_mirror"):  # 2 epochs is within ASHA's grace: every trial runs both
         assert (figures["runs"][setting]["6"]["results"], figures["runs"][setting]["6"]["errors"]) == (12, 0), setting
     ours = figures["runs"]["asl_tune_mirror"]["6"]
-    assert ours["files_bytes"]["trials.parquet"]["files"] == ours["uri_files_bytes"]["trials.parquet"]["files"] == 1 + 6  # schema part + a part per trial
+    assert (
+        ours["files_bytes"]["trials.parquet"]["files"] == ours["uri_files_bytes"]["trials.parquet"]["files"] == 1 + 6
+    )  # schema part + a part per trial
     assert ours["files_bytes"]["study.log"]["files"] == ours["uri_files_bytes"]["study.log"]["files"] == 1  # the study's journal, copied up
     assert set(figures["micro"]["growth"]) == {"recorder", "study", "optuna_journal", "sqlite", "recorder_and_study"}
     assert figures["recorder_cost_growth"] == figures["micro"]["growth"]["recorder_and_study"]
@@ -128,7 +195,9 @@ def test_search_efficiency_replays_the_committed_grids(grid):
 
 
 def test_search_efficiency_refuses_a_missing_grid(tmp_path):
-    done = subprocess.run([sys.executable, str(BENCH / "search_efficiency.py"), "--grid", str(tmp_path / "none"), "--json"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "search_efficiency.py"), "--grid", str(tmp_path / "none"), "--json"], capture_output=True, text=True
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"search_efficiency.py: no recorded grid in {tmp_path / 'none'}; run with --record first"]
 
