@@ -29,10 +29,11 @@ import numpy as np
 from asl_tune.data import DecodedDataset, cache_root, count_images, decoded_bytes, size_text
 from asl_tune.errors import AslTuneError
 
-# A trial's own memory besides the data (Ray worker, torch, the network, its optimiser, batches), from
-# bench/fullsize.py's measured private memory (USS) on the 2-core box, rounded up: see trial_mb.
-TRIAL_BASE_MB = 700
-TRIAL_MB_PER_KPIXEL = 8  # more per 1,000 pixels of image area (activations of a batch of 64 grow with it)
+# A trial's own memory besides the data (Ray worker, torch, the network, its optimiser, batches and what the
+# allocator keeps of them): bench/fullsize.py's peak anonymous memory of a trial on the 2-core box, 2026-12-05,
+# 728 MB at 64 px and 1,946 MB at 200 px (87,000 images, batch 64, evaluation batches of 256), as a line in pixels.
+TRIAL_BASE_MB = 600
+TRIAL_MB_PER_KPIXEL = 34  # more per 1,000 pixels of image area
 HEADROOM = 0.9  # of a node's memory the plan lets trials and data fill; the rest is the system's and Ray's own
 
 
