@@ -89,7 +89,10 @@ def _add_speed_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full command-line interface."""
+    """The full command-line interface.
+
+    Long: one add_argument per option, read as a list; the formatter gives each long help text its own lines.
+    """
     parser = _Parser(
         prog="asl-tune",
         description="Hyperparameter search for DexNet on the ASL alphabet: Ray Tune schedules, Optuna searches, Parquet keeps the results.",
@@ -210,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_sweep_parser(sub) -> None:
-    """`asl-tune sweep` and its options."""
+    """`asl-tune sweep` and its options.
+
+    Long: one add_argument per option of `asl-tune sweep`, read as a list.
+    """
     p = sub.add_parser(
         "sweep",
         help="search a space of configurations with Ray Tune and Optuna",

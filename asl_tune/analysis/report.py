@@ -160,7 +160,10 @@ def _sweep_markdown(
     importances: dict,
     pairs_note: str,
 ) -> str:
-    """report.md of one sweep: every table, the figures linked relatively, the best trial in full."""
+    """report.md of one sweep: every table, the figures linked relatively, the best trial in full.
+
+    Long: the report's sections in the order a reader meets them; split, they would only pass the same frames around.
+    """
     trials = sweep.trials
     counts = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in trials["status"].value_counts().items())
     best = trials[trials["trial_id"] == ranked.iloc[0]["trial_id"]].iloc[0]

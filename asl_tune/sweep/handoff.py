@@ -113,7 +113,10 @@ def plan(
     max_concurrent: int | None,
     num_samples: int,
 ) -> Plan:
-    """The memory plan, before anything is decoded; refuses (AslTuneError, one line) a sweep that cannot fit, with the ways out."""
+    """The memory plan, before anything is decoded; refuses (AslTuneError, one line) a sweep that cannot fit, with the ways out.
+
+    Long: every node's check and the plan's line in one place, so the refusal and the figures it names cannot drift apart.
+    """
     n = count_images(data)
     n_ext = _count_external(external) if external else 0
     per_size = {s: decoded_bytes(n + n_ext, s) for s in sizes}

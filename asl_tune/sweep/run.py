@@ -107,7 +107,10 @@ def _load_data(space: SearchSpace, state: SweepState, gpus: float, num_samples: 
 
 
 def run_sweep(req: SweepRequest) -> Path:
-    """`asl-tune sweep`: start a new sweep, or extend one; return its (local) folder."""
+    """`asl-tune sweep`: start a new sweep, or extend one; return its (local) folder.
+
+    Long: the steps of starting a sweep in their order (lock, checks, Ray, plan, decode, record, fit), under one cleanup.
+    """
     space, name, sweep, state = check_request(req)
     folder = sweep.path
     num_samples = int(req.num_samples or space.num_samples)

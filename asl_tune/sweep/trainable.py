@@ -94,7 +94,10 @@ def searcher_value(value, mode: str) -> float:
 def run_trial(
     config: dict, space: SearchSpace, datasets: dict[int, SharedDataset], externals: dict[int, SharedDataset] | None = None
 ) -> None:
-    """Ray Tune's function trainable: train space.config(config) on the shared decoded arrays."""
+    """Ray Tune's function trainable: train space.config(config) on the shared decoded arrays.
+
+    Long: the trial's life in one place: restore, scratch folder, the report callback Tune needs, the trainer, the output kept on failure.
+    """
     import ray
     import torch
     from ray import tune
