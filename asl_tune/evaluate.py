@@ -14,7 +14,15 @@ from asl_tune.data import Batcher
 from asl_tune.results import FRAME_BUDGET_MS
 
 TOP_PAIRS = 5  # most-confused pairs reported per trial
-EVAL_BATCH = 256
+# Images per evaluation batch: 256 keeps a GPU busy; on a CPU, 64 is faster (2026-12-05, DexNet 512, 1,536 images:
+# 395 vs 366 img/s at 64 px on 1 thread, 47 vs 41 at 200 px) and a 200 px trial's peak memory in evaluation falls
+# from 1,241 to 808 MB (anonymous; bench/RESULTS.md §5).
+EVAL_BATCH = {"cuda": 256, "cpu": 64}
+
+
+def eval_batch(device: torch.device) -> int:
+    """Images per evaluation batch on this device (EVAL_BATCH; a device not named there takes the GPU's)."""
+    return EVAL_BATCH.get(device.type, EVAL_BATCH["cuda"])
 
 
 def autocast_to(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
@@ -35,11 +43,12 @@ def predict(
     image_rows = rows_t.to(batcher.rows_device)
     y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))[rows_t].to(batcher.device)  # (N,) the rows' classes
     preds, loss_sum = [], torch.zeros((), dtype=torch.float64, device=batcher.device)
-    for s in range(0, len(rows_t), EVAL_BATCH):
-        x = batcher.batch(image_rows[s : s + EVAL_BATCH])
+    step = eval_batch(batcher.device)
+    for s in range(0, len(rows_t), step):
+        x = batcher.batch(image_rows[s : s + step])
         with autocast_to(batcher.device, autocast):
             logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits.float(), y_all[s : s + EVAL_BATCH], reduction="sum")
+        loss_sum += nn.functional.cross_entropy(logits.float(), y_all[s : s + step], reduction="sum")
         preds.append(logits.argmax(1))
     n = max(len(rows_t), 1)
     return (torch.cat(preds).cpu().numpy() if preds else np.array([], dtype=np.int64)), float(loss_sum) / n

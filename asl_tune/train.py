@@ -25,7 +25,7 @@ from torch import nn
 from asl_tune.config import TrialConfig, config_problems
 from asl_tune.data import Batcher, DecodedDataset, Splits, make_splits, subsample
 from asl_tune.errors import AslTuneError
-from asl_tune.evaluate import EVAL_BATCH, autocast_to, confusion_matrix, measure_speed, pair_rates, per_class_rates, predict
+from asl_tune.evaluate import autocast_to, confusion_matrix, eval_batch, measure_speed, pair_rates, per_class_rates, predict
 from asl_tune.files import write_atomically
 from asl_tune.model import DexNet, count_parameters, flops_per_image
 
@@ -132,7 +132,8 @@ class Trained:
         model = self.model.to(device)
         batcher = Batcher(np.ascontiguousarray(images), device, channels_last=False)
         rows = torch.arange(len(images))
-        preds = [model(batcher.batch(rows[s : s + EVAL_BATCH])).argmax(1).cpu() for s in range(0, len(rows), EVAL_BATCH)]
+        step = eval_batch(device)
+        preds = [model(batcher.batch(rows[s : s + step])).argmax(1).cpu() for s in range(0, len(rows), step)]
         return [self.classes[i] for i in torch.cat(preds).tolist()] if preds else []
 
 
