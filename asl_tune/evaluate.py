@@ -42,16 +42,19 @@ def predict(
     rows_t = torch.from_numpy(np.asarray(rows, dtype=np.int64))
     image_rows = rows_t.to(batcher.rows_device)
     y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))[rows_t].to(batcher.device)  # (N,) the rows' classes
-    preds, loss_sum = [], torch.zeros((), dtype=torch.float64, device=batcher.device)
+    # Filled in place: a small tensor kept per batch would sit between the batches' large freed blocks
+    # and hold the heap from shrinking (a 64 px validation grew a trial's memory by 300 MB that way).
+    preds = torch.empty(len(rows_t), dtype=torch.int64, device=batcher.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=batcher.device)
     step = eval_batch(batcher.device)
     for s in range(0, len(rows_t), step):
         x = batcher.batch(image_rows[s : s + step])
         with autocast_to(batcher.device, autocast):
             logits = model(x)
         loss_sum += nn.functional.cross_entropy(logits.float(), y_all[s : s + step], reduction="sum")
-        preds.append(logits.argmax(1))
+        preds[s : s + step] = logits.argmax(1)
     n = max(len(rows_t), 1)
-    return (torch.cat(preds).cpu().numpy() if preds else np.array([], dtype=np.int64)), float(loss_sum) / n
+    return preds.cpu().numpy(), float(loss_sum) / n
 
 
 def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
