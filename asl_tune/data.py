@@ -3,7 +3,9 @@
 A dataset folder is read once: every image is decoded, converted to RGB, resized to
 `image_size` and stored in one uint8 array in a cache keyed by the folder's fingerprint
 and the size. Later runs memory-map that array, so no trial decodes a JPEG. A Batcher then
-cuts normalised float batches from that array on the device, for training and evaluation alike.
+cuts normalised float batches from that array on the device, for training and evaluation alike;
+from the cache file it reads each batch's rows with pread (FileRows), so the rows live once in the
+page cache, shared by every process on the machine, and a trial's own memory holds only its batch.
 This module imports torch only when a Batcher is made, so `asl-tune data check` starts fast.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import sys
@@ -35,6 +38,7 @@ KAGGLE_TEST = "asl_alphabet_test"
 SPLIT_FRACTIONS = (0.7, 0.2, 0.1)  # train / val / test, as in the seed
 CACHE_VERSION = 2  # bump when the decoded format changes
 DECODE_CHUNK = 64  # images per task handed to a decode worker
+TO_DEVICE_CHUNK_BYTES = 64 << 20  # Batcher.to_device reads the cache file onto a GPU this much at a time
 # The seed's normalisation (per-channel mean and std of the Kaggle images).
 MEAN = (0.5119, 0.5042, 0.5128)
 STD = (0.2499, 0.2398, 0.2451)
@@ -423,11 +427,60 @@ def describe(ds: DecodedDataset, split: str = "blocked", seed: int = 0, sizes: t
 # ---------------------------------------------------------------- batches
 
 
+class FileRows:
+    """Rows of a read-only memory-mapped .npy (the cache file), read with pread instead of through the mapping.
+
+    Read through a mapping, every page a process touches stays mapped into it until it exits: a trial
+    that has validated on 17,400 images at 200 px holds 2 GB of the file's pages, which count as its own
+    memory (USS, what Ray's memory monitor and `top` see) while no other trial has touched them. Read with
+    pread, the pages stay in the kernel's page cache, one copy per machine for every process, and the
+    process holds only the rows it asked for. Consecutive rows are one read.
+    """
+
+    def __init__(self, array: np.memmap):
+        self.path, self.offset = str(array.filename), int(array.offset)
+        self.n, self.row_shape, self.dtype = array.shape[0], array.shape[1:], array.dtype
+        self.row_bytes = int(np.prod(self.row_shape)) * array.dtype.itemsize
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    @staticmethod
+    def readable(array: np.ndarray) -> bool:
+        """Whether array is a whole C-ordered file mapping (np.load's mmap_mode), whose rows FileRows can read from its file."""
+        return isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.flags.c_contiguous and bool(array.filename)
+
+    def read_into(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Copy the given rows, in order, into out (len(rows), *row_shape), one pread per run of consecutive rows; returns out."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return out
+        bad = rows[(rows < 0) | (rows >= self.n)]
+        if len(bad):
+            raise IndexError(f"row {int(bad[0])} is out of range for {self.n} rows of {self.path}")
+        flat = out.reshape(len(rows), self.row_bytes // self.dtype.itemsize).view(np.uint8)  # a view: out must be contiguous
+        ends = np.append(np.flatnonzero(np.diff(rows) != 1) + 1, len(rows))
+        start = 0
+        for end in ends.tolist():
+            view, at = memoryview(flat[start:end]).cast("B"), self.offset + int(rows[start]) * self.row_bytes
+            while len(view):  # a read may return less than asked (over 2 GB at once, a signal)
+                got = os.preadv(self.fd, [view], at)
+                if got <= 0:
+                    raise OSError(f"{self.path} ended early: {len(view)} bytes short at byte {at}")
+                view, at = view[got:], at + got
+            start = end
+        return out
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class Batcher:
     """Turns rows of a (N, S, S, 3) uint8 image array into normalised (B, 3, S, S) float batches on a device.
 
     On a GPU the array either lives on it (to_device, when it fits) or stays in host memory, and each
-    batch's rows are gathered into pinned memory and copied over without waiting (non_blocking).
+    batch's rows are gathered into pinned memory and copied over without waiting (non_blocking). Rows
+    of the cache file are read from the file (FileRows), never through its mapping.
     """
 
     def __init__(self, images: np.ndarray, device: torch.device, channels_last: bool):
@@ -438,6 +491,7 @@ class Batcher:
         with warnings.catch_warnings():  # the array is read-only (memory map, Ray's object store); we never write it
             warnings.simplefilter("ignore", UserWarning)
             self.images = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+        self.file = FileRows(images) if isinstance(images, np.ndarray) and FileRows.readable(images) else None
         self.device, self.channels_last = device, channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
@@ -456,7 +510,19 @@ class Batcher:
 
     def to_device(self) -> None:
         """Keep the whole uint8 array on the device, so batches never cross the bus (GPU, when it fits)."""
-        self.images = self.images.to(self.device)
+        import torch
+
+        if self.file is None:
+            self.images = self.images.to(self.device)
+            return
+        on_device = torch.empty(tuple(self.images.shape), dtype=self.images.dtype, device=self.device)
+        step = max(1, TO_DEVICE_CHUNK_BYTES // self.file.row_bytes)
+        for s in range(0, self.file.n, step):  # through one pinned buffer a chunk at a time: no mapping, no whole copy on the host
+            rows = np.arange(s, min(s + step, self.file.n))
+            staged = torch.empty((len(rows), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
+            self.file.read_into(rows, staged.numpy())
+            on_device[s : s + len(rows)].copy_(staged)
+        self.images, self.file = on_device, None
 
     def batch(self, rows: torch.Tensor) -> torch.Tensor:
         """Normalised batch for the given row indices."""
@@ -468,11 +534,14 @@ class Batcher:
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         import torch
 
-        if not self.pinned:
+        if not self.pinned and self.file is None:
             return self.images[rows.to(self.images.device)].to(self.device)
         # A fresh pinned buffer per batch: torch's pinned-memory cache hands a block out again only once
         # the copies that read it have finished, so the next batch cannot overwrite one still in flight.
         rows = rows.cpu()
-        staged = torch.empty((len(rows), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
-        torch.index_select(self.images, 0, rows, out=staged)
-        return staged.to(self.device, non_blocking=True)
+        staged = torch.empty((len(rows), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=self.pinned)
+        if self.file is not None:
+            self.file.read_into(rows.numpy(), staged.numpy())
+        else:
+            torch.index_select(self.images, 0, rows, out=staged)
+        return staged.to(self.device, non_blocking=True) if self.pinned else staged

@@ -212,3 +212,51 @@ def test_a_gpu_batcher_that_keeps_the_array_on_the_host_copies_through_pinned_me
     for rows, x in zip(batches, out):
         assert x.device.type == "cuda" and x.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(x, resident.batch(rows))
+
+
+def _mapped_kb(path) -> int:
+    """Kilobytes of path's pages mapped into this process now (/proc/self/smaps: Rss of its mappings)."""
+    kb, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        first = line.split(None, 1)[0]
+        if "-" in first and not first.endswith(":"):  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and first == "Rss:":
+            kb += int(line.split()[1])
+    return kb
+
+
+def test_a_batcher_reads_the_cache_files_rows_with_pread_and_gives_the_same_batches(tmp_path):
+    import torch
+
+    from asl_tune.data import Batcher
+
+    images = np.random.default_rng(0).integers(0, 256, size=(40, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    mapped = np.load(tmp_path / "images.npy", mmap_mode="r")
+    from_file, in_memory = Batcher(mapped, torch.device("cpu"), False), Batcher(images.copy(), torch.device("cpu"), False)
+    assert from_file.file is not None and in_memory.file is None
+    for rows in ([3, 4, 5, 6], [39, 0, 17, 17, 2], list(range(40)), [7], []):  # runs, repeats, the ends, none
+        r = torch.tensor(rows, dtype=torch.int64)
+        assert torch.equal(from_file.batch(r), in_memory.batch(r)), rows
+    with pytest.raises(IndexError, match="40 is out of range for 40 rows"):
+        from_file.batch(torch.tensor([1, 40]))
+    assert Batcher(mapped[:10], torch.device("cpu"), False).file is None  # a view of a mapping is not the whole file: indexed
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_reading_every_row_of_the_cache_file_leaves_none_of_its_pages_in_the_process(tmp_path):
+    """The rows stay in the page cache, shared, not in the trial's own memory (the issue on the real dataset size)."""
+    import torch
+
+    from asl_tune.data import Batcher
+
+    path = tmp_path / "images.npy"
+    np.save(path, np.random.default_rng(1).integers(0, 256, size=(512, 64, 64, 3), dtype=np.uint8))  # 6 MB
+    mapped = np.load(path, mmap_mode="r")
+    batcher = Batcher(mapped, torch.device("cpu"), False)
+    for s in range(0, 512, 64):
+        batcher.batch(torch.arange(s, s + 64))
+    assert _mapped_kb(path) < 64  # the header page at most
+    mapped[np.arange(0, 512, 2)].sum()  # the same rows read through the mapping do stay mapped: the measure can tell
+    assert _mapped_kb(path) > 3000
