@@ -341,9 +341,10 @@ def bookkeeping_trainable(config: dict) -> None:
     time.sleep(1.0)
 
 
-def run_bookkeeping_asl_tune(n: int, work: Path, pending: int | None = None) -> dict:
+def run_bookkeeping_asl_tune(n: int, work: Path, at_once: int) -> dict:
     """Ray's bookkeeping shape under asl-tune's whole driver stack: StudySearch (TPE, the study journal), FIFO, the recorder
-    (its progress lines on stderr), DropRecordedParts, asl-tune's save period; one CPU a trial."""
+    (its progress lines on stderr), DropRecordedParts, asl-tune's Tune settings (its save period, at_once trials pending);
+    one CPU a trial."""
     from ray import tune
 
     from asl_tune.sweep.mirror import SweepFolder
@@ -351,7 +352,7 @@ def run_bookkeeping_asl_tune(n: int, work: Path, pending: int | None = None) -> 
     from asl_tune.sweep.run import _searcher
     from asl_tune.sweep.space import load_space
 
-    name = f"bookkeeping-{n}{'' if pending is None else f'-pending{pending}'}"
+    name = f"bookkeeping-{n}"
     space_path = work / "bookkeeping.yaml"
     space_path.write_text(SPACE.format(epochs=1, sampler="tpe"))
     space = load_space(space_path)
@@ -369,11 +370,7 @@ def run_bookkeeping_asl_tune(n: int, work: Path, pending: int | None = None) -> 
     )
     from asl_tune.sweep import cluster
 
-    # Tune keeps at most TUNE_MAX_PENDING_TRIALS_PG trials pending: 1 for a searcher without a ConcurrencyLimiter (asl-tune's
-    # without --max-concurrent), so with reused actors a second worker is only asked for when a trial is pending (see RESULTS §8).
-    with cluster.scoped_environment(
-        {**cluster.tune_environment(n), **({} if pending is None else {"TUNE_MAX_PENDING_TRIALS_PG": str(pending)})}
-    ):
+    with cluster.scoped_environment(cluster.tune_environment(n, at_once)):  # as sweep/run.py's _fit sets them
         return _run(tuner)
 
 
@@ -426,8 +423,7 @@ def bookkeeping(args: argparse.Namespace, work: Path) -> dict:
         for n in args.sizes:
             settings = [
                 ("bare_tune", run_bookkeeping_bare_tune),
-                ("asl_tune", run_bookkeeping_asl_tune),
-                ("asl_tune_pending_cpus", lambda n, work: run_bookkeeping_asl_tune(n, work, pending=int(cpus))),
+                ("asl_tune", lambda n, work: run_bookkeeping_asl_tune(n, work, at_once=int(cpus))),  # the plan's figure: a trial a CPU
             ]
             for setting, run in settings:
                 waited, free = _all_cpus_free(cpus)  # the run before's actors may still hold CPUs a while after it returns
@@ -483,7 +479,12 @@ def stack(args: argparse.Namespace, work: Path) -> dict:
                 settings.append(("asl_tune_mirror", lambda: run_asl_tune(n, args.epochs, args.concurrency, work, True, args.sampler)))
             for setting, run in [(s, r) for s, r in settings if s in args.settings]:
                 say(f"{setting}: {n} trials x {args.epochs} epochs")
-                with cluster.scoped_environment(cluster.tune_environment(n)):  # how often Tune saves its state, as asl-tune sets it for N
+                # How often Tune saves its state, as asl-tune sets it for N, for all; the trials kept pending only for asl-tune's
+                # own (its run._fit sets them; by hand, Tune keeps 1 pending for a searcher such as OptunaSearch).
+                env = cluster.tune_environment(n, args.concurrency)
+                if not setting.startswith("asl_tune"):
+                    env.pop(cluster.PENDING_KEY)
+                with cluster.scoped_environment(env):
                     runs.setdefault(setting, {})[n] = run()
                 say(f"{setting}: {n} trials in {runs[setting][n]['wall_s']:.1f} s, {runs[setting][n]['results']} results")
         ray.shutdown()
@@ -719,7 +720,6 @@ def main(argv: list[str] | None = None) -> int:
         figures.update(
             bookkeeping_ratio=_each(ours, "ratio"),
             bookkeeping_ratio_bare_tune=_each(bare, "ratio"),
-            bookkeeping_ratio_pending_cpus=_each(runs.get("asl_tune_pending_cpus", {}), "ratio"),
         )
     if micro_figures:
         read = micro_figures["reading"]

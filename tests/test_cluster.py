@@ -24,6 +24,7 @@ from asl_tune.sweep.cluster import (
     CONNECT_TIMEOUT_S,
     JOIN_ENV,
     LOCAL_ENV,
+    PENDING_KEY,
     SAVE_PERIOD_KEY,
     ray_session,
     scoped_environment,
@@ -252,12 +253,12 @@ def test_a_ray_session_sets_rays_settings_for_its_block_only_even_when_the_block
 
 def test_tune_saves_its_state_every_second_up_to_500_trials_then_a_second_more_per_500_and_a_users_period_wins(monkeypatch):
     """Tune's save writes every trial of the run: at 10,000 trials a save every second took most of the driver."""
-    assert [tune_environment(n)[SAVE_PERIOD_KEY] for n in (1, 100, 500, 1000, 1250, 10_000)] == ["1", "1", "1", "2", "2.5", "20"]
+    assert [tune_environment(n, 2)[SAVE_PERIOD_KEY] for n in (1, 100, 500, 1000, 1250, 10_000)] == ["1", "1", "1", "2", "2.5", "20"]
     monkeypatch.setenv(SAVE_PERIOD_KEY, "auto")  # Ray's own rule, set by the user: kept
-    with scoped_environment(tune_environment(10_000)):
+    with scoped_environment(tune_environment(10_000, 2)):
         assert os.environ[SAVE_PERIOD_KEY] == "auto"
     monkeypatch.delenv(SAVE_PERIOD_KEY)
-    with scoped_environment(tune_environment(10_000)):
+    with scoped_environment(tune_environment(10_000, 2)):
         assert os.environ[SAVE_PERIOD_KEY] == "20"
     assert SAVE_PERIOD_KEY not in os.environ
 
@@ -327,3 +328,22 @@ def epochs_on(folder: Path, node_id: str):
         return epochs.iloc[0:0]
     here = set(trials.loc[trials["node_id"] == node_id, "trial_id"])
     return epochs[epochs["trial_id"].isin(here) & (epochs["epoch"] >= 2)]
+
+
+def test_tune_keeps_as_many_trials_pending_as_run_at_once_and_a_users_setting_wins(monkeypatch):
+    """Without it Tune keeps 1 pending for asl-tune's searcher: with reused workers, 1-s trials ran one at a time on 2 CPUs."""
+    from ray.tune.execution.tune_controller import _get_max_pending_trials
+    from ray.tune.search import SearchGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = SearchGenerator(
+        OptunaSearch(space={}, metric="m", mode="max")
+    )  # no ConcurrencyLimiter, as asl-tune's without --max-concurrent
+    monkeypatch.delenv(PENDING_KEY, raising=False)
+    assert _get_max_pending_trials(search) == 1  # Tune's own rule, which the setting replaces
+    with scoped_environment(tune_environment(100, 6)):
+        assert _get_max_pending_trials(search) == 6
+    assert tune_environment(100, 0)[PENDING_KEY] == "1"  # a plan that places nothing yet still lets one trial wait
+    monkeypatch.setenv(PENDING_KEY, "3")
+    with scoped_environment(tune_environment(100, 6)):
+        assert _get_max_pending_trials(search) == 3

@@ -41,9 +41,17 @@ SAVE_PERIOD_KEY = "TUNE_GLOBAL_CHECKPOINT_S"
 TRIALS_PER_SAVE_S = 500
 
 
-def tune_environment(num_samples: int) -> dict[str, str]:
-    """What Tune reads as a run of num_samples trials starts (see scoped_environment): how often it saves its state."""
-    return {SAVE_PERIOD_KEY: f"{max(1.0, num_samples / TRIALS_PER_SAVE_S):g}"}
+# Tune keeps at most PENDING_KEY trials waiting for a worker; for a searcher without a ConcurrencyLimiter (asl-tune's,
+# unless --max-concurrent) that is 1. With reused workers (reuse_actors) the worker a trial ends on goes to the one
+# pending trial, and the second worker Tune began to start for it is dropped: short trials then run one at a time on
+# any number of CPUs (bench/RESULTS.md §8). As many pending as trials fit at once keeps every slot fed.
+PENDING_KEY = "TUNE_MAX_PENDING_TRIALS_PG"
+
+
+def tune_environment(num_samples: int, at_once: int) -> dict[str, str]:
+    """What Tune reads as a run of num_samples trials, at_once of them at a time (the memory plan's), starts
+    (see scoped_environment, where a user's own setting wins): how often it saves its state, and how many trials wait."""
+    return {SAVE_PERIOD_KEY: f"{max(1.0, num_samples / TRIALS_PER_SAVE_S):g}", PENDING_KEY: str(max(1, at_once))}
 
 
 # Run in every worker Ray starts for us: imports the trainer (torch) before the first trial asks for it.

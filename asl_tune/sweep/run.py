@@ -92,18 +92,19 @@ def _data_folder(data: Path | None) -> Path:
     return Path(data).resolve()
 
 
-def _load_data(space: SearchSpace, state: SweepState, gpus: float, num_samples: int, local: bool) -> tuple[dict, dict]:
+def _load_data(space: SearchSpace, state: SweepState, gpus: float, num_samples: int, local: bool) -> tuple[dict, dict, int]:
     """The memory plan (handoff.py), then the data decoded (through the cache) at each image size the space uses,
-    handed to Ray one copy per node: ({size: SharedDataset}, the same for the external set or {})."""
+    handed to Ray one copy per node: ({size: SharedDataset}, the same for the external set or {}, trials at once)."""
     from asl_tune.sweep import handoff
 
     sizes = image_sizes(space)
     data, external = Path(state.data), Path(state.external) if state.external else None
     cluster_nodes = handoff.nodes(local)
-    handoff.plan(data, external, sizes, cluster_nodes, state.cpus_per_trial, gpus, state.max_concurrent, num_samples).say()
+    plan = handoff.plan(data, external, sizes, cluster_nodes, state.cpus_per_trial, gpus, state.max_concurrent, num_samples)
+    plan.say()
     datasets = {s: load_dataset(data, s) for s in sizes}
     externals = {s: load_external(external, datasets[s].classes, s) for s in sizes} if external else {}
-    return handoff.share(datasets, cluster_nodes), handoff.share(externals, cluster_nodes)
+    return handoff.share(datasets, cluster_nodes), handoff.share(externals, cluster_nodes), sum(plan.at_once.values())
 
 
 def run_sweep(req: SweepRequest) -> Path:
@@ -150,7 +151,7 @@ def run_sweep(req: SweepRequest) -> Path:
                         mlflow=req.mlflow,
                     )
                 gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
-                datasets, externals = _load_data(space, state, gpus, num_samples, local=req.address is None)
+                datasets, externals, at_once = _load_data(space, state, gpus, num_samples, local=req.address is None)
                 if not req.extend:
                     shutil.copyfile(req.space_path, folder / SPACE_FILE)
                     sweep.sync(final=True)  # refused here, before the sweep exists, when a URI cannot be written
@@ -166,7 +167,7 @@ def run_sweep(req: SweepRequest) -> Path:
                 tuner = _new_tuner(
                     space.seeded(state.seed), sweep, run_dir, num_samples, datasets, externals, state, gpus, first_run=len(state.runs) == 1
                 )
-                return _fit(tuner, sweep, state)
+                return _fit(tuner, sweep, state, at_once)
         except BaseException:
             if created and not (folder / SWEEP_FILE).exists():  # ours, and refused before it began: leave nothing behind
                 shutil.rmtree(created, ignore_errors=True)
@@ -195,7 +196,7 @@ def resume_sweep(
             # cluster checks before decoding (issue 26): ray_session found the cluster and was let in; can every node see the folder?
             cluster.check_storage_visible(address, folder, state.storage)
             gpus = _check_resources(state.cpus_per_trial, state.gpus_per_trial)
-            datasets, externals = _load_data(space, state, gpus, run["num_samples"], local=address is None)
+            datasets, externals, at_once = _load_data(space, state, gpus, run["num_samples"], local=address is None)
             run_path = state.run_path(folder, run)
             trainable = _trainable(space, datasets, externals, state.cpus_per_trial, gpus)
             if not tune.Tuner.can_restore(run_path):
@@ -212,7 +213,7 @@ def resume_sweep(
                 if getattr(tuner, "_local_tuner", None) is not None:  # not through ray:// (Ray Client), which keeps the saved one
                     tuner._local_tuner.get_run_config().verbose = _ray_verbosity()  # this resume's --verbose, not the first run's
             print(f"resuming sweep {name!r} from {run_path}", file=sys.stderr)
-            return _fit(tuner, sweep, state)
+            return _fit(tuner, sweep, state, at_once)
 
 
 def _make_folder(folder: Path) -> Path | None:
@@ -357,15 +358,15 @@ def _log_driver_failure(folder: Path, e: BaseException) -> Path:
     return log
 
 
-def _fit(tuner, sweep: SweepFolder, state: SweepState) -> Path:
-    """Run the tuner; mark the run finished when every trial ended; say where the results are."""
+def _fit(tuner, sweep: SweepFolder, state: SweepState, at_once: int) -> Path:
+    """Run the tuner (at_once trials at a time, the memory plan's); mark the run finished when every trial ended; say where the results are."""
     name, folder = sweep.name, sweep.path
     wanted = state.runs[-1]["num_samples"]
     resume = f"asl-tune resume {name}{sweep.results_flag}"
     local = not is_uri(sweep.results)  # a copy at a URI has no one-step swap: its parts are left as they are (results/README.md)
     if local:
         compact(folder)  # a resumed or extended sweep's ended trials: one part per table, not one per trial (results.compact)
-    with _stop_on_signals() as received, cluster.scoped_environment(cluster.tune_environment(wanted)):
+    with _stop_on_signals() as received, cluster.scoped_environment(cluster.tune_environment(wanted, at_once)):
         try:
             grid = tuner.fit()
         except (AslTuneError, KeyboardInterrupt):
