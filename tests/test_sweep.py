@@ -168,6 +168,40 @@ def test_trials_run_on_both_nodes_of_a_two_node_cluster(tmp_path, data):
     assert trials["node_id"].nunique() == 2, trials[["trial_id", "node_id"]]
 
 
+def test_a_reused_worker_carries_nothing_of_one_trial_into_the_next(tmp_path, data):
+    """reuse_actors: one worker runs trial after trial. The same settings a second time, after another trial in that
+    same worker, train to the very same losses (seeds, the model, the optimiser, threads start afresh), and no
+    trial's scratch folder is left behind."""
+    import tempfile
+
+    from asl_tune.sweep.trainable import _work_prefix
+
+    same = {"head_width": 16, "lr": 0.05}
+    space = write_space(
+        tmp_path / "reuse.yaml",
+        3,
+        params={"head_width": {"type": "categorical", "choices": [16, 32]}, "lr": {"type": "float", "low": 0.01, "high": 0.1}},
+        fixed={"epochs": 2},
+        early_stopping=False,
+        points=[same, {"head_width": 32, "lr": 0.01}, same],
+    )
+    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")  # one CPU: the trials run one after another
+    try:
+        folder = run_sweep(SweepRequest(space_path=space, data=data, results=tmp_path / "results"))
+        workers = [a for a in ray._private.state.actors().values() if a["ActorClassName"] == "ImplicitFunc"]  # Tune's trial actors
+    finally:
+        ray.shutdown()
+    assert len(workers) == 1, workers  # the three trials ran in one reused worker process
+    assert not list(Path(tempfile.gettempdir()).glob(f"{_work_prefix(workers[0]['Pid'])}*"))
+    trials, epochs = assert_consistent(folder, 3)
+    trials = trials.sort_values("started_at")
+    first, last = trials["trial_id"].iloc[0], trials["trial_id"].iloc[2]
+    assert trials["params_head_width"].tolist() == [16, 32, 16]
+    columns = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
+    a, b = (epochs[epochs["trial_id"] == t][columns].reset_index(drop=True) for t in (first, last))
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
 def test_resume_after_sigkill_of_the_driver_continues_interrupted_trials(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=100, size=32)  # about a second per epoch
     space = write_space(
