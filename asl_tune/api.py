@@ -123,10 +123,10 @@ def resume(name: str, results: str | Path = "results", address: str | None = Non
 def load(name: str, results: str | Path = "results") -> Results:
     """A sweep's tables as DataFrames, as they stand (a running sweep's too); a URI's files are first copied here, as analyze does."""
     from asl_tune.analysis.compute import checked_folder, local_results
-    from asl_tune.results import read_confusion, read_epochs, read_per_class, read_trials
+    from asl_tune.results import CONFUSION, EPOCHS, PER_CLASS, TRIALS
 
-    folder = checked_folder(local_results(results, [name]), name)
-    return Results(read_trials(folder), read_epochs(folder), read_confusion(folder), read_per_class(folder))
+    _, tables = checked_folder(local_results(results, [name]), name)  # each table read once, checked whole
+    return Results(tables[TRIALS], tables[EPOCHS], tables[CONFUSION], tables[PER_CLASS])
 
 
 def analyze(

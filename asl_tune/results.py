@@ -104,6 +104,7 @@ EPOCH_COLUMNS = [
 ]
 CONFUSION_COLUMNS = ["trial_id", "true_label", "pred_label", "count"]
 PER_CLASS_COLUMNS = ["trial_id", "class_name", "support", "precision", "recall", "fpr", "fnr"]
+COLUMNS = {TRIALS: TRIAL_COLUMNS, EPOCHS: EPOCH_COLUMNS, CONFUSION: CONFUSION_COLUMNS, PER_CLASS: PER_CLASS_COLUMNS}
 METRICS = [
     c
     for c in TRIAL_COLUMNS
@@ -332,9 +333,14 @@ def compact(folder: Path) -> list[str]:
 
 def _read(folder: Path, name: str, columns: list[str]) -> pd.DataFrame:
     """A table as a DataFrame, its rows in trial order (epochs by epoch within a trial); an empty frame when none yet."""
-    table = read_table(folder, name)
+    return table_frame(name, read_table(folder, name))
+
+
+def table_frame(name: str, table: pa.Table | None) -> pd.DataFrame:
+    """What read_trials (read_epochs, ...) gives for table `name` (one of RESULT_FILES) as read_table read it: a reader
+    that has the tables already (integrity.check_tables read them whole) need not read the files again."""
     if table is None:
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=COLUMNS[name])
     if name == TRIALS:
         return _ordered(table.to_pandas(), TRIAL_COLUMNS)
     return _in_trial_order(table, ["trial_id", "epoch"] if name == EPOCHS else ["trial_id"]).to_pandas()

@@ -40,16 +40,17 @@ import pandas as pd
 from asl_tune.alphabet import ASL_CLASSES, WATCH_PAIRS
 from asl_tune.errors import AslTuneError
 from asl_tune.results import (
+    CONFUSION,
+    EPOCHS,
     FINISHED,
     METRICS,
     PAIR_PREFIX,
     PARAM_PREFIX,
     RESULT_FILES,
     TRIAL_COLUMNS,
+    TRIALS,
     is_plain_name,
-    read_confusion,
-    read_epochs,
-    read_trials,
+    table_frame,
 )
 from asl_tune.sweep.integrity import check_for_analysis
 from asl_tune.sweep.mirror import sweep_folder
@@ -474,20 +475,21 @@ def local_results(results: Path | str, names: Sequence[str]) -> Path:
     return folders[0].root
 
 
-def checked_folder(results: Path, name: str) -> Path:
-    """`results/name`, refused in one line when it is not a sweep folder or holds a damaged table; what analysis does not need is noted."""
+def checked_folder(results: Path, name: str) -> tuple[Path, dict[str, pd.DataFrame]]:
+    """`results/name` and its tables ({file name: DataFrame}, each read once), refused in one line when it is not a sweep folder
+    or holds a damaged table; what analysis does not need is noted."""
     folder = Path(results) / name
     if not is_plain_name(name) or not folder.is_dir():
         raise AslTuneError(f"{folder}: no such sweep folder")
-    check_for_analysis(folder, str(folder))
-    return folder
+    tables = check_for_analysis(folder, str(folder))
+    return folder, {table: table_frame(table, read) for table, read in tables.items()}
 
 
 def load_sweep(results: Path, name: str, objectives: Objectives) -> Sweep:
     """Read a sweep folder (pair_* rates from its confusion counts) and refuse, in one line, when it is missing, lacks an objective or has no finished trial."""
-    folder = checked_folder(results, name)
-    confusion = read_confusion(folder)
-    trials = with_pair_rates(numeric_trials(read_trials(folder)), confusion)
+    folder, tables = checked_folder(results, name)
+    confusion = tables[CONFUSION]
+    trials = with_pair_rates(numeric_trials(tables[TRIALS]), confusion)
     for metric, _ in objectives:
         if metric not in trials.columns:  # only a pair_* column can be missing: numeric_trials adds the rest
             raise AslTuneError(f"--objectives: {metric} is not recorded in {folder / 'trials.parquet'}")
@@ -498,4 +500,4 @@ def load_sweep(results: Path, name: str, objectives: Objectives) -> Sweep:
         raise AslTuneError(f"{folder}: no finished trials (completed or stopped early); found {seen}")
     if done.dropna(subset=[m for m, _ in objectives]).empty:
         raise AslTuneError(f"{folder}: no finished trial has a value for every objective ({', '.join(m for m, _ in objectives)})")
-    return Sweep(name, folder, trials, read_epochs(folder), confusion)
+    return Sweep(name, folder, trials, tables[EPOCHS], confusion)

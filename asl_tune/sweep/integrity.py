@@ -19,7 +19,7 @@ from contextlib import closing
 from pathlib import Path
 
 from asl_tune.errors import AslTuneError
-from asl_tune.results import RESULT_FILES, read_table, read_trials
+from asl_tune.results import RESULT_FILES, TRIALS, read_table, table_frame
 from asl_tune.sweep.request import LEGACY_STUDY_FILE, RAY_DIR, SPACE_FILE, SWEEP_FILE, SweepState, study_file
 from asl_tune.sweep.space import load_space
 
@@ -55,13 +55,16 @@ def _check_sqlite_study(study: Path, shown: str) -> str | None:
     return None if ok == "ok" else f"{shown}: the study's database is damaged ({ok})"
 
 
-def check_tables(folder: Path, shown: str) -> None:
-    """Refuse a Parquet table that cannot be read whole; every command that reads results needs all four."""
+def check_tables(folder: Path, shown: str) -> dict:
+    """Refuse a Parquet table that cannot be read whole; every command that reads results needs all four.
+    Returns them as read ({name: pyarrow Table, or None where there is none yet}; results.table_frame makes DataFrames)."""
+    tables = {}
     for name in RESULT_FILES:
         try:
-            read_table(folder, name)
+            tables[name] = read_table(folder, name)
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise AslTuneError(f"{shown}/{name}: damaged, cannot be read ({_first_line(e)}); {BACKUP}; nothing was changed") from None
+    return tables
 
 
 def missing_checkpoints(folder: Path, trials) -> dict[str, tuple[str, str]]:
@@ -91,8 +94,7 @@ def check_for_resume(folder: Path, shown: str, run_dir: str | None, earlier_tria
     why = _check_study_of(folder, shown)
     if why:
         raise AslTuneError(f"{why}; {BACKUP}; resume needs it to go on asking for settings; nothing was changed")
-    check_tables(folder, shown)
-    trials = read_trials(folder)
+    trials = table_frame(TRIALS, check_tables(folder, shown)[TRIALS])
     if run_dir is not None and not (folder / run_dir).exists() and len(trials) > earlier_trials:
         raise AslTuneError(
             f"{shown}/{run_dir}: missing, and trials.parquet has trials of that run: Tune's saved state is gone; {BACKUP}; nothing was changed"
@@ -109,19 +111,21 @@ def check_for_extend(folder: Path, shown: str) -> None:
     why = _check_study_of(folder, shown)
     if why:
         raise AslTuneError(f"{why}; {BACKUP}; --extend learns from it; nothing was changed")
-    check_tables(folder, shown)
-    _note_missing_weights(missing_checkpoints(folder, read_trials(folder)))
+    tables = check_tables(folder, shown)
+    _note_missing_weights(missing_checkpoints(folder, table_frame(TRIALS, tables[TRIALS])))
 
 
-def check_for_analysis(folder: Path, shown: str) -> None:
-    """analyze needs the tables only; a damaged study or missing weights are named and the analysis goes on."""
-    check_tables(folder, shown)
+def check_for_analysis(folder: Path, shown: str) -> dict:
+    """analyze needs the tables only; a damaged study or missing weights are named and the analysis goes on.
+    Returns the tables as check_tables read them, so the caller reads none twice."""
+    tables = check_tables(folder, shown)
     why = _check_study_of(folder, shown)
     record = _unreadable(lambda: SweepState.read(folder, f"{shown}/{SWEEP_FILE}")) if (folder / SWEEP_FILE).exists() else None
     space = _unreadable(lambda: load_space(folder / SPACE_FILE)) if (folder / SPACE_FILE).exists() else None
     for damaged in filter(None, [why, record, space]):
         _note(f"{damaged}; analyze does not need it and goes on; resume and --extend refuse until it is put back")
-    _note_missing_weights(missing_checkpoints(folder, read_trials(folder)))
+    _note_missing_weights(missing_checkpoints(folder, table_frame(TRIALS, tables[TRIALS])))
+    return tables
 
 
 def _check_study_of(folder: Path, shown: str) -> str | None:
