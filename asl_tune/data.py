@@ -475,6 +475,22 @@ class FileRows:
             self.fd = None
 
 
+def mapped_bytes(path: str) -> int | None:
+    """Bytes of path's pages mapped into this process now (the Rss of its mappings in /proc/self/smaps); None off Linux."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    target, total, inside = str(Path(path).resolve()), 0, False
+    for line in lines:
+        first = line.split(None, 1)[0] if line else ""
+        if "-" in first and not first.endswith(":"):  # a mapping's header: address range, perms, offset, device, inode, path
+            inside = line.rstrip().endswith(target)
+        elif inside and first == "Rss:":
+            total += int(line.split()[1]) * 1024
+    return total
+
+
 class Batcher:
     """Turns rows of a (N, S, S, 3) uint8 image array into normalised (B, 3, S, S) float batches on a device.
 

@@ -214,18 +214,6 @@ def test_a_gpu_batcher_that_keeps_the_array_on_the_host_copies_through_pinned_me
         assert torch.equal(x, resident.batch(rows))
 
 
-def _mapped_kb(path) -> int:
-    """Kilobytes of path's pages mapped into this process now (/proc/self/smaps: Rss of its mappings)."""
-    kb, inside = 0, False
-    for line in open("/proc/self/smaps"):
-        first = line.split(None, 1)[0]
-        if "-" in first and not first.endswith(":"):  # a mapping's header line
-            inside = line.rstrip().endswith(str(path))
-        elif inside and first == "Rss:":
-            kb += int(line.split()[1])
-    return kb
-
-
 def test_a_batcher_reads_the_cache_files_rows_with_pread_and_gives_the_same_batches(tmp_path):
     import torch
 
@@ -249,7 +237,7 @@ def test_reading_every_row_of_the_cache_file_leaves_none_of_its_pages_in_the_pro
     """The rows stay in the page cache, shared, not in the trial's own memory (the issue on the real dataset size)."""
     import torch
 
-    from asl_tune.data import Batcher
+    from asl_tune.data import Batcher, mapped_bytes
 
     path = tmp_path / "images.npy"
     np.save(path, np.random.default_rng(1).integers(0, 256, size=(512, 64, 64, 3), dtype=np.uint8))  # 6 MB
@@ -257,6 +245,6 @@ def test_reading_every_row_of_the_cache_file_leaves_none_of_its_pages_in_the_pro
     batcher = Batcher(mapped, torch.device("cpu"), False)
     for s in range(0, 512, 64):
         batcher.batch(torch.arange(s, s + 64))
-    assert _mapped_kb(path) < 64  # the header page at most
+    assert mapped_bytes(path) < 64 * 1024  # the header page at most
     mapped[np.arange(0, 512, 2)].sum()  # the same rows read through the mapping do stay mapped: the measure can tell
-    assert _mapped_kb(path) > 3000
+    assert mapped_bytes(path) > 3_000_000

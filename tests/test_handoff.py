@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from conftest import make_dataset
 from sweeps import write_space
 
-from asl_tune.data import decoded_bytes, load_dataset
+from asl_tune.data import decoded_bytes, load_dataset, size_text
 from asl_tune.errors import AslTuneError
 from asl_tune.sweep.handoff import Node, SharedDataset, plan, share, trial_mb
 
@@ -154,6 +155,24 @@ def test_a_node_without_the_cache_file_maps_rays_read_only_copy(tmp_path, capsys
         writeable, owndata, total, shape = ray.get(open_there.remote(elsewhere))
     assert not writeable and not owndata  # a view of the object store, no private copy
     assert (total, shape) == (int(ds.images.sum()), ds.images.shape)
+
+
+def test_the_hand_offs_progress_line_gives_the_bytes_copied_so_far(tmp_path):
+    """ray.put is one call; the copy reads the cache file through the driver's mapping, front to back, so the mapping's
+    resident bytes are how far it is (forced here: half the rows read, as a put half done would have)."""
+    import re
+
+    from asl_tune.sweep.handoff import put_progress
+
+    ds = load_dataset(make_dataset(tmp_path / "data", per_class=40), 64, progress=False)  # 200 images of 12 kB
+    fresh = dataclasses.replace(ds, images=np.load(ds.cache_file, mmap_mode="r"))  # nothing read through it yet
+    total = size_text(fresh.images.nbytes)
+    assert put_progress(fresh, 3.2) == f"{size_text(0)} of {total} (0%), 3 s so far"
+    np.asarray(fresh.images[: len(fresh.images) // 2]).sum()
+    line = put_progress(fresh, 7.0)
+    assert re.fullmatch(rf"[\d.,]+ [kM]B of {total} \((\d+)%\), 7 s so far", line), line
+    assert 45 <= int(re.search(r"\((\d+)%\)", line).group(1)) <= 55, line  # half, to the page
+    assert put_progress(dataclasses.replace(ds, cache_file=""), 12.0) == "12 s so far"  # not from a file: the time alone
 
 
 def test_a_sweep_the_memory_plan_refuses_is_refused_before_decoding_with_nothing_created(tmp_path):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asl_tune.data import DecodedDataset, cache_root, count_images, decoded_bytes, size_text
+from asl_tune.data import DecodedDataset, cache_root, count_images, decoded_bytes, mapped_bytes, size_text
 from asl_tune.errors import AslTuneError
 
 # A trial's own memory besides the data (Ray worker, torch, the network, its optimiser, batches and what the
@@ -34,6 +34,7 @@ from asl_tune.errors import AslTuneError
 # 728 MB at 64 px and 1,946 MB at 200 px (87,000 images, batch 64, evaluation batches of 256), as a line in pixels.
 TRIAL_BASE_MB = 600
 TRIAL_MB_PER_KPIXEL = 34  # more per 1,000 pixels of image area
+PUT_PROGRESS_S = 5.0  # seconds between the hand-off's progress lines: never silent for 10 s
 HEADROOM = 0.9  # of a node's memory the plan lets trials and data fill; the rest is the system's and Ray's own
 
 
@@ -238,7 +239,7 @@ def share(datasets: dict[int, DecodedDataset], cluster_nodes: list[Node]) -> dic
 
 
 def _put_with_progress(ds: DecodedDataset):
-    """ray.put of the array as a plain ndarray (zero-copy for trials), a line every 5 s while it is copied."""
+    """ray.put of the array as a plain ndarray (zero-copy for trials), a line with the bytes done every PUT_PROGRESS_S while it is copied."""
     import ray
 
     array = np.asarray(ds.images)  # a memmap's ndarray view: put copies its bytes once; a memmap would pickle them
@@ -248,8 +249,8 @@ def _put_with_progress(ds: DecodedDataset):
     start = time.monotonic()
 
     def beat() -> None:
-        while not done.wait(5.0):
-            print(f"{what}: {time.monotonic() - start:.0f} s so far", file=sys.stderr, flush=True)
+        while not done.wait(PUT_PROGRESS_S):
+            print(f"{what}: {put_progress(ds, time.monotonic() - start)}", file=sys.stderr, flush=True)
 
     thread = threading.Thread(target=beat, daemon=True)
     thread.start()
@@ -259,3 +260,12 @@ def _put_with_progress(ds: DecodedDataset):
         done.set()
         thread.join()
         print(f"{what}: done in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def put_progress(ds: DecodedDataset, elapsed_s: float) -> str:
+    """How far ray.put has copied the cache file: ray.put is one call, but it reads the file through this process's
+    mapping front to back, so the mapping's resident bytes (/proc/self/smaps) are the bytes done."""
+    done = mapped_bytes(ds.cache_file) if ds.cache_file else None
+    total = ds.images.nbytes
+    so_far = f"{elapsed_s:.0f} s so far"
+    return so_far if done is None else f"{size_text(min(done, total))} of {size_text(total)} ({min(done, total) / total:.0%}), {so_far}"
