@@ -415,7 +415,7 @@ def describe(ds: DecodedDataset, split: str = "blocked", seed: int = 0, sizes: t
     counts = ds.class_counts()
     lines += [f"  {c:<8} {n}" for c, n in counts.items()]
     lines.append(f"split ({split}, seed {seed}): train {len(s.train)}, val {len(s.val)}, test {len(s.test)}")
-    # What a sweep holds once per node (memory-mapped from the cache, or in Ray's object store): the memory plan's figure.
+    # What a sweep holds once per node (the cache file in the page cache, or in Ray's object store): the memory plan's figure.
     lines.append(
         "decoded size: " + ", ".join(f"{size_text(decoded_bytes(len(ds.labels), size))} at {size} px" for size in sorted(set(sizes)))
     )

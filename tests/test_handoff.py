@@ -33,7 +33,7 @@ def test_a_plan_that_fits_gives_the_data_size_at_each_image_size_and_the_trials_
     assert found.data_bytes == decoded_bytes(n, 32) + decoded_bytes(n, 64)
     assert found.at_once == {"10.0.0.1": 3}  # --max-concurrent bounds the node's 4 CPUs
     assert found.trial_mb == trial_mb(64)
-    assert len(found.lines) == 1 and "fits" in found.lines[0] and "3 trials at once" in found.lines[0] and "memory-mapped" in found.lines[0]
+    assert len(found.lines) == 1 and "fits" in found.lines[0] and "3 trials at once" in found.lines[0] and "read from the cache file (page cache)" in found.lines[0]
 
 
 def test_more_trials_at_once_than_a_nodes_memory_holds_are_refused_with_the_figures_and_the_ways_out(tiny_dataset):
@@ -94,7 +94,7 @@ def test_a_node_without_the_cache_needs_an_object_store_that_holds_the_data_and_
         num_samples=4,
     )
     assert found.at_once == {"10.0.0.1": 2, "10.0.0.2": 2}
-    assert "memory-mapped from the cache on 1 node and one object-store copy on each of 1 node without the cache" in found.lines[0]
+    assert "read from the cache file (page cache) on 1 node and one object-store copy on each of 1 node without the cache" in found.lines[0]
 
 
 def test_gpus_bound_the_trials_a_node_runs_at_once(tiny_dataset):
@@ -225,7 +225,7 @@ def _hard_linked(root: Path, per_class: int, rendered: Path) -> Path:
 @pytest.mark.slow
 def test_a_trials_private_memory_does_not_grow_with_the_dataset(tmp_path):
     """Two sweeps with the same trial settings on arrays 10x apart (40 MB and 400 MB at 128 px): a trial that copied
-    the array (as an unpickled memmap did) would hold 400 MB more; one that maps it holds the same either way."""
+    the array (as an unpickled memmap did) would hold 400 MB more; one that reads it from the cache file holds the same either way."""
     import asl_tune
     from asl_tune.sweep import cluster
 

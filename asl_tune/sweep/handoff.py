@@ -1,14 +1,15 @@
 """How the decoded arrays reach the trials, one copy per node, and the memory plan that says a sweep fits.
 
 Every trial reads its image size's decoded array (data.py). On a node that has the cache file the driver
-decoded (the driver's own node; any node that sees the same cache folder), every trial memory-maps that
-file read-only: its pages are the kernel's page cache, shared by all trials on the node, and nothing
-crosses Ray. A node without the file gets the array from Ray's object store: the driver puts it there once,
-as a plain ndarray (a memmap would pickle its bytes, and each trial would unpickle a private, writable copy),
-and every trial on that node maps the store's read-only copy (Ray's zero-copy numpy).
+decoded (the driver's own node; any node that sees the same cache folder), every trial opens that file
+read-only and reads each batch's rows from it with pread (data.FileRows): the rows are the kernel's page
+cache, one copy shared by all trials on the node, and nothing crosses Ray. A node without the file gets
+the array from Ray's object store: the driver puts it there once, as a plain ndarray (a memmap would pickle
+its bytes, and each trial would unpickle a private, writable copy), and every trial on that node maps the
+store's read-only copy (Ray's zero-copy numpy).
 
-So a trial's private memory does not grow with the dataset, and neither does the driver's: it only maps
-the cache file. The plan, made before anything is decoded, checks each node against what it will hold:
+So a trial's private memory does not grow with the dataset, and neither does the driver's: it reads the
+cache file only to hand it to the object store. The plan, made before anything is decoded, checks each node against what it will hold:
 the data once (page cache or object store), and its trials at once, each about `trial_mb(size)`.
 """
 
@@ -160,12 +161,12 @@ def plan(
     shipped = sum(1 for nd in cluster_nodes if not nd.has_cache and at_once.get(nd.node_id))
     how = []
     if shared:
-        how.append(f"memory-mapped from the cache on {shared} node{'s' if shared > 1 else ''}")
+        how.append(f"read from the cache file (page cache) on {shared} node{'s' if shared > 1 else ''}")
     if shipped:
         how.append(f"one object-store copy on each of {shipped} node{'s' if shipped > 1 else ''} without the cache")
     runs = sum(at_once.values())
     lines.append(
-        f"memory plan: {n + n_ext:,} images, {sizes_text}, {' and '.join(how) or 'memory-mapped from the cache'}, shared by every trial on a node; "
+        f"memory plan: {n + n_ext:,} images, {sizes_text}, {' and '.join(how) or 'read from the cache file (page cache)'}, shared by every trial on a node; "
         f"{runs} trial{'s' if runs != 1 else ''} at once, about {size_text(need_trial)} each: fits"
     )
     return Plan(total, per_size, at_once, need_trial / 1e6, lines)
@@ -213,7 +214,8 @@ class SharedDataset:
     ref: object | None = None  # ray.ObjectRef of the (N, S, S, 3) array, for nodes without the file
 
     def open(self) -> DecodedDataset:
-        """The dataset on this node: the cache file memory-mapped read-only where it is here, else the object store's read-only copy."""
+        """The dataset on this node: the cache file mapped read-only where it is here (a Batcher reads its rows with pread), else the
+        object store's read-only copy."""
         path = Path(self.cache_file)
         if self.cache_file and path.is_file() and path.stat().st_size == self.cache_bytes:
             images = np.load(path, mmap_mode="r")

@@ -105,7 +105,7 @@ def run_trial(
     from asl_tune.train import load_checkpoint, pick_device, save_checkpoint, train_trial
 
     trial_config = space.config(config)
-    dataset = datasets[trial_config.image_size].open()  # this node's one copy, mapped read-only (handoff.py)
+    dataset = datasets[trial_config.image_size].open()  # this node's one copy, read-only: the cache file or the object store (handoff.py)
     external = externals[trial_config.image_size].open() if externals else None
     resources = ray.get_runtime_context().get_assigned_resources()
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
