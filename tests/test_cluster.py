@@ -347,3 +347,73 @@ def test_tune_keeps_as_many_trials_pending_as_run_at_once_and_a_users_setting_wi
     monkeypatch.setenv(PENDING_KEY, "3")
     with scoped_environment(tune_environment(100, 6)):
         assert _get_max_pending_trials(search) == 3
+
+
+@pytest.mark.slow
+def test_a_sweep_that_loses_its_ray_head_ends_in_one_line_with_the_resume_command_and_resumes_on_a_new_head(tmp_path, monkeypatch):
+    """The head of a ray.cluster_utils.Cluster is killed while both trials hold after their first epoch (FAULT_ENV on the
+    cluster's workers). Ray's own driver would end the process 60 s later with one C++ line; asl-tune's ends the sweep
+    after ASL_TUNE_LOST_HEAD_S with exit 4, one line, the resume command and no traceback. `resume --address` on a
+    new cluster then finishes both trials."""
+    from ray.cluster_utils import Cluster
+
+    from asl_tune.errors import RAY_FAILED
+    from asl_tune.sweep.cluster import LOST_HEAD_ENV
+    from asl_tune.sweep.trainable import FAULT_ENV
+
+    data = make_dataset(tmp_path / "data", per_class=30, size=32)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setenv(LOST_HEAD_ENV, "6")
+    space = write_space(
+        tmp_path / "headless.yaml",
+        2,
+        params={"head_width": {"type": "categorical", "choices": [16, 32]}},
+        fixed={"epochs": 2},
+        early_stopping=False,
+    )
+    results, folder = tmp_path / "results", tmp_path / "results" / "headless"
+
+    def new_cluster():
+        return Cluster(
+            initialize_head=True,
+            head_node_args={"node_ip_address": "127.0.0.1", "gcs_server_port": free_port(), "include_dashboard": False, "num_cpus": 2},
+        )
+
+    monkeypatch.setenv(FAULT_ENV, "hold@1")  # read by the trials, which this cluster's workers run
+    first = new_cluster()
+    try:
+        command = ["sweep", "--space", str(space), "--data", str(data), "--results", str(results), "--address", first.address]
+        with cli(command, cwd=tmp_path) as driver:
+            wait_for(lambda: len(read(folder, "epochs")) == 2, 300, driver, "both trials' first epoch")
+            first.head_node.kill_all_processes(check_alive=False, allow_graceful=False)
+            out, _ = driver.communicate(timeout=300)
+    finally:
+        first.shutdown()
+    errors = [line for line in out.splitlines() if line.startswith("asl-tune: error:")]
+    assert driver.returncode == RAY_FAILED, out[-3000:]
+    assert len(errors) == 1 and f"`asl-tune resume headless --results {results}`" in errors[0], out[-3000:]
+    assert "lost its Ray cluster: the head at 127.0.0.1:" in errors[0] and "has not answered for 6 s" in errors[0]
+    assert "Traceback" not in out and "Failed to connect to GCS" not in out, out[-3000:]
+
+    monkeypatch.delenv(FAULT_ENV)
+    second = new_cluster()
+    try:
+        out = run_cli(["resume", "headless", "--results", str(results), "--address", second.address], tmp_path, 400)
+    finally:
+        second.shutdown()
+    trials, epochs = assert_consistent(folder, 2)
+    assert set(trials["status"]) == {"completed"}, out[-3000:]
+    assert sorted(epochs.groupby("trial_id")["epoch"].max()) == [2, 2]
+
+
+def test_the_lost_head_wait_is_30_s_or_the_users_below_rays_own_60(monkeypatch):
+    from asl_tune.sweep.cluster import LOST_HEAD_ENV, lost_head_after_s
+
+    monkeypatch.delenv(LOST_HEAD_ENV, raising=False)
+    assert lost_head_after_s() == 30.0
+    monkeypatch.setenv(LOST_HEAD_ENV, "12.5")
+    assert lost_head_after_s() == 12.5
+    for bad in ("soon", "0", "60", "-3"):
+        monkeypatch.setenv(LOST_HEAD_ENV, bad)
+        with pytest.raises(AslTuneError, match=rf"^ASL_TUNE_LOST_HEAD_S: must be seconds above 0 and below 60 .*, got '{bad}'$"):
+            lost_head_after_s()

@@ -33,7 +33,12 @@ def test_a_plan_that_fits_gives_the_data_size_at_each_image_size_and_the_trials_
     assert found.data_bytes == decoded_bytes(n, 32) + decoded_bytes(n, 64)
     assert found.at_once == {"10.0.0.1": 3}  # --max-concurrent bounds the node's 4 CPUs
     assert found.trial_mb == trial_mb(64)
-    assert len(found.lines) == 1 and "fits" in found.lines[0] and "3 trials at once" in found.lines[0] and "read from the cache file (page cache)" in found.lines[0]
+    assert (
+        len(found.lines) == 1
+        and "fits" in found.lines[0]
+        and "3 trials at once" in found.lines[0]
+        and "read from the cache file (page cache)" in found.lines[0]
+    )
 
 
 def test_more_trials_at_once_than_a_nodes_memory_holds_are_refused_with_the_figures_and_the_ways_out(tiny_dataset):

@@ -9,16 +9,21 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from asl_tune.errors import AslTuneError
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0  # how long --address may stay silent before we give up
+# How long a running sweep's Ray head (its GCS) may stay silent before the driver ends the sweep with the resume
+# command (watch_head). Ray's own driver ends the process after 60 s, with one C++ line and no word of resume.
+LOST_HEAD_ENV, LOST_HEAD_S = "ASL_TUNE_LOST_HEAD_S", 30.0
+HEAD_PROBE_S = 2.0  # how often watch_head asks the head
 DEFAULT_RAY_PORT = 6379
 # HTTP/2's client connection preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0).
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
@@ -324,3 +329,49 @@ def resources() -> dict[str, float]:
 
     total = ray.cluster_resources()
     return {"cpu": float(total.get("CPU", 0)), "gpu": float(total.get("GPU", 0))}
+
+
+def lost_head_after_s() -> float:
+    """LOST_HEAD_S, or the user's ASL_TUNE_LOST_HEAD_S (longer for a head that restarts itself slowly, e.g. GCS fault tolerance)."""
+    text = os.environ.get(LOST_HEAD_ENV, "")
+    try:
+        value = float(text) if text else LOST_HEAD_S
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 60:
+        raise AslTuneError(f"{LOST_HEAD_ENV}: must be seconds above 0 and below 60 (Ray's driver gives up at 60), got {text!r}")
+    return value
+
+
+@contextmanager
+def watch_head(on_lost: Callable[[str, float], None]) -> Iterator[None]:
+    """For the block, a daemon thread asks the head's GCS every HEAD_PROBE_S whether it answers (check_reachable). Once it
+    has not for lost_head_after_s(), on_lost(address, seconds) runs on that thread; it is to end the process, for the
+    driver's Ray cannot go on without its head. Not through Ray Client (ray://), whose server is the head's to watch."""
+    import ray
+
+    after_s = lost_head_after_s()
+    if ray.util.client.ray.is_connected():
+        yield
+        return
+    address = ray.get_runtime_context().gcs_address
+    stop = threading.Event()
+
+    def watch() -> None:
+        silent_since = None
+        while not stop.wait(HEAD_PROBE_S):
+            try:
+                check_reachable(address, timeout_s=HEAD_PROBE_S)
+                silent_since = None
+            except AslTuneError:
+                silent_since = silent_since or time.monotonic()
+                if time.monotonic() - silent_since >= after_s and not stop.is_set():
+                    on_lost(address, after_s)
+                    return
+
+    thread = threading.Thread(target=watch, name="asl-tune-watch-head", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()

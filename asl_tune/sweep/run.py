@@ -13,6 +13,7 @@ logger's level, a warning filter) is changed for the sweep only and restored whe
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import shutil
 import signal
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from asl_tune.data import load_dataset, load_external, make_splits
-from asl_tune.errors import AslTuneError, RayFailed, Stopped, TrialsErrored
+from asl_tune.errors import RAY_FAILED, AslTuneError, RayFailed, Stopped, TrialsErrored
 from asl_tune.results import FINISHED, compact, read_trials
 from asl_tune.sweep import cluster, integrity, progress
 from asl_tune.sweep.mirror import SweepFolder, is_uri
@@ -113,6 +114,7 @@ def run_sweep(req: SweepRequest) -> Path:
     Long: the steps of starting a sweep in their order (lock, checks, Ray, plan, decode, record, fit), under one cleanup.
     """
     space, name, sweep, state = check_request(req)
+    cluster.lost_head_after_s()  # a bad ASL_TUNE_LOST_HEAD_S is refused here, before anything is made
     folder = sweep.path
     num_samples = int(req.num_samples or space.num_samples)
     data_dir = _data_folder(req.data) if state is None else None
@@ -179,6 +181,7 @@ def resume_sweep(
 ) -> Path:
     """`asl-tune resume`: finish a sweep whose driver died; finished trials are kept, interrupted ones continue."""
     space, sweep, state, address = check_resume(name, results, address)
+    cluster.lost_head_after_s()
     folder = sweep.path
     space = space.seeded(state.seed)
     from ray import tune
@@ -366,7 +369,24 @@ def _fit(tuner, sweep: SweepFolder, state: SweepState, at_once: int) -> Path:
     local = not is_uri(sweep.results)  # a copy at a URI has no one-step swap: its parts are left as they are (results/README.md)
     if local:
         compact(folder)  # a resumed or extended sweep's ended trials: one part per table, not one per trial (results.compact)
-    with _stop_on_signals() as received, cluster.scoped_environment(cluster.tune_environment(wanted, at_once)):
+
+    def lost_head(address: str, after_s: float) -> None:  # on watch_head's thread: Ray cannot go on, so neither can this process
+        from asl_tune.sweep.study import flush_journals
+
+        print(
+            f"asl-tune: error: sweep {name!r} lost its Ray cluster: the head at {address} has not answered for {after_s:g} s; "
+            f"what Tune saved and the results so far are kept; once the cluster is back, run `{resume}`",
+            file=sys.stderr,
+            flush=True,
+        )
+        flush_journals()
+        os._exit(RAY_FAILED)  # as a driver killed outright: resume re-runs whatever came after Tune's last save
+
+    with (
+        _stop_on_signals() as received,
+        cluster.scoped_environment(cluster.tune_environment(wanted, at_once)),
+        cluster.watch_head(lost_head),
+    ):
         try:
             grid = tuner.fit()
         except (AslTuneError, KeyboardInterrupt):

@@ -203,7 +203,7 @@ class SweepJournal(BaseJournalBackend):
         if self._timer is None:
             self._timer = threading.Timer(FLUSH_EVERY_S, self._flush_due)
             self._timer.name = f"flush {self.path}"
-            self._timer.daemon = True  # never keeps the process alive: exit writes what waits (_flush_at_exit)
+            self._timer.daemon = True  # never keeps the process alive: exit writes what waits (flush_journals)
             self._timer.start()
 
     def _disarm(self) -> None:
@@ -223,12 +223,13 @@ class SweepJournal(BaseJournalBackend):
                 self._arm()
 
 
-_JOURNALS: weakref.WeakSet[SweepJournal] = weakref.WeakSet()  # every journal of this process, for _flush_at_exit
+_JOURNALS: weakref.WeakSet[SweepJournal] = weakref.WeakSet()  # every journal of this process, for flush_journals
 
 
 @atexit.register
-def _flush_at_exit() -> None:
-    """Write what each journal still holds when the process exits (its timer is a daemon thread, stopped with it)."""
+def flush_journals() -> None:
+    """Write what each journal still holds: when the process exits (its timer is a daemon thread, stopped with it),
+    and before a driver that lost its Ray head ends itself (run._fit)."""
     for journal in list(_JOURNALS):
         if not journal.path.parent.is_dir():
             continue  # the sweep's folder was removed (a test's temporary folder): nowhere to write
