@@ -10,10 +10,13 @@ and each trial worker's USS; afterwards it reads the bytes Ray spilled to disk (
 run's own) and the trials' rows.
 
 JSON, one object per image size under "64", "200" (...): completed, trial_uss_mb (the highest trial's peak
-private memory, USS) and trial_anon_mb (its anonymous memory: heap, tensors, any copy of the data; USS also
-counts the shared cache file's pages that only this trial has read so far), driver_uss_mb, driver_anon_mb, driver_rss_mb, spilled_mb, decode_s, handoff_s (decoded to Tune's start: the memory plan
-and the hand-off to the trials), first_result_s (the sweep's start to its first trial result), wall_s,
-trial_peak_private_mb (what the trials reported); top level n_images, date, load_avg_1min.
+private memory, USS, while all --trials ran at once), trial_uss_alone_mb (the same once the others had
+exited: the code pages of torch and Ray it shared with them then count as its own, see Sampler), trial_anon_mb
+(its anonymous memory: heap, tensors, any copy of the data), driver_uss_mb, driver_anon_mb, driver_rss_mb,
+spilled_mb, decode_s (None: decoded by an earlier run into the same --work), handoff_s (decoded to Tune's
+start: the memory plan and the hand-off to the trials), first_result_s (the sweep's start to its first trial
+result), wall_s, trial_peak_private_mb (what the trials reported); top level n_images, date, load_avg_1min.
+The decoded cache goes under the work folder (ASL_TUNE_CACHE, unless set), removed with it.
 
     python bench/fullsize.py --json                 # 87,000 images, 64 and 200 px (about 15 min on 2 cores)
     python bench/fullsize.py --smoke --json         # 29 x 30 images at 32 px: the suite's check
@@ -168,10 +171,16 @@ def _is_trial_worker(pid: int) -> bool:
 
 
 class Sampler:
-    """Samples the driver's RSS and USS and each trial worker's USS every half second, keeping the peaks."""
+    """Samples the driver's RSS and USS and each trial worker's USS every half second, keeping the peaks.
 
-    def __init__(self, driver: int):
+    A trial's USS is kept apart for the samples in which all `together` trials ran (trials) and the others (alone).
+    USS counts a page as private while one process maps it: once the other trials' workers have exited, the code
+    pages of torch and Ray that the last one shares with them (about 250 to 290 MB here) count as its own,
+    though no memory changed hands."""
+
+    def __init__(self, driver: int, together: int):
         self.driver, self.driver_rss, self.driver_uss, self.driver_anon, self.trials, self.trials_anon = driver, 0.0, 0.0, 0.0, {}, {}
+        self.together, self.alone = together, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -188,10 +197,11 @@ class Sampler:
             self.driver_rss = max(self.driver_rss, _rss_mb(self.driver) or 0.0)
             self.driver_uss = max(self.driver_uss, _uss_mb(self.driver) or 0.0)
             self.driver_anon = max(self.driver_anon, _anon_mb(self.driver) or 0.0)
-            for pid in _descendants(self.driver):
-                if _is_trial_worker(pid) and (uss := _uss_mb(pid)) is not None:
-                    self.trials[pid] = max(self.trials.get(pid, 0.0), uss)
-                    self.trials_anon[pid] = max(self.trials_anon.get(pid, 0.0), _anon_mb(pid) or 0.0)
+            workers = {pid: uss for pid in _descendants(self.driver) if _is_trial_worker(pid) and (uss := _uss_mb(pid)) is not None}
+            for pid, uss in workers.items():
+                kept = self.trials if len(workers) >= self.together else self.alone
+                kept[pid] = max(kept.get(pid, 0.0), uss)
+                self.trials_anon[pid] = max(self.trials_anon.get(pid, 0.0), _anon_mb(pid) or 0.0)
 
 
 def _space(path: Path, size: int, trials: int, data_fraction: float) -> Path:
@@ -241,7 +251,7 @@ def sweep_at(size: int, data: Path, work: Path, args: argparse.Namespace) -> dic
     lines: list[str] = []
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
-        with Sampler(proc.pid) as sampled:
+        with Sampler(proc.pid, args.trials) as sampled:
             for line in proc.stderr:
                 now = time.monotonic() - start
                 lines.append(line.rstrip())
@@ -274,7 +284,8 @@ def sweep_at(size: int, data: Path, work: Path, args: argparse.Namespace) -> dic
         "exit_status": proc.returncode,
         "trial_uss_mb": round(max(sampled.trials.values()), 1) if sampled.trials else None,
         "trial_anon_mb": round(max(sampled.trials_anon.values()), 1) if sampled.trials_anon else None,
-        "trial_workers_seen": len(sampled.trials),
+        "trial_uss_alone_mb": round(max(sampled.alone.values()), 1) if sampled.alone else None,
+        "trial_workers_seen": len(sampled.trials_anon),
         "trial_peak_private_mb": [round(v, 1) for v in trials["peak_private_mb"]]
         if trials is not None and "peak_private_mb" in trials
         else None,
@@ -282,7 +293,7 @@ def sweep_at(size: int, data: Path, work: Path, args: argparse.Namespace) -> dic
         "driver_anon_mb": round(sampled.driver_anon, 1),
         "driver_rss_mb": round(sampled.driver_rss, 1),
         "spilled_mb": round(spilled / 1e6, 1),
-        "decode_s": round(stamps["decoded"] - decode_start, 1) if "decoded" in stamps else 0.0,
+        "decode_s": round(stamps["decoded"] - decode_start, 1) if "decoded" in stamps else None,  # None: decoded by an earlier run
         "handoff_s": round(stamps["tune_start"] - stamps.get("decoded", stamps["tune_start"]), 1) if "tune_start" in stamps else None,
         "first_result_s": round(stamps["first_result"] - stamps["tune_start"], 1)
         if "first_result" in stamps and "tune_start" in stamps
@@ -297,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="asl-fullsize-"))
     n_images = 29 * args.per_class
+    os.environ.setdefault("ASL_TUNE_CACHE", str(work / "cache"))  # the run's own cache, so the decode is measured (unless --work is reused)
     check_room(n_images, args.sizes, work)
     try:
         say(f"building the stand-in: {n_images:,} images ({args.render_per_class} rendered per class, hard-linked to {args.per_class})")

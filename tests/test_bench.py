@@ -288,7 +288,9 @@ def test_fullsize_smoke_builds_a_hard_linked_standin_and_measures_a_real_sweep_a
     for size in ("32",):
         run = figures[size]
         assert run["completed"] is True and run["exit_status"] == 0, run
-        assert run["trial_workers_seen"] >= 1 and positive(run["trial_uss_mb"]) and positive(run["trial_anon_mb"])
+        assert run["trial_workers_seen"] >= 1 and positive(run["trial_anon_mb"])
+        # USS while both trials ran, and once one was left alone: which samples saw which depends on the machine's speed
+        assert positive(run["trial_uss_mb"]) or positive(run["trial_uss_alone_mb"]), run
         assert positive(run["driver_uss_mb"]) and positive(run["driver_rss_mb"]) and run["driver_uss_mb"] <= run["driver_rss_mb"]
         assert run["spilled_mb"] == 0 and positive(run["wall_s"]) and positive(run["first_result_s"])
         assert run["decode_s"] >= 0 and run["handoff_s"] >= 0
