@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import time
 from dataclasses import dataclass
 
@@ -18,6 +20,24 @@ TOP_PAIRS = 5  # most-confused pairs reported per trial
 # 395 vs 366 img/s at 64 px on 1 thread, 47 vs 41 at 200 px) and a 200 px trial's peak memory in evaluation falls
 # from 1,241 to 808 MB (anonymous; bench/RESULTS.md §5).
 EVAL_BATCH = {"cuda": 256, "cpu": 64}
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library, another system)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+MALLOC_TRIM = _malloc_trim()
+
+
+def trim_heap() -> None:
+    """Hand the pages the C heap holds free back to the system. After an evaluation its batches are freed, but glibc
+    keeps freed memory for reuse below the heap's top; a trial waits out its next epoch's training holding it."""
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
 
 
 def eval_batch(device: torch.device) -> int:
@@ -54,7 +74,9 @@ def predict(
         loss_sum += nn.functional.cross_entropy(logits.float(), y_all[s : s + step], reduction="sum")
         preds[s : s + step] = logits.argmax(1)
     n = max(len(rows_t), 1)
-    return preds.cpu().numpy(), float(loss_sum) / n
+    out = preds.cpu().numpy(), float(loss_sum) / n
+    trim_heap()
+    return out
 
 
 def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Judging a network: confusion counts, per-class and pair rates, predictions on the batches the input stage cuts."""
 
 import math
+import os
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from asl_tune.data import MEAN, STD, Batcher
-from asl_tune.evaluate import Timed, autocast_to, confusion_matrix, measure_speed, pair_rates, per_class_rates, predict
+from asl_tune.evaluate import MALLOC_TRIM, Timed, autocast_to, confusion_matrix, measure_speed, pair_rates, per_class_rates, predict
 
 CLASSES = ["K", "R", "U", "V"]
 # rows: true K, R, U, V; columns: predicted
@@ -142,3 +143,26 @@ def test_timed_speed_keeps_the_median_group_so_one_stalled_batch_does_not_move_t
     speed = measure_speed(Stall(), batcher, np.arange(4), timed=Timed(warmup=3, batches=5, rounds=5, latencies=3))
     assert calls[: 3 + 5] == [64] * 8
     assert speed["infer_img_per_s"] > 64 / 0.03  # each other group: one 10 ms batch; the whole time would give 64 * 5 / 0.54 = 593
+
+
+TRIM_PROBE = """
+from asl_tune.evaluate import trim_heap
+def anon_mb():
+    for line in open('/proc/self/smaps_rollup'):
+        if line.startswith('Anonymous:'):
+            return int(line.split()[1]) // 1024
+blocks = [bytes(2048) for _ in range(100_000)]  # 200 MB of malloc'd blocks, each below glibc's mmap threshold
+pin = bytes(2048)  # allocated after them: the heap's top stays in use, so free() alone cannot shrink the heap
+del blocks
+held = anon_mb()
+trim_heap()
+print(held, anon_mb())
+"""
+
+
+@pytest.mark.skipif(MALLOC_TRIM is None or not os.path.exists("/proc/self/smaps_rollup"), reason="glibc on Linux")
+def test_trim_heap_gives_back_what_freed_blocks_below_the_heaps_top_hold():
+    """predict calls it after every evaluation: a trial then waits out its next epoch without the evaluation's freed batches."""
+    done = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, timeout=120)
+    held, after = map(int, done.stdout.split())
+    assert held - after > 150, (held, after)  # of the 200 MB freed, held until trimmed
