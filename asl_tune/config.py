@@ -107,3 +107,13 @@ def config_problems(values: dict[str, Any]) -> list[tuple[str, str, Any]]:
         if why is not None:
             problems.append((name, why, value))
     return problems
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A fixed number of runs for measure_speed, instead of its time budget: the same work on every call."""
+
+    warmup: int = 3  # untimed runs of each kind first: first-call allocation and kernel selection stay out
+    batches: int = 20  # timed batches of 64 (infer_img_per_s)
+    rounds: int = 5  # the batches are timed in this many equal groups and the median group's rate kept: a burst of other work spoils one group, not the figure
+    latencies: int = 100  # timed single images (latency_ms_p50 / p95)

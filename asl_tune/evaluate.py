@@ -5,13 +5,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from asl_tune.alphabet import WATCH_PAIRS
+from asl_tune.config import Timed
 from asl_tune.data import Batcher
 from asl_tune.results import FRAME_BUDGET_MS
 
@@ -133,16 +133,6 @@ def pair_rates(cm: np.ndarray, classes: list[str], top: int = TOP_PAIRS) -> dict
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@dataclass(frozen=True)
-class Timed:
-    """A fixed number of runs for measure_speed, instead of its time budget: the same work on every call."""
-
-    warmup: int = 3  # untimed runs of each kind first: first-call allocation and kernel selection stay out
-    batches: int = 20  # timed batches of 64 (infer_img_per_s)
-    rounds: int = 5  # the batches are timed in this many equal groups and the median group's rate kept: a burst of other work spoils one group, not the figure
-    latencies: int = 100  # timed single images (latency_ms_p50 / p95)
 
 
 @torch.inference_mode()

@@ -7,7 +7,7 @@ architecture (head width, image size, number of classes), the device, its thread
 not on the weights, so one fresh DexNet per architecture is timed, set up as the trainer sets it up
 (channels-last and autocast on a GPU), on random uint8 images through the trainer's Batcher: warm-up,
 then a fixed number of batches of 64, timed in groups whose median rate is kept, and of single images
-(`asl_tune.evaluate.Timed`).
+(`asl_tune.config.Timed`).
 
 speed.parquet holds one row per (architecture, device_name, precision, threads); a second analyze on
 the same machine finds its rows there and measures nothing. The number of classes is not a column of
@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 
 from asl_tune.analysis.compute import Sweep, finished
+from asl_tune.config import Timed
 from asl_tune.errors import AslTuneError
-from asl_tune.evaluate import Timed
 from asl_tune.results import PARAM_PREFIX, read_snapshot, write_atomic
 
 log = logging.getLogger(__name__)

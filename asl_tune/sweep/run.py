@@ -361,16 +361,10 @@ def _log_driver_failure(folder: Path, e: BaseException) -> Path:
     return log
 
 
-def _fit(tuner, sweep: SweepFolder, state: SweepState, at_once: int) -> Path:
-    """Run the tuner (at_once trials at a time, the memory plan's); mark the run finished when every trial ended; say where the results are."""
-    name, folder = sweep.name, sweep.path
-    wanted = state.runs[-1]["num_samples"]
-    resume = f"asl-tune resume {name}{sweep.results_flag}"
-    local = not is_uri(sweep.results)  # a copy at a URI has no one-step swap: its parts are left as they are (results/README.md)
-    if local:
-        compact(folder)  # a resumed or extended sweep's ended trials: one part per table, not one per trial (results.compact)
+def _end_on_lost_head(name: str, resume: str):
+    """What cluster.watch_head calls, on its thread, once the head is gone: Ray cannot go on, so neither can this process."""
 
-    def lost_head(address: str, after_s: float) -> None:  # on watch_head's thread: Ray cannot go on, so neither can this process
+    def lost_head(address: str, after_s: float) -> None:
         from asl_tune.sweep.study import flush_journals
 
         print(
@@ -382,10 +376,25 @@ def _fit(tuner, sweep: SweepFolder, state: SweepState, at_once: int) -> Path:
         flush_journals()
         os._exit(RAY_FAILED)  # as a driver killed outright: resume re-runs whatever came after Tune's last save
 
+    return lost_head
+
+
+def _fit(tuner, sweep: SweepFolder, state: SweepState, at_once: int) -> Path:
+    """Run the tuner (at_once trials at a time, the memory plan's); mark the run finished when every trial ended; say where the results are.
+
+    Long: every way a run ends (finished, trials errored, a signal, Ray failing, its head lost) in one place, each with its one line.
+    """
+    name, folder = sweep.name, sweep.path
+    wanted = state.runs[-1]["num_samples"]
+    resume = f"asl-tune resume {name}{sweep.results_flag}"
+    local = not is_uri(sweep.results)  # a copy at a URI has no one-step swap: its parts are left as they are (results/README.md)
+    if local:
+        compact(folder)  # a resumed or extended sweep's ended trials: one part per table, not one per trial (results.compact)
+
     with (
         _stop_on_signals() as received,
         cluster.scoped_environment(cluster.tune_environment(wanted, at_once)),
-        cluster.watch_head(lost_head),
+        cluster.watch_head(_end_on_lost_head(name, resume)),
     ):
         try:
             grid = tuner.fit()
