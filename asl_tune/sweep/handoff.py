@@ -31,10 +31,10 @@ from asl_tune.data import DecodedDataset, cache_root, count_images, decoded_byte
 from asl_tune.errors import AslTuneError
 
 # A trial's own memory besides the data (Ray worker, torch, the network, its optimiser, batches and what the
-# allocator keeps of them): bench/fullsize.py's peak anonymous memory of a trial on the 2-core box, 2026-12-05,
-# 728 MB at 64 px and 1,946 MB at 200 px (87,000 images, batch 64, evaluation batches of 256), as a line in pixels.
-TRIAL_BASE_MB = 600
-TRIAL_MB_PER_KPIXEL = 34  # more per 1,000 pixels of image area
+# allocator keeps of them): bench/fullsize.py's peak anonymous memory of a trial on the 2-core box, 2026-12-06,
+# 580 MB at 64 px and 1,076 MB at 200 px (87,000 images, batch 64, 2 trials at once), as a line in pixels.
+TRIAL_BASE_MB = 525
+TRIAL_MB_PER_KPIXEL = 14  # more per 1,000 pixels of image area
 PUT_PROGRESS_S = 5.0  # seconds between the hand-off's progress lines: never silent for 10 s
 HEADROOM = 0.9  # of a node's memory the plan lets trials and data fill; the rest is the system's and Ray's own
 
