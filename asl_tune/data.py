@@ -535,7 +535,7 @@ class Batcher:
         step = max(1, TO_DEVICE_CHUNK_BYTES // self.file.row_bytes)
         for s in range(0, self.file.n, step):  # through one pinned buffer a chunk at a time: no mapping, no whole copy on the host
             rows = np.arange(s, min(s + step, self.file.n))
-            staged = torch.empty((len(rows), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
+            staged = torch.empty((len(rows), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=self.device.type == "cuda")
             self.file.read_into(rows, staged.numpy())
             on_device[s : s + len(rows)].copy_(staged)
         self.images, self.file = on_device, None

@@ -214,7 +214,7 @@ def test_a_gpu_batcher_that_keeps_the_array_on_the_host_copies_through_pinned_me
         assert torch.equal(x, resident.batch(rows))
 
 
-def test_a_batcher_reads_the_cache_files_rows_with_pread_and_gives_the_same_batches(tmp_path):
+def test_a_batcher_reads_the_cache_files_rows_with_pread_and_gives_the_same_batches(tmp_path, monkeypatch):
     import torch
 
     from asl_tune.data import Batcher
@@ -230,6 +230,11 @@ def test_a_batcher_reads_the_cache_files_rows_with_pread_and_gives_the_same_batc
     with pytest.raises(IndexError, match="40 is out of range for 40 rows"):
         from_file.batch(torch.tensor([1, 40]))
     assert Batcher(mapped[:10], torch.device("cpu"), False).file is None  # a view of a mapping is not the whole file: indexed
+    monkeypatch.setattr("asl_tune.data.TO_DEVICE_CHUNK_BYTES", 7 * 8 * 8 * 3)  # 7 rows a chunk: 6 chunks, the last short
+    resident = Batcher(mapped, torch.device("cpu"), False)
+    resident.to_device()  # as on a GPU: the whole file read onto the device, a chunk at a time
+    assert resident.file is None and torch.equal(resident.images, torch.from_numpy(images))
+    assert torch.equal(resident.batch(torch.tensor([39, 0, 5])), in_memory.batch(torch.tensor([39, 0, 5])))
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
