@@ -446,7 +446,8 @@ class FileRows:
     @staticmethod
     def readable(array: np.ndarray) -> bool:
         """Whether array is a whole C-ordered file mapping (np.load's mmap_mode), whose rows FileRows can read from its file."""
-        return isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.flags.c_contiguous and bool(array.filename)
+        whole = isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.flags.c_contiguous and bool(array.filename)
+        return whole and hasattr(os, "preadv")  # not on Windows: there the rows are read through the mapping
 
     def read_into(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Copy the given rows, in order, into out (len(rows), *row_shape), one pread per run of consecutive rows; returns out."""
