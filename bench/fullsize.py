@@ -173,12 +173,13 @@ def _is_trial_worker(pid: int) -> bool:
 class Sampler:
     """Samples the driver's RSS and USS and each trial worker's USS every half second, keeping the peaks.
 
-    A trial's USS is kept apart for the samples in which all `together` trials ran (trials) and the others (alone).
+    A trial's USS is kept apart for the samples in which all `together` trials ran (trials) and the others (alone); with
+    together 1 (bench/gpu.py, bench/overhead.py), every sample counts in trials.
     USS counts a page as private while one process maps it: once the other trials' workers have exited, the code
     pages of torch and Ray that the last one shares with them (about 250 to 290 MB here) count as its own,
     though no memory changed hands."""
 
-    def __init__(self, driver: int, together: int):
+    def __init__(self, driver: int, together: int = 1):
         self.driver, self.driver_rss, self.driver_uss, self.driver_anon, self.trials, self.trials_anon = driver, 0.0, 0.0, 0.0, {}, {}
         self.together, self.alone = together, {}
         self._stop = threading.Event()
