@@ -5,8 +5,8 @@ in one call (see results/README.md):
 
     trials.parquet/schema.parquet          no rows: every column the parts hold, with its type; it sorts
                                            first, so a one-call reader takes the columns from it
-    trials.parquet/sealed-<generation>.parquet  the rows of the trials that had ended when the folder was last
-                                           compacted, all in one part (compact)
+    trials.parquet/sealed-<generation>.parquet  the rows of trials that ended for good, many to a part: all of them
+                                           after a compaction (compact), or those a flush found ended (below)
     trials.parquet/trial-<trial_id>.parquet  the rows of one trial, rewritten whole when they change
 
 A result rewrites only its own trial's parts, so what it costs does not grow with the sweep. Every write
@@ -15,14 +15,21 @@ goes to a temporary file beside the target and is renamed over it (files.write_a
 part only, never two. Sweeps written before parts (one file per table, rewritten whole) are read as they
 are, and moved to parts by the first write.
 
+A trial that ended for good before it had a part of its own in a table (short trials: they start and end
+between two flushes) never gets one: a flush writes the rows of all such trials in one new sealed part per
+table (ResultsStore.end_trial), a part a flush instead of a part a trial (issue 29: the part writes at trial
+ends were a tenth of the driver's time at 1,000 short trials). Its trials are in no other part, so the one
+new file adds them to the table at once, for pandas' one-call reader too.
+
 A part per trial costs a reader a file (its footer above all: 10,000 trials took 36 s to read), so a sweep's
 driver compacts the folders when a run starts and when it ends (compact): a table's rows are regrouped in
 a new folder beside it (the ended trials' rows in one sealed part, the other parts linked as they are),
 which is swapped with the table's folder in one rename (Linux's renameat2 RENAME_EXCHANGE), then the old
 one is removed. A reader that lists the folder lists the old parts or the new ones, never some of each, so
 it never meets a row twice nor misses one; one that listed the old parts and opens one after the swap
-finds it gone and fails (FileNotFoundError), and `read_table` then reads the folder again. Where the swap
-is not available, the parts are left as they are.
+finds it gone and fails (FileNotFoundError), and `read_table` then reads the folder again. A sealed part
+that a flush added meanwhile holds only trials the listing had no part of: the reading stands, as of its
+listing. Where the swap is not available, the parts are left as they are.
 """
 
 from __future__ import annotations
@@ -198,7 +205,9 @@ def read_table(folder: Path, name: str) -> pa.Table | None:
     or new, never torn; one removed since the listing (a trial dropped at a resume) is left out. A reading
     that a compaction swapped the folder under (its identity or its sealed parts changed) is read again.
     A trial's rows are taken from one part only: its own part, else the newest sealed part that holds it
-    (two hold it only at a URI while a compaction's copy is under way, see mirror.py).
+    (two hold it only at a URI while a compaction's copy is under way, see mirror.py). A sealed part added
+    since the listing (a flush's, see ResultsStore.end_trial) holds trials the listing had no part of: the
+    reading stands, as the table was when listed.
     """
     path = Path(folder) / name
     for _ in range(READ_TRIES):
@@ -217,7 +226,9 @@ def read_table(folder: Path, name: str) -> pa.Table | None:
                 continue
         try:
             after = os.stat(path)
-            same = (after.st_ino, after.st_dev) == (before.st_ino, before.st_dev) and _sealed(_parquet_names(path)) == _sealed(names)
+            same = (after.st_ino, after.st_dev) == (before.st_ino, before.st_dev) and set(_sealed(names)) <= set(
+                _sealed(_parquet_names(path))
+            )
         except FileNotFoundError:
             same = False
         if same:
@@ -230,15 +241,23 @@ def _sealed(names: Iterable[str]) -> list[str]:
 
 
 def _one_part_a_trial(tables: dict[str, pa.Table]) -> pa.Table | None:
-    """The parts' rows, each trial's from one part: its own, else the newest sealed part holding it."""
-    seen = {n[len(TRIAL_PREFIX) : -len(".parquet")] for n in tables if n.startswith(TRIAL_PREFIX)}
+    """The parts' rows, each trial's from one part: its own, else the newest sealed part holding it.
+
+    A trial is held twice only in passing (at a URI while a compaction's copy is under way; a sealed trial that
+    reported again where the folder swap is not available): those few are found first, so a folder of many
+    sealed parts (a run's flushes) costs one pass over their trial ids, not one a part."""
+    own = {n[len(TRIAL_PREFIX) : -len(".parquet")] for n in tables if n.startswith(TRIAL_PREFIX)}
     sealed = sorted(_sealed(tables), key=_generation, reverse=True)
-    for k, part in enumerate(sealed):
+    held = [pa.array(sorted(own), pa.large_string())]
+    held += [pc.unique(tables[part]["trial_id"]).cast(pa.large_string()) for part in sealed if tables[part].num_rows]
+    counts = pc.value_counts(pa.chunked_array(held, pa.large_string()))
+    twice = set(counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist())
+    seen = own & twice
+    for part in sealed if twice else ():
         table = tables[part]
         if seen and table.num_rows:
             tables[part] = table.filter(pc.invert(pc.is_in(table["trial_id"], pa.array(sorted(seen), table["trial_id"].type))))
-        if k + 1 < len(sealed):  # an older sealed part follows (at a URI, mid-copy): its trials held here are left out of it
-            seen.update(pc.unique(table["trial_id"]).to_pylist())
+        seen.update(twice.intersection(pc.unique(table["trial_id"]).to_pylist()))  # an older sealed part's copies of these are left out
     parts = list(tables.values())
     return pa.concat_tables(parts, promote_options="permissive") if parts else None
 
@@ -299,19 +318,25 @@ def regroup(folder: Path, name: str, sealed_ids: Iterable[str], table: pa.Table 
     return [f"{name}/{n}" for n in written + removed]
 
 
-def sealed_ids(folder: Path, name: str) -> set[str]:
-    """The trials whose rows of one table are in its sealed part."""
+def sealed_parts(folder: Path, name: str) -> dict[str, str]:
+    """The trials whose rows of one table are in a sealed part, each with the newest such part (its file name)."""
     path = Path(folder) / name
     try:
-        names = _sealed(_parquet_names(path))
+        names = sorted(_sealed(_parquet_names(path)), key=_generation)
     except (FileNotFoundError, NotADirectoryError):
-        return set()
-    return {tid for n in names for tid in pc.unique(pq.read_table(path / n, columns=["trial_id"])["trial_id"]).to_pylist()}
+        return {}
+    return {tid: n for n in names for tid in pc.unique(pq.read_table(path / n, columns=["trial_id"])["trial_id"]).to_pylist()}
+
+
+def sealed_ids(folder: Path, name: str) -> set[str]:
+    """The trials whose rows of one table are in a sealed part."""
+    return set(sealed_parts(folder, name))
 
 
 def compact(folder: Path) -> list[str]:
     """Move the rows of every trial that ended for good (completed, stopped early, diverged) into one sealed part
-    per table, when some are still in parts of their own; return the files written and removed (see regroup).
+    per table, when some are still in parts of their own or in more than one sealed part (a sweep's flushes add
+    one at a time, see ResultsStore.end_trial); return the files written and removed (see regroup).
 
     Errored trials keep their parts: a resume runs them again. For the driver that holds the sweep, before
     and after Tune runs (sweep/run.py: a sweep in a folder, not one at a URI), when no ResultsStore is open on the folder.
@@ -325,8 +350,9 @@ def compact(folder: Path) -> list[str]:
         path = Path(folder) / name
         if not path.is_dir():
             continue
-        loose = {n[len(TRIAL_PREFIX) : -len(".parquet")] for n in _parquet_names(path) if n.startswith(TRIAL_PREFIX)} & ended
-        if loose:
+        names = _parquet_names(path)
+        loose = {n[len(TRIAL_PREFIX) : -len(".parquet")] for n in names if n.startswith(TRIAL_PREFIX)} & ended
+        if loose or len(_sealed(names)) > 1:
             changed += regroup(folder, name, sealed_ids(folder, name) | loose, trials if name == TRIALS else None)
     return changed
 
@@ -404,6 +430,10 @@ class ResultsStore:
     10,000 trials of 20 epochs held 1.8 GB; bench/RESULTS.md section 8). A store opened on a folder of parts reads only
     its trials' rows. Rows on disk only are read back from the trial's part when the trial reports again (a
     resume re-runs it from a checkpoint).
+
+    A trial that ended (end_trial) has its rows released after the next flush; one that ended for good and
+    has no part of its own in a table goes, in that flush, into the one new sealed part of that table with the
+    others that did (see the module's docstring).
     """
 
     def __init__(self, folder: Path):
@@ -416,26 +446,33 @@ class ResultsStore:
             name: set() for name in RESULT_FILES if name != TRIALS
         }  # trials whose rows of that table are in its part only
         self._dirty: set[tuple[str, str]] = set()  # (table, trial_id) whose part is to be rewritten
+        self._ended: dict[str, bool] = {}  # trials that ended since the last flush (end_trial): whether for good
         self._schemas: dict[str, pa.Schema] = {}  # every column each table's parts hold, as its schema part says
         self._single_files = [name for name in RESULT_FILES if (self.folder / name).is_file()]  # the layout before parts
-        self._sealed = {
-            name: sealed_ids(self.folder, name) for name in RESULT_FILES
-        }  # trials whose rows are in the table's sealed part (compact)
+        self._own: dict[str, set[str]] = {}  # trials with a part of their own in the table's folder
+        self._sealed: dict[str, dict[str, str]] = {}  # trials whose rows are in one of the table's sealed parts: which
+        self._generation: dict[str, int] = {}  # the table's newest sealed part's
         for name in RESULT_FILES:
+            self._list_parts(name)
             schema_part = self.folder / name / SCHEMA_PART
             if name != TRIALS and schema_part.is_file():  # parts: the trials that have one, and the columns, without their rows
                 self._schemas[name] = pq.read_schema(schema_part)
-                self._on_disk[name] = {
-                    n[len(TRIAL_PREFIX) : -len(".parquet")]
-                    for n in os.listdir(self.folder / name)
-                    if n.startswith(TRIAL_PREFIX) and n.endswith(".parquet")
-                }
-                self._on_disk[name] |= self._sealed[name]
+                self._on_disk[name] = self._own[name] | set(self._sealed[name])
                 continue
             table = read_table(self.folder, name)
             if table is not None:
                 self._schemas[name] = table.schema
                 self._load(name, table.to_pylist())
+
+    def _list_parts(self, name: str) -> None:
+        """Which trials have a part of their own in one table's folder, which are in a sealed part, and the newest generation."""
+        try:
+            names = _parquet_names(self.folder / name)
+        except (FileNotFoundError, NotADirectoryError):
+            names = []
+        self._own[name] = {n[len(TRIAL_PREFIX) : -len(".parquet")] for n in names if n.startswith(TRIAL_PREFIX)}
+        self._sealed[name] = sealed_parts(self.folder, name) if _sealed(names) else {}
+        self._generation[name] = max((_generation(n) for n in _sealed(names)), default=0)
 
     def _load(self, name: str, rows: list[dict]) -> None:
         for row in rows:
@@ -456,9 +493,8 @@ class ResultsStore:
             self._on_disk[name].discard(trial_id)
             path = self.folder / name
             try:
-                if trial_id in self._sealed[name]:  # the newest sealed part: a trial's rows are in one, locally
-                    newest = max(_sealed(_parquet_names(path)), key=_generation)
-                    table = pq.read_table(path / newest, filters=[("trial_id", "==", trial_id)])
+                if trial_id in self._sealed[name]:  # the newest sealed part that holds it (locally, the only one)
+                    table = pq.read_table(path / self._sealed[name][trial_id], filters=[("trial_id", "==", trial_id)])
                 else:
                     table = _read_part(path / part_name(trial_id))
                 self._load(name, table.to_pylist())
@@ -471,6 +507,12 @@ class ResultsStore:
             if trial_id in rows and (name, trial_id) not in self._dirty and name not in self._single_files:
                 del rows[trial_id]
                 self._on_disk[name].add(trial_id)
+
+    def end_trial(self, trial_id: str, for_good: bool) -> None:
+        """The trial ended: its epoch, confusion and per-class rows leave memory after the next flush (release_trial).
+        for_good: it completed, stopped early or diverged (an errored one runs again at a resume); then the next flush
+        writes its rows that have no part of their own into a sealed part, with those of the others that ended so."""
+        self._ended[trial_id] = for_good
 
     def rows_in_memory(self) -> dict[str, int]:
         """How many rows of each table are held in memory (the rest are in their parts only)."""
@@ -540,23 +582,55 @@ class ResultsStore:
         """
         changed = self._leave_single_files()
         for name in RESULT_FILES:  # a sealed trial that changed gets its own part again first (regroup), then is written as any other
-            unsealed = {tid for n, tid in self._dirty if n == name} & self._sealed[name]
+            unsealed = {tid for n, tid in self._dirty if n == name} & set(self._sealed[name])
             if unsealed:
-                changed += regroup(self.folder, name, self._sealed[name] - unsealed)
-                self._sealed[name] -= unsealed
+                changed += regroup(self.folder, name, set(self._sealed[name]) - unsealed)
+                self._list_parts(name)
+                for tid in unsealed:  # where the swap failed, its own part is written anyway: asl-tune's readers take that
+                    self._sealed[name].pop(tid, None)
+        for name in RESULT_FILES:
+            changed += self._write_sealed(name)
         for name, trial_id in sorted(self._dirty):
             changed += self._write_part(name, trial_id)
             self._dirty.discard((name, trial_id))  # only once written: a failed flush is retried whole by the next
+        for trial_id in list(self._ended):
+            self.release_trial(trial_id)
+            del self._ended[trial_id]
         return changed
 
-    def _write_part(self, name: str, trial_id: str) -> list[str]:
-        """Write (or, with no rows left, remove) one trial's part of one table, its schema part first when it gains a column."""
-        folder = self.folder / name
-        rows = self._rows(name, trial_id)
-        part = f"{name}/{part_name(trial_id)}"
+    def _write_sealed(self, name: str) -> list[str]:
+        """One new sealed part with the rows of one table of the trials that ended for good with no part there yet."""
+        ids = sorted(
+            tid
+            for n, tid in self._dirty
+            if n == name and self._ended.get(tid) and tid not in self._own[name] and tid not in self._sealed[name]
+        )
+        rows = [row for tid in ids for row in self._rows(name, tid)]  # in trial order, as compact writes them
         if not rows:
-            (self.folder / part).unlink(missing_ok=True)
-            return [part]
+            return []
+        part = sealed_name(self._generation[name] + 1)
+        written = self._write_rows(name, part, rows)
+        self._generation[name] += 1
+        for tid in ids:
+            self._sealed[name][tid] = part
+            self._dirty.discard((name, tid))
+        return written
+
+    def _write_part(self, name: str, trial_id: str) -> list[str]:
+        """Write (or, with no rows left, remove) one trial's part of one table."""
+        rows = self._rows(name, trial_id)
+        part = part_name(trial_id)
+        if not rows:
+            (self.folder / name / part).unlink(missing_ok=True)
+            self._own[name].discard(trial_id)
+            return [f"{name}/{part}"]
+        written = self._write_rows(name, part, rows)
+        self._own[name].add(trial_id)
+        return written
+
+    def _write_rows(self, name: str, part: str, rows: list[dict]) -> list[str]:
+        """Write rows as one part of one table, its schema part first when the table gains a column; the files written."""
+        folder = self.folder / name
         folder.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pylist(rows)
         known = self._schemas.get(name)
@@ -566,8 +640,8 @@ class ResultsStore:
             write_atomic(wider.empty_table(), folder / SCHEMA_PART)  # before the part: a reader never meets a column it lacks
             self._schemas[name] = wider
             written.append(f"{name}/{SCHEMA_PART}")
-        write_atomic(table.cast(pa.schema([wider.field(c) for c in table.column_names])), self.folder / part)
-        return [*written, part]
+        write_atomic(table.cast(pa.schema([wider.field(c) for c in table.column_names])), folder / part)
+        return [*written, f"{name}/{part}"]
 
     def _leave_single_files(self) -> list[str]:
         """Move tables kept as one file (the layout before parts) to parts: remove the file; every trial's part is written next."""

@@ -12,7 +12,8 @@ as Tune takes them):
          asl-tune adds (its study file, the recorder, progress lines). All in one Ray instance, with
          asl-tune's Ray settings (Ray's own result loggers off) for all.
   micro  the recorder and the study storage called directly, --micro-trials trials x --micro-epochs
-         epochs, no Tune: the cost per result over the first 100 trials and over the last 100, for the
+         epochs, no Tune, a flush at each trial's end (as for trials longer than a second; the driver writes
+         shorter ones together): the cost per result over the first 100 trials and over the last 100, for the
          recorder and for asl-tune's study storage ("study": Optuna's journal, appended in batches);
          "recorder_and_study" is what the driver pays. With --micro-compare also Optuna's own journal file
          backend ("optuna_journal": a lock and an fsync per change) and the SQLite study.db ("sqlite") of
@@ -105,12 +106,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sampler",
         choices=("tpe", "random"),
         default="tpe",
-        help="asl-tune's sampler in the stack part (default tpe; TPE's pass over the finished trials makes an ask cost O(N), so N = 10,000 takes about an hour here with it: random measures the rest of the stack, memory included, at that N in minutes)",
+        help="asl-tune's sampler in the stack and bookkeeping parts (default tpe; TPE's pass over the finished trials makes an ask cost O(N), so N = 10,000 takes about an hour here with it: random measures the rest of the stack, memory included, at that N in minutes)",
     )
     p.add_argument(
         "--bookkeeping",
         action="store_true",
         help="instead of the stack part, Ray's bookkeeping release test shape at each --sizes: N trials of 1 s (one report), asl-tune's whole stack and bare Tune (see above)",
+    )
+    p.add_argument(
+        "--cpus",
+        type=int,
+        default=None,
+        help="CPUs Ray is told this machine has, for --bookkeeping (default: its own). Ray's test has 16; its trials sleep, so "
+        "16 on 2 cores is its shape and theory (N / 16 s), the driver taking 8 times the trials a second of 2 CPUs",
     )
     p.add_argument("--no-stack", action="store_true", help="skip the stack (or bookkeeping) part: the micro bench only")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last stdout line")
@@ -341,7 +349,7 @@ def bookkeeping_trainable(config: dict) -> None:
     time.sleep(1.0)
 
 
-def run_bookkeeping_asl_tune(n: int, work: Path, at_once: int) -> dict:
+def run_bookkeeping_asl_tune(n: int, work: Path, at_once: int, sampler: str = "tpe") -> dict:
     """Ray's bookkeeping shape under asl-tune's whole driver stack: StudySearch (TPE, the study journal), FIFO, the recorder
     (its progress lines on stderr), DropRecordedParts, asl-tune's Tune settings (its save period, at_once trials pending);
     one CPU a trial."""
@@ -354,7 +362,7 @@ def run_bookkeeping_asl_tune(n: int, work: Path, at_once: int) -> dict:
 
     name = f"bookkeeping-{n}"
     space_path = work / "bookkeeping.yaml"
-    space_path.write_text(SPACE.format(epochs=1, sampler="tpe"))
+    space_path.write_text(SPACE.format(epochs=1, sampler=sampler))
     space = load_space(space_path)
     sweep = SweepFolder(work / "results", name)
     sweep.path.mkdir(parents=True)
@@ -418,12 +426,22 @@ def bookkeeping(args: argparse.Namespace, work: Path) -> dict:
 
     runs: dict[str, dict] = {}
     with cluster.scoped_environment(cluster.LOCAL_ENV):
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(
+            address="local",
+            num_cpus=args.cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
         cpus = ray.cluster_resources()["CPU"]
         for n in args.sizes:
             settings = [
                 ("bare_tune", run_bookkeeping_bare_tune),
-                ("asl_tune", lambda n, work: run_bookkeeping_asl_tune(n, work, at_once=int(cpus))),  # the plan's figure: a trial a CPU
+                (
+                    "asl_tune",
+                    lambda n, work: run_bookkeeping_asl_tune(n, work, int(cpus), args.sampler),
+                ),  # the plan's figure: a trial a CPU
             ]
             for setting, run in settings:
                 waited, free = _all_cpus_free(cpus)  # the run before's actors may still hold CPUs a while after it returns
@@ -636,7 +654,9 @@ def tune_trial_kb(n: int, epochs: int) -> dict:
 
 
 def _record_trial(recorder, trial: _Trial, epochs: int) -> float:
-    """One trial through the recorder as Tune calls it (start, a result per epoch, complete); its seconds."""
+    """One trial through the recorder as Tune calls it (start, a result per epoch, complete), then a flush (get_state, as
+    Tune saves its state): each trial's end written alone, as trials that last longer than the recorder's flush period are
+    (the driver writes shorter ones together, results.ResultsStore.end_trial); its seconds."""
     t0 = time.perf_counter()
     recorder.on_trial_start(0, [], trial)
     for epoch in range(1, epochs + 1):
@@ -645,6 +665,7 @@ def _record_trial(recorder, trial: _Trial, epochs: int) -> float:
     trial.finished = True
     with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # the recorder's progress line, one per trial
         recorder.on_trial_complete(0, [], trial)
+    recorder.get_state()
     return time.perf_counter() - t0
 
 
@@ -670,8 +691,8 @@ def _store_trial(study, trial: _Trial, epochs: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = parse_args(argv)
-    if min(*args.sizes, args.epochs, args.micro_epochs, args.concurrency) < 1 or args.micro_trials < 0:
-        print("scale.py: --sizes, --epochs, --concurrency and --micro-epochs must be >= 1, --micro-trials >= 0", file=sys.stderr)
+    if min(*args.sizes, args.epochs, args.micro_epochs, args.concurrency, args.cpus or 1) < 1 or args.micro_trials < 0:
+        print("scale.py: --sizes, --epochs, --concurrency, --cpus and --micro-epochs must be >= 1, --micro-trials >= 0", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="asl-bench-scale-"))
     figures = {**machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -721,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.bookkeeping:
         figures.update(
+            sampler=args.sampler,
+            ray_cpus=args.cpus,  # None: the machine's own
             bookkeeping_ratio=_each(ours, "ratio"),
             bookkeeping_ratio_bare_tune=_each(bare, "ratio"),
         )

@@ -270,6 +270,36 @@ def test_asl_tunes_reader_cut_by_a_compaction_reads_the_folder_again(tmp_path, m
     pd.testing.assert_frame_equal(got, expected["epochs.parquet"], check_dtype=False)
 
 
+def test_a_reading_cut_by_a_flush_that_adds_a_sealed_part_stands_as_of_its_listing(tmp_path, monkeypatch):
+    """A running sweep's flush adds a sealed part of trials that had no part (ResultsStore.end_trial): a reader that
+    listed the folder before it keeps what it read, not a row twice nor a torn trial, and does not read again
+    (a sweep flushes every second: reading again for each would never end on a large folder)."""
+    store = ResultsStore(tmp_path)
+    for k in range(4):
+        _ended_trial(store, f"t{k:03d}")
+    expected = read_epochs(tmp_path)
+    read_part, reads = results._read_part, []
+
+    def part_then_flush(path):
+        reads.append(path.name)
+        if len(reads) == 2:  # between two part reads: two short trials end and are flushed together
+            for tid in ("u000", "u001"):
+                for epoch in (1, 2):
+                    store.put_epoch(tid, {"epoch": epoch, "val_accuracy": 0.5})
+                store.put_trial(trial_row(tid, "completed", {"lr": 0.01}, {"val_accuracy": 0.5}))
+                store.end_trial(tid, for_good=True)
+            assert "epochs.parquet/sealed-000001.parquet" in store.flush()
+        return read_part(path)
+
+    monkeypatch.setattr(results, "_read_part", part_then_flush)
+    pd.testing.assert_frame_equal(read_epochs(tmp_path), expected, check_dtype=False)
+    assert len(reads) == 1 + 4  # the schema part and the 4 trials' parts, once: not read again
+    monkeypatch.setattr(results, "_read_part", read_part)
+    now = read_epochs(tmp_path)
+    assert len(now) == 4 * 3 + 2 * 2 and set(now.trial_id) == {"t000", "t001", "t002", "t003", "u000", "u001"}
+    assert len(pd.read_parquet(tmp_path / "epochs.parquet")) == len(now)
+
+
 def test_a_sealed_trial_that_reports_again_or_is_dropped_leaves_its_sealed_part(tmp_path):
     _a_sweep(tmp_path)
     compact(tmp_path)

@@ -7,10 +7,12 @@ sweep. When the sweep's results are at a URI, the parts written are then copied 
 
 Results are written in batches, not one by one (issue 15: a part write per table per result was a fifth of
 the driver's time): whatever arrived is flushed when Tune saves its experiment state (it asks the callbacks
-for theirs first, see get_state), when a trial ends, when the experiment ends, and at the latest
-FLUSH_EVERY_S after it arrived. So the files are never behind the state a resume starts from: a SIGKILL of
-the driver loses only results that came after Tune's last save, and Tune re-runs those trials from their
-checkpoints, which reports them again.
+for theirs first, see get_state), when the experiment ends, and at the latest FLUSH_EVERY_S after it
+arrived. So the files are never behind the state a resume starts from: a SIGKILL of the driver loses only
+results that came after Tune's last save, and Tune re-runs those trials from their checkpoints, which
+reports them again. A trial's end waits for the flush too (issue 29): the trials that started and ended
+since the last flush are then written together, one sealed part per table (results.ResultsStore.end_trial),
+not four parts each.
 """
 
 from __future__ import annotations
@@ -94,11 +96,13 @@ class ParquetRecorder(Callback):
 
     def _changed(self) -> None:
         """Rows changed in memory: written with the next flush, or now if the oldest unwritten change is FLUSH_EVERY_S old."""
-        now = time.monotonic()
-        since = self.__dict__.get("_unwritten_since")  # absent in a recorder pickled before batching
-        if since is None:
-            self._unwritten_since = now
-        elif now - since >= FLUSH_EVERY_S:
+        if self.__dict__.get("_unwritten_since") is None:  # absent in a recorder pickled before batching
+            self._unwritten_since = time.monotonic()
+        self._flush_when_due()
+
+    def _flush_when_due(self) -> None:
+        since = self.__dict__.get("_unwritten_since")
+        if since is not None and time.monotonic() - since >= FLUSH_EVERY_S:
             self._flush()
 
     def get_state(self) -> None:
@@ -130,6 +134,7 @@ class ParquetRecorder(Callback):
             self._flush()
 
     def on_step_end(self, iteration, trials, **info):
+        self._flush_when_due()  # changes that no event since has flushed (Tune saves its state less often at many trials)
         # The searcher writes the study when it asks for a trial, before the trial starts: copy it up now,
         # so the study at the URI keeps up with the experiment state Tune saved there in this step.
         self.sweep.sync(changed=())
@@ -170,8 +175,10 @@ class ParquetRecorder(Callback):
         status = final_status(result, self.space.config(trial.config).epochs)
         self._put(trial, status, result)
         self.store.put_trial({"trial_id": trial.trial_id, "ended_at": _now()})
-        self._flush()
-        self.store.release_trial(trial.trial_id)  # written: its epochs, confusion and per-class rows leave memory
+        self.store.end_trial(
+            trial.trial_id, for_good=True
+        )  # written by the next flush; then its epochs, confusion and per-class rows leave memory
+        self._changed()
         self._say(trials, trial, status, result)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -180,8 +187,8 @@ class ParquetRecorder(Callback):
         log = self._write_log(trial, text)
         self._put(trial, "errored", trial.last_result or {}, error=message)
         self.store.put_trial({"trial_id": trial.trial_id, "ended_at": _now(), "log": log})
-        self._flush()
-        self.store.release_trial(trial.trial_id)
+        self.store.end_trial(trial.trial_id, for_good=False)  # a resume runs it again: in parts of its own
+        self._changed()
         self._say(trials, trial, "errored", {}, f"{message}; its log: {self.sweep.path / log}" if log else message)
 
     def _write_log(self, trial, text: str) -> str | None:
