@@ -328,11 +328,6 @@ def sealed_parts(folder: Path, name: str) -> dict[str, str]:
     return {tid: n for n in names for tid in pc.unique(pq.read_table(path / n, columns=["trial_id"])["trial_id"]).to_pylist()}
 
 
-def sealed_ids(folder: Path, name: str) -> set[str]:
-    """The trials whose rows of one table are in a sealed part."""
-    return set(sealed_parts(folder, name))
-
-
 def compact(folder: Path) -> list[str]:
     """Move the rows of every trial that ended for good (completed, stopped early, diverged) into one sealed part
     per table, when some are still in parts of their own or in more than one sealed part (a sweep's flushes add
@@ -353,7 +348,7 @@ def compact(folder: Path) -> list[str]:
         names = _parquet_names(path)
         loose = {n[len(TRIAL_PREFIX) : -len(".parquet")] for n in names if n.startswith(TRIAL_PREFIX)} & ended
         if loose or len(_sealed(names)) > 1:
-            changed += regroup(folder, name, sealed_ids(folder, name) | loose, trials if name == TRIALS else None)
+            changed += regroup(folder, name, ended, trials if name == TRIALS else None)  # read once: not the sealed parts' ids first
     return changed
 
 

@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=SETTINGS,
         default=list(SETTINGS),
-        help="which settings of the stack part to run (default: all; e.g. --settings asl_tune --sizes 10000 for the driver's RSS at 10,000 trials); ratios need asl_tune and the setting they divide by",
+        help="which settings of the stack (or bookkeeping: bare_tune, asl_tune) part to run (default: all; e.g. --settings asl_tune --sizes 10000 for the driver's RSS at 10,000 trials); ratios need asl_tune and the setting they divide by",
     )
     p.add_argument(
         "--sampler",
@@ -443,7 +443,7 @@ def bookkeeping(args: argparse.Namespace, work: Path) -> dict:
                     lambda n, work: run_bookkeeping_asl_tune(n, work, int(cpus), args.sampler),
                 ),  # the plan's figure: a trial a CPU
             ]
-            for setting, run in settings:
+            for setting, run in [(s, r) for s, r in settings if s in args.settings]:
                 waited, free = _all_cpus_free(cpus)  # the run before's actors may still hold CPUs a while after it returns
                 say(
                     f"bookkeeping {setting}: {n} trials of 1 s on {cpus:g} CPUs (theory {n / cpus:.0f} s), load {os.getloadavg()[0]:.2f}; {free:g} CPUs free after {waited:.1f} s"
